@@ -1,0 +1,29 @@
+"""trio_launcher: run an ASGI service under trio with one nursery that owns it all."""
+
+from ._errors import AppStartupError as AppStartupError
+from ._errors import BindError as BindError
+from ._errors import ConfigError as ConfigError
+from ._errors import EngineDeadError as EngineDeadError
+from ._errors import EngineGenerateError as EngineGenerateError
+from ._errors import ForcedShutdown as ForcedShutdown
+from ._errors import LauncherError as LauncherError
+from ._runner import ServerHandle as ServerHandle
+from ._runner import StopReason as StopReason
+from ._runner import serve_http as serve_http
+from ._watchdog import Engine as Engine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppStartupError",
+    "BindError",
+    "ConfigError",
+    "Engine",
+    "EngineDeadError",
+    "EngineGenerateError",
+    "ForcedShutdown",
+    "LauncherError",
+    "ServerHandle",
+    "StopReason",
+    "serve_http",
+]

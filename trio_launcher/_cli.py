@@ -1,0 +1,265 @@
+"""argv -> options -> serve_http; one-line errors and honest exit codes.
+
+Exit codes, so that systemd's ``Restart=on-failure`` and Kubernetes see why:
+
+====  ==========================================================
+0     clean shutdown (signal or request, drained)
+1     unexpected error (including a failing app startup)
+2     bad usage or config: a flag, a file, an app that won't import
+3     the engine died
+4     an address could not be bound
+128+N a second signal N forced the stop (130 for SIGINT)
+====  ==========================================================
+
+Every error is one line on stderr naming the thing at fault; the traceback
+follows only with ``--log-level debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import os
+import signal
+import ssl
+import sys
+import tomllib
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NoReturn
+
+import trio
+from hypercorn.config import Config
+
+from ._errors import (
+    AppStartupError,
+    BindError,
+    ConfigError,
+    EngineDeadError,
+    ForcedShutdown,
+)
+from ._runner import serve_http
+
+log = logging.getLogger("trio_launcher")
+
+PROG = "trio-launcher"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ENGINE_DEAD, EXIT_BIND = 0, 1, 2, 3, 4
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Serve an ASGI app under trio with hypercorn: drain on SIGTERM, "
+        "stop on engine death, honest exit codes.",
+        epilog="exit codes: 0 clean, 1 error, 2 usage/config, 3 engine died, "
+        "4 cannot bind, 128+N forced by a second signal N",
+    )
+    add = parser.add_argument
+    add("app", metavar="MODULE:APP", help="the ASGI app to serve, e.g. myservice.app:app")
+    add(
+        "--engine",
+        metavar="MODULE:ATTR",
+        help="engine object with errored/is_running "
+        "(and optionally async wait_dead()); its death stops the server with exit 3",
+    )
+    add(
+        "--bind",
+        "-b",
+        action="append",
+        metavar="ADDR",
+        help="HOST:PORT, [V6]:PORT, unix:PATH or fd://N; repeatable (default 127.0.0.1:8000)",
+    )
+    add(
+        "--graceful-timeout",
+        type=_seconds,
+        metavar="S",
+        help="how long in-flight requests may run on after a drain starts (default 3)",
+    )
+    add(
+        "--watchdog-interval",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds between engine polls (default 5; engines with wait_dead() are "
+        "noticed at once)",
+    )
+    add(
+        "--keep-alive-on-engine-death",
+        action="store_true",
+        default=None,
+        help="keep serving when the engine dies (also env "
+        "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH=1)",
+    )
+    add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
+    add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--certfile", metavar="F")
+    tls.add_argument("--keyfile", metavar="F")
+    tls.add_argument("--ca-certs", metavar="F", help="CA bundle for client certificates")
+    tls.add_argument("--verify-mode", choices=("none", "optional", "required"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    try:
+        opts = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _fail(f"{exc} (see {PROG} --help)", EXIT_USAGE)
+    debug = opts.log_level == "debug"
+    _setup_logging(opts.log_level)
+    try:
+        config = build_config(opts)
+        sys.path.insert(0, os.getcwd())
+        app = import_from_string(opts.app, "app")
+        engine = import_from_string(opts.engine, "engine") if opts.engine else None
+        trio.run(
+            partial(
+                serve_http,
+                app,
+                config,
+                engine=engine,
+                watchdog_interval=opts.watchdog_interval,
+                keep_alive_on_engine_death=opts.keep_alive_on_engine_death,
+            )
+        )
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE, debug)
+    except BindError as exc:
+        return _fail(str(exc), EXIT_BIND, debug)
+    except EngineDeadError as exc:
+        return _fail(str(exc), EXIT_ENGINE_DEAD, debug)
+    except ForcedShutdown as exc:
+        _fail(str(exc), 0, debug)
+        return 128 + exc.signum
+    except AppStartupError as exc:
+        return _fail(str(exc), EXIT_ERROR, debug)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 128 + signal.SIGINT, debug)
+    except Exception as exc:
+        return _fail(f"unexpected {_describe(exc)}", EXIT_ERROR, debug)
+    return EXIT_OK
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _fail(message: str, code: int, debug: bool = False) -> int:
+    line = f"{PROG}: error: {message}".replace("\n", " ")
+    if debug and sys.exc_info()[1] is not None:
+        log.exception(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+    return code
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+VERIFY_MODES = {"none": "CERT_NONE", "optional": "CERT_OPTIONAL", "required": "CERT_REQUIRED"}
+
+
+def build_config(opts: argparse.Namespace) -> Config:
+    """hypercorn Config from ``--config`` (if any) with the flags laid over it."""
+    config = load_toml_config(opts.config) if opts.config else Config()
+    if opts.bind:
+        config.bind = opts.bind
+    if opts.graceful_timeout is not None:
+        config.graceful_timeout = opts.graceful_timeout
+    for name in ("certfile", "keyfile", "ca_certs"):
+        value = getattr(opts, name)
+        if value is not None:
+            setattr(config, name, value)
+    if opts.verify_mode is not None:
+        config.verify_mode = getattr(ssl.VerifyMode, VERIFY_MODES[opts.verify_mode])
+    if (config.certfile is None) != (config.keyfile is None):
+        missing = "--keyfile" if config.keyfile is None else "--certfile"
+        raise ConfigError(f"TLS needs both --certfile and --keyfile: {missing} is missing")
+    config.loglevel = opts.log_level.upper()
+    # hypercorn's error log propagates to ours instead of printing twice.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+_CONFIG_KEYS = {name for name in dir(Config) if not name.startswith("_")} - {
+    "from_mapping", "from_pyfile", "from_toml", "from_object", "create_ssl_context",
+    "create_sockets", "response_headers", "set_statsd_logger_class", "set_cert_reqs", "log",
+    "ssl_enabled",
+}  # fmt: skip
+
+
+def load_toml_config(path: str) -> Config:
+    """Read a hypercorn TOML config; unknown keys and bad files are ConfigErrors."""
+    try:
+        with open(path, "rb") as file:
+            data: dict[str, Any] = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+    unknown = sorted(set(data) - _CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
+    try:
+        return Config.from_mapping(data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+
+
+def import_from_string(path: str, what: str) -> Any:
+    """``package.module:attr.sub`` -> the object; ConfigError naming what failed."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} {path!r} must look like MODULE:ATTR")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(f"{what} {path!r}: no module named {exc.name!r}") from exc
+        raise ConfigError(f"{what} {path!r}: importing it failed: {_describe(exc)}") from exc
+    except Exception as exc:
+        raise ConfigError(f"{what} {path!r}: importing it failed: {_describe(exc)}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"{what} {path!r}: {module_name} has no attribute {attr!r}") from None
+    return obj

@@ -1,0 +1,90 @@
+"""Every error trio_launcher raises, in one tree.
+
+::
+
+    LauncherError                      base of everything below
+    ├── ConfigError                    bad option, file or app path (CLI exit 2)
+    ├── BindError (also OSError)       an address could not be bound (CLI exit 4)
+    ├── AppStartupError                the app's lifespan startup failed (CLI exit 1)
+    ├── ForcedShutdown                 a second signal stopped the drain (CLI exit 128+N)
+    ├── EngineDeadError                the engine died; the server drained (CLI exit 3)
+    └── EngineGenerateError            one request failed in the engine; never fatal
+
+Messages are built from fields, so code that catches an error can read the
+address, the errno or the signal instead of parsing text. OS failures stay
+``OSError`` subclasses and keep their ``errno``.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class LauncherError(Exception):
+    """Base class of every error raised by trio_launcher."""
+
+
+class ConfigError(LauncherError):
+    """A bad option, config file, app path or certificate: fix the input and retry."""
+
+
+class BindError(LauncherError, OSError):
+    """An address could not be bound.
+
+    Attributes:
+        address: the bind address as the user wrote it (``127.0.0.1:8000``,
+            ``unix:/run/app.sock``, ``fd://3``).
+        holder_pid: PID of the process that holds the port, where psutil can see it.
+        holder_cmdline: that process's command line.
+    """
+
+    def __init__(
+        self,
+        errno: int | None,
+        strerror: str,
+        address: str,
+        holder_pid: int | None = None,
+        holder_cmdline: str | None = None,
+    ) -> None:
+        super().__init__(errno, strerror)
+        self.address = address
+        self.holder_pid = holder_pid
+        self.holder_cmdline = holder_cmdline
+
+    def __str__(self) -> str:
+        text = f"cannot bind {self.address}: {self.strerror}"
+        if self.errno is not None:
+            text += f" (errno {self.errno})"
+        if self.holder_pid is not None:
+            text += f"; held by PID {self.holder_pid}"
+            if self.holder_cmdline:
+                text += f" ({self.holder_cmdline})"
+        return text
+
+
+class AppStartupError(LauncherError):
+    """The application's lifespan startup failed or timed out."""
+
+
+class ForcedShutdown(LauncherError):
+    """A second SIGINT/SIGTERM arrived during the drain and stopped the server at once.
+
+    Attributes:
+        signum: the signal number that forced the stop.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}")
+
+
+class EngineDeadError(LauncherError):
+    """The engine died; it cannot serve any request again.
+
+    Raise it from request handlers when the engine is gone; ``serve_http`` raises
+    it (after draining) when the watchdog or a handler found the engine dead.
+    """
+
+
+class EngineGenerateError(LauncherError):
+    """One request failed inside the engine; the engine itself is fine."""

@@ -1,0 +1,320 @@
+"""serve_http: one nursery that owns the server and everything that can stop it.
+
+Rule 1: only this module opens the nursery of sibling tasks. The HTTP server,
+the signal listener, the engine watchdog and the certificate refresher are
+task functions exported by their own modules; they run side by side in
+serve_http's nursery and never hold handles to each other.
+
+Shutdown is carried by two things, never by a stored task handle:
+
+* ``_Control.drain``, a ``trio.Event``, is the server's shutdown trigger.
+  Setting it closes the listeners and starts the graceful drain. A signal, a
+  dead engine, ``ServerHandle.shutdown()`` and ``max_requests`` all set it;
+  the first to do so records *why* the server stopped.
+* ``_Control.force``, a ``trio.CancelScope`` around the nursery, is the
+  emergency stop for a second signal: cancelling it ends every task at once.
+
+When the server task returns (the drain is over and lifespan shutdown ran),
+the body of the nursery cancels the nursery's own scope to end the helpers,
+and serve_http turns the recorded reason into its outcome: return for a
+signal or a requested shutdown, ``EngineDeadError`` for a dead engine,
+``ForcedShutdown`` for a second signal.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.utils import LifespanFailureError, wrap_app
+
+from ._asgi import ENGINE_ERRORS, EngineErrorMiddleware, describe_routes
+from ._errors import AppStartupError, ConfigError, EngineDeadError, ForcedShutdown
+from ._ports import bind_sockets, log_foreign_holders, tcp_ports
+from ._server import serve_sockets
+from ._signals import watch_signals
+from ._watchdog import check_engine, engine_is_dead, watch_engine
+
+log = logging.getLogger("trio_launcher")
+
+KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
+DEFAULT_BIND = "127.0.0.1:8000"
+
+
+class StopReason(enum.Enum):
+    """Why the server stopped (or is stopping)."""
+
+    REQUESTED = "shutdown() was called"
+    SIGNAL = "a signal asked for it"
+    ENGINE_DEAD = "the engine died"
+    MAX_REQUESTS = "max_requests was reached"
+
+
+class _Control:
+    """The state the sibling tasks share: the drain event and why it was set."""
+
+    def __init__(self, engine: object | None, keep_alive_on_engine_death: bool) -> None:
+        self.engine = engine
+        self.keep_alive_on_engine_death = keep_alive_on_engine_death
+        self.drain = trio.Event()
+        self.force = trio.CancelScope()
+        self.served = trio.Event()
+        self.reason: StopReason | None = None
+        self.stop_signal: int | None = None
+        self.forced_by: int | None = None
+        self.engine_dead = False
+        self.engine_death: str | None = None
+
+    def stop(self, reason: StopReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.drain.set()
+
+    def on_stop_signal(self, signum: int) -> None:
+        self.stop_signal = signum
+        self.stop(StopReason.SIGNAL)
+
+    def on_force_signal(self, signum: int) -> None:
+        self.forced_by = signum
+        self.force.cancel()
+
+    def on_reload_signal(self) -> None:
+        log.info("no TLS refresher is running: SIGHUP ignored")
+
+    def on_engine_dead(self, how: str) -> None:
+        if self.engine_dead:
+            return
+        self.engine_dead = True
+        self.engine_death = how
+        if self.keep_alive_on_engine_death:
+            log.error(
+                "the engine died (%s); still serving because keep-alive on engine death is on", how
+            )
+            return
+        log.error("the engine died (%s): draining", how)
+        self.stop(StopReason.ENGINE_DEAD)
+
+    def on_app_error(self, exc: BaseException) -> None:
+        """The dead check run after every error a request raised."""
+        if isinstance(exc, EngineDeadError):
+            self.on_engine_dead(f"a request raised EngineDeadError: {exc}")
+        elif self.engine is not None and engine_is_dead(self.engine):
+            self.on_engine_dead(f"a request raised {type(exc).__name__} and the engine is dead")
+
+
+class ServerHandle:
+    """What ``nursery.start(serve_http, ...)`` returns.
+
+    Attributes:
+        urls: every bound URL, like ``http://127.0.0.1:41234``.
+    """
+
+    def __init__(self, urls: list[str], control: _Control) -> None:
+        self.urls = urls
+        self._control = control
+
+    def shutdown(self) -> None:
+        """Ask for a graceful shutdown; returns at once (serve_http returns after the drain)."""
+        self._control.stop(StopReason.REQUESTED)
+
+    @property
+    def stopping(self) -> bool:
+        """True from the moment a shutdown was asked for."""
+        return self._control.drain.is_set()
+
+    @property
+    def engine_alive(self) -> bool:
+        """False once the engine was found dead."""
+        return not self._control.engine_dead
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self._control.reason
+
+    def __repr__(self) -> str:
+        return f"<ServerHandle urls={self.urls!r} stopping={self.stopping}>"
+
+
+async def serve_http(
+    app: Any,
+    config: Config | None = None,
+    *,
+    engine: object | None = None,
+    sock: socket.socket | None = None,
+    enable_ssl_refresh: bool = False,
+    handle_signals: bool = True,
+    watchdog_interval: float = 5.0,
+    keep_alive_on_engine_death: bool | None = None,
+    engine_error_types: tuple[type[BaseException], ...] = (),
+    task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
+
+    Args:
+        app: an ASGI application (Quart-Trio, Starlette, a bare callable...).
+        config: hypercorn configuration; default binds 127.0.0.1:8000.
+        engine: an object with ``errored`` and ``is_running`` (and optionally
+            ``async def wait_dead()``); its death drains and stops the server.
+        sock: a bound TCP or Unix socket to serve on instead of ``config.bind``;
+            the runner takes ownership and closes it.
+        enable_ssl_refresh: reload the certificate files when they change.
+        handle_signals: own SIGINT/SIGTERM (drain, then force) and SIGHUP.
+            Needs the main thread.
+        watchdog_interval: seconds between engine polls (``inf`` disables polling).
+        keep_alive_on_engine_death: keep serving when the engine dies; default
+            from env ``TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH=1``.
+        engine_error_types: more exception types that, raised by a request,
+            are answered with a 500 JSON body and run the dead check.
+        task_status: receives a :class:`ServerHandle` once serving.
+
+    Returns:
+        After a signal or ``ServerHandle.shutdown()``, once drained.
+
+    Raises:
+        EngineDeadError: the engine died (raised after the drain).
+        ForcedShutdown: a second SIGINT/SIGTERM stopped the server at once.
+        BindError: an address could not be bound.
+        AppStartupError: the app's lifespan startup failed.
+        ConfigError: a bad argument.
+    """
+    config = _prepare_config(config)
+    if engine is not None:
+        try:
+            check_engine(engine)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+    if not watchdog_interval > 0 or math.isnan(watchdog_interval):
+        raise ConfigError(f"watchdog_interval must be > 0, got {watchdog_interval!r}")
+    if keep_alive_on_engine_death is None:
+        keep_alive_on_engine_death = os.environ.get(KEEP_ALIVE_ENV, "") in ("1", "true", "yes")
+    if enable_ssl_refresh and not config.ssl_enabled:
+        raise ConfigError("enable_ssl_refresh needs config.certfile and config.keyfile")
+
+    control = _Control(engine, keep_alive_on_engine_death)
+    _log_routes(app)
+    middleware = EngineErrorMiddleware(
+        app, control.on_app_error, (*ENGINE_ERRORS, *engine_error_types)
+    )
+    wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    ssl_context = _create_ssl_context(config)
+
+    sockets = bind_sockets(config, sock)
+    ports = tcp_ports(sockets)
+    try:
+        with _readable_errors(), control.force:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    await nursery.start(
+                        watch_signals,
+                        control.on_stop_signal,
+                        control.on_force_signal,
+                        control.on_reload_signal,
+                    )
+                if engine is not None:
+                    nursery.start_soon(
+                        watch_engine, engine, watchdog_interval, control.on_engine_dead
+                    )
+                urls = await nursery.start(
+                    _run_server, wrapped, config, sockets, control, ssl_context
+                )
+                for url in urls:
+                    log.info("serving on %s", url)
+                task_status.started(ServerHandle(urls, control))
+                await control.served.wait()
+                nursery.cancel_scope.cancel()  # the helpers' work is done
+    finally:
+        sockets.close()
+
+    if control.forced_by is not None:
+        log_foreign_holders(ports)
+        raise ForcedShutdown(control.forced_by)
+    if control.force.cancelled_caught:  # pragma: no cover - only a force signal cancels it
+        raise ForcedShutdown(signal.SIGTERM)
+    if control.reason is StopReason.ENGINE_DEAD:
+        raise EngineDeadError(
+            f"the engine died ({control.engine_death}); the server drained and stopped"
+        )
+    log.info("stopped: %s", control.reason.value if control.reason else "server returned")
+
+
+async def _run_server(
+    app: Any,
+    config: Config,
+    sockets: Any,
+    control: _Control,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await serve_sockets(
+            app, config, sockets, control.drain, ssl_context, task_status=task_status
+        )
+    finally:
+        control.served.set()
+
+
+def _prepare_config(config: Config | None) -> Config:
+    if config is None:
+        config = Config()
+        config.bind = [DEFAULT_BIND]
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be a hypercorn.config.Config, got {type(config).__name__}")
+    return config
+
+
+def _create_ssl_context(config: Config) -> ssl.SSLContext | None:
+    try:
+        return config.create_ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {config.certfile}: {exc}") from exc
+
+
+def _log_routes(app: object) -> None:
+    routes = describe_routes(app)
+    if routes is None:
+        log.info(
+            "routes: %s is a bare ASGI callable; its routes cannot be listed", type(app).__name__
+        )
+        return
+    log.info("routes (%d):", len(routes))
+    for line in routes:
+        log.info("  %s", line)
+
+
+@contextmanager
+def _readable_errors() -> Iterator[None]:
+    """Unwrap an exception group where exactly one real error is inside.
+
+    Cancellation is never swallowed: ``trio.Cancelled`` stays in the group that
+    is re-raised.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1 and len(real) == len(leaves):
+            error = real[0]
+            if isinstance(error, LifespanFailureError):
+                raise AppStartupError(f"the app's lifespan startup failed: {error}") from error
+            raise error from group
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -1,0 +1,164 @@
+"""hypercorn's protocols on sockets we bound, with a drain we control.
+
+This is the task that serves HTTP. It plays the part of hypercorn's
+``worker_serve`` with three differences that the runner needs:
+
+* it serves sockets the runner bound (``hypercorn.trio.serve`` takes none);
+* it takes the TLS context from the runner, so certificates can be swapped
+  while it serves;
+* an error escaping one connection is logged and contained. hypercorn's own
+  loop lets it end the whole server (an HTTP/2 client that vanishes under
+  load raised ``BusyResourceError`` out of one connection and killed the
+  process).
+
+The drain, step by step, when ``drain`` is set: the listeners close at once
+(new connects are refused), idle keep-alive connections close, in-flight
+requests run on until ``config.graceful_timeout`` and are cancelled then, and
+only after that does the app's lifespan shutdown run.
+
+hypercorn's ``Lifespan``, ``TCPServer`` and ``WorkerContext`` are internal
+API, which is why pyproject pins hypercorn's minor version.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from functools import partial
+from random import randint
+from typing import Protocol
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, repr_socket_addr
+
+from ._errors import AppStartupError
+from ._ports import BoundSockets
+
+log = logging.getLogger("trio_launcher")
+
+
+class TLSContext(Protocol):
+    """What trio's SSLStream uses of a context; the runner's switchable context fits."""
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = ...,
+        server_hostname: str | bytes | None = ...,
+        session: ssl.SSLSession | None = ...,
+    ) -> ssl.SSLObject: ...
+
+
+async def serve_sockets(
+    app: AppWrapper,
+    config: Config,
+    sockets: BoundSockets,
+    drain: trio.Event,
+    ssl_context: TLSContext | None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
+
+    Calls ``task_status.started(urls)`` once the app has started and the
+    sockets listen.
+
+    Raises:
+        AppStartupError: the app's lifespan startup failed or timed out.
+    """
+    config.set_statsd_logger_class(StatsdLogger)
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(app, config, lifespan_state)
+    max_requests = None
+    if config.max_requests is not None:
+        max_requests = config.max_requests + randint(0, config.max_requests_jitter)
+    context = WorkerContext(max_requests)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        try:
+            await lifespan.wait_for_startup()
+        except LifespanTimeoutError as exc:
+            raise AppStartupError(
+                f"the app's lifespan startup took longer than {config.startup_timeout} s"
+            ) from exc
+
+        async with trio.open_nursery() as connections:
+            listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+            urls = []
+            for scheme, socks in (("https", sockets.secure), ("http", sockets.insecure)):
+                for sock in socks:
+                    sock.listen(config.backlog)
+                    listener: trio.abc.Listener[trio.abc.Stream] = trio.SocketListener(
+                        trio.socket.from_stdlib_socket(sock)
+                    )
+                    if scheme == "https":
+                        assert ssl_context is not None
+                        listener = trio.SSLListener(
+                            listener,
+                            ssl_context,  # type: ignore[arg-type]
+                            https_compatible=True,
+                        )
+                    listeners.append(listener)
+                    urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
+
+            handler = partial(_serve_connection, app, config, context, lifespan_state)
+            task_status.started(urls)
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
+                )
+                accepting.start_soon(_drain_on_max_requests, context, drain)
+                await drain.wait()
+                accepting.cancel_scope.cancel()  # closes the listeners
+            log.info(
+                "draining: listeners closed, in-flight requests have %s s", config.graceful_timeout
+            )
+            await context.terminated.set()  # closes idle keep-alive connections
+            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+async def _drain_on_max_requests(context: WorkerContext, drain: trio.Event) -> None:
+    await context.terminate.wait()
+    log.info("max_requests reached: draining")
+    drain.set()
+
+
+async def _serve_connection(
+    app: AppWrapper,
+    config: Config,
+    context: WorkerContext,
+    lifespan_state: LifespanState,
+    stream: trio.abc.Stream,
+) -> None:
+    try:
+        await TCPServer(
+            app,
+            config,
+            context,
+            ConnectionState(lifespan_state.copy()),
+            stream,  # type: ignore[arg-type]
+        ).run()
+    except* Exception as group:
+        # One connection's failure is that connection's problem only.
+        log.error(
+            "connection error contained: %s",
+            "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions),
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        await trio.aclose_forcefully(stream)
+
+
+def startup_error(exc: LifespanFailureError) -> AppStartupError:
+    """Turn hypercorn's lifespan failure into our one-line error."""
+    return AppStartupError(f"the app's lifespan startup failed: {exc}")
