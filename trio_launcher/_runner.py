@@ -201,7 +201,6 @@ async def serve_http(
         raise ConfigError("enable_ssl_refresh needs config.certfile and config.keyfile")
 
     control = _Control(engine, keep_alive_on_engine_death)
-    _log_routes(app)
     middleware = EngineErrorMiddleware(
         app, control.on_app_error, (*ENGINE_ERRORS, *engine_error_types)
     )
@@ -210,8 +209,9 @@ async def serve_http(
 
     sockets = bind_sockets(config, sock)
     ports = tcp_ports(sockets)
+    _log_routes(app)
     try:
-        with _readable_errors(), control.force:
+        with readable_errors(), control.force:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(
@@ -293,7 +293,7 @@ def _log_routes(app: object) -> None:
 
 
 @contextmanager
-def _readable_errors() -> Iterator[None]:
+def readable_errors() -> Iterator[None]:
     """Unwrap an exception group where exactly one real error is inside.
 
     Cancellation is never swallowed: ``trio.Cancelled`` stays in the group that

@@ -22,6 +22,7 @@ API, which is why pyproject pins hypercorn's minor version.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from functools import partial
@@ -85,6 +86,10 @@ async def serve_sockets(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         try:
             await lifespan.wait_for_startup()
+        except trio.ClosedResourceError:
+            # The app returned from the lifespan scope without a word: it
+            # does not do lifespan. Serve without it.
+            lifespan.supported = False
         except LifespanTimeoutError as exc:
             raise AppStartupError(
                 f"the app's lifespan startup took longer than {config.startup_timeout} s"
@@ -124,7 +129,9 @@ async def serve_sockets(
             await context.terminated.set()  # closes idle keep-alive connections
             connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
-        await lifespan.wait_for_shutdown()
+        if lifespan.supported:
+            with contextlib.suppress(trio.ClosedResourceError):  # the lifespan task ended
+                await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
 

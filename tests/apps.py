@@ -1,0 +1,116 @@
+"""ASGI apps and engines the tests serve, in-process and through the CLI.
+
+Importable as ``tests.apps:NAME`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import trio
+
+from trio_launcher import EngineDeadError, EngineGenerateError
+from trio_launcher.testing import FakeEngine, FakePollingEngine
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+engine = FakeEngine()
+polling_engine = FakePollingEngine()
+
+
+class App:
+    """A small app with routes that misbehave on purpose.
+
+    GET /            200 "hello"
+    GET /slow?s=1    sleeps, then 200 "slept"
+    GET /stream?n=5&delay=0.05   streams n chunks
+    GET /raise/dead | /raise/generate | /raise/value | /raise/group-dead
+    POST /kill       kills the module's engines
+    Lifespan events are recorded in ``events``.
+    """
+
+    def __init__(self, fail_startup: bool = False) -> None:
+        self.events: list[str] = []
+        self.fail_startup = fail_startup
+        self.requests_started = trio.Event()
+        self.slow_started = trio.Event()
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        assert scope["type"] == "http"
+        self.requests_started.set()
+        path = scope["path"]
+        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        if path == "/":
+            await respond(send, 200, b"hello")
+        elif path == "/slow":
+            self.slow_started.set()
+            logging.getLogger("tests.apps").info("slow request started")
+            await trio.sleep(float(query.get("s", "1")))
+            await respond(send, 200, b"slept")
+        elif path == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for i in range(int(query.get("n", "5"))):
+                await trio.sleep(float(query.get("delay", "0.05")))
+                await send({"type": "http.response.body", "body": b"chunk%d\n" % i,
+                            "more_body": True})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif path == "/raise/dead":
+            raise EngineDeadError("engine is gone")
+        elif path == "/raise/group-dead":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_raise_dead)
+        elif path == "/raise/generate":
+            raise EngineGenerateError("bad prompt")
+        elif path == "/raise/value":
+            raise ValueError("a bug in a handler")
+        elif path == "/kill":
+            engine.kill()
+            polling_engine.kill()
+            await respond(send, 202, b"killed")
+        else:
+            await respond(send, 404, b"not found")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.fail_startup:
+                    await send({"type": "lifespan.startup.failed", "message": "no model"})
+                    return
+                self.events.append("startup")
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.events.append("shutdown")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _raise_dead() -> None:
+    raise EngineDeadError("engine died inside a nursery")
+
+
+async def respond(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+def json_body(data: bytes) -> Any:
+    return json.loads(data)
+
+
+app = App()
+failing_app = App(fail_startup=True)
+
+
+def broken_import() -> None:  # pragma: no cover - referenced by name only
+    raise RuntimeError

@@ -1,0 +1,146 @@
+"""Run ``python -m trio_launcher`` as a real subprocess and watch its stderr."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+URL_RE = re.compile(r"serving on (\S+)")
+
+
+class Launched:
+    """A running ``trio-launcher`` process started by a test."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.urls: list[str] = []
+        self.serving = trio.Event()
+        self.serving_or_exited = trio.Event()
+        self.pumped = trio.Event()
+        self._line_seen = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 15.0) -> int:
+        with trio.fail_after(timeout):
+            code = await self.process.wait()
+            await self.pumped.wait()
+        return code
+
+    async def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
+        regex = re.compile(pattern)
+        with trio.fail_after(timeout):
+            while True:
+                for line in self.lines:
+                    if regex.search(line):
+                        return line
+                await self._line_seen.wait()
+                self._line_seen = trio.Event()
+
+    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                match = URL_RE.search(line)
+                if match:
+                    self.urls.append(match.group(1))
+                    self.serving.set()
+                    self.serving_or_exited.set()
+                self._line_seen.set()
+        if buffer:
+            self.lines.append(buffer.decode(errors="replace"))
+        self.pumped.set()
+        self._line_seen.set()
+
+    async def _watch_exit(self) -> None:
+        await self.process.wait()
+        await self.pumped.wait()  # stderr fully read: the last line is in
+        self.serving_or_exited.set()
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH", None)
+    env.update(extra or {})
+    return env
+
+
+@asynccontextmanager
+async def launch(
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+    wait_serving: bool = True,
+    timeout: float = 20.0,
+) -> AsyncIterator[Launched]:
+    """Start ``python -m trio_launcher ARGS``; on exit, kill it if still running."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_launcher", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=cli_env(env),
+        pass_fds=pass_fds,
+    )
+    launched = Launched(process)
+    async with trio.open_nursery() as nursery:
+        assert process.stderr is not None
+        nursery.start_soon(launched._pump, process.stderr)
+        nursery.start_soon(launched._watch_exit)
+        try:
+            if wait_serving:
+                with trio.fail_after(timeout):
+                    await launched.serving_or_exited.wait()
+                if not launched.serving.is_set():
+                    raise AssertionError(
+                        f"exited {process.returncode} before serving:\n{launched.stderr}"
+                    )
+            yield launched
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)  # only the process we started
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await process.wait()
+
+
+def run_cli(args: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion (for exit paths that never serve)."""
+    return subprocess.run(
+        [sys.executable, "-m", "trio_launcher", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

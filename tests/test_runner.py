@@ -1,0 +1,256 @@
+"""serve_http in-process: embedding, engine death, engine errors, sockets, bind errors."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypercorn.config import Config
+
+import trio_launcher
+from trio_launcher import (
+    BindError,
+    ConfigError,
+    EngineDeadError,
+    StopReason,
+    serve_http,
+)
+from trio_launcher._watchdog import watch_engine
+from trio_launcher.testing import FakeEngine, FakePollingEngine, running_server
+
+from .apps import App
+
+
+def local_config(**settings: object) -> Config:
+    config = Config.from_mapping(settings)
+    config.bind = ["127.0.0.1:0"]
+    return config
+
+
+async def is_refused(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with trio.socket.socket() as sock:
+        try:
+            await sock.connect((host, int(port)))
+        except (ConnectionRefusedError, ConnectionResetError):
+            return True
+    return False
+
+
+def test_public_api_is_sorted_and_exported() -> None:
+    assert trio_launcher.__all__ == sorted(trio_launcher.__all__)
+    for name in trio_launcher.__all__:
+        assert getattr(trio_launcher, name) is not None
+    submodules = {"testing", "quart"}
+    public = {n for n in dir(trio_launcher) if not n.startswith("_")} - submodules
+    assert public - set(trio_launcher.__all__) == set()
+
+
+async def test_embedded_start_requests_and_shutdown_runs_lifespan() -> None:
+    app = App()
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(serve_http, app, local_config())
+        assert app.events == ["startup"]
+        assert handle.urls[0].startswith("http://127.0.0.1:")
+        async with httpx.AsyncClient(base_url=handle.urls[0]) as client:
+            assert (await client.get("/")).text == "hello"
+        handle.shutdown()
+        assert handle.stopping
+    assert app.events == ["startup", "shutdown"]
+    assert handle.stop_reason is StopReason.REQUESTED
+
+
+async def test_wait_dead_engine_stops_at_once_and_in_flight_request_finishes() -> None:
+    app, engine = App(), FakeEngine()
+    with pytest.raises(EngineDeadError, match="wait_dead"):
+        async with running_server(app, engine=engine, watchdog_interval=math.inf) as server:
+            async with trio.open_nursery() as nursery:
+                result: dict[str, httpx.Response] = {}
+
+                async def slow() -> None:
+                    result["r"] = await server.client.get("/slow", params={"s": "0.5"})
+
+                nursery.start_soon(slow)
+                await app.slow_started.wait()
+                engine.kill()
+                with trio.fail_after(0.05):
+                    while not await is_refused(server.url):
+                        await trio.sleep(0.001)
+            assert result["r"].status_code == 200
+    assert app.events == ["startup", "shutdown"]
+
+
+async def test_polling_engine_real_time() -> None:
+    engine = FakePollingEngine()
+    with pytest.raises(EngineDeadError, match="watchdog"):
+        async with running_server(App(), engine=engine, watchdog_interval=0.05) as server:
+            engine.kill()
+            with trio.fail_after(0.05 + 0.5):
+                while not await is_refused(server.url):
+                    await trio.sleep(0.005)
+
+
+async def test_watchdog_polls_within_one_interval(autojump_clock: trio.testing.MockClock) -> None:
+    engine = FakePollingEngine()
+    deaths: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            watch_engine, engine, 5.0, lambda how: deaths.append(trio.current_time())
+        )
+        await trio.sleep(12.3)
+        engine.kill()
+        killed_at = trio.current_time()
+    assert len(deaths) == 1
+    assert 0 < deaths[0] - killed_at <= 5.0
+
+
+async def test_watchdog_wait_dead_is_immediate(autojump_clock: trio.testing.MockClock) -> None:
+    engine = FakeEngine()
+    deaths: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            watch_engine, engine, 5.0, lambda how: deaths.append(trio.current_time())
+        )
+        await trio.sleep(2.2)
+        engine.kill()
+        killed_at = trio.current_time()
+    assert deaths == [killed_at]
+
+
+async def test_keep_alive_on_engine_death_keeps_serving() -> None:
+    engine = FakeEngine()
+    async with running_server(App(), engine=engine, keep_alive_on_engine_death=True) as server:
+        engine.kill()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server.handle.engine_alive
+        assert not server.handle.stopping
+        assert (await server.client.get("/")).text == "hello"
+
+
+async def test_keep_alive_default_comes_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH", "1")
+    engine = FakeEngine()
+    async with running_server(App(), engine=engine) as server:
+        engine.kill()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await server.client.get("/")).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/raise/generate", "/raise/value"])
+async def test_generate_error_and_bug_give_500_and_keep_serving(path: str) -> None:
+    async with running_server(App(), engine=FakeEngine()) as server:
+        response = await server.client.get(path)
+        assert response.status_code == 500
+        if path == "/raise/generate":
+            assert response.json() == {
+                "error": {"type": "EngineGenerateError", "message": "bad prompt"}
+            }
+        assert not server.handle.stopping
+        assert (await server.client.get("/")).text == "hello"
+
+
+@pytest.mark.parametrize("path", ["/raise/dead", "/raise/group-dead"])
+async def test_engine_dead_from_app_gives_500_json_then_stops(path: str) -> None:
+    with pytest.raises(EngineDeadError):
+        async with running_server(App()) as server:
+            response = await server.client.get(path)
+            assert response.status_code == 500
+            assert response.json()["error"]["type"] == "EngineDeadError"
+            assert server.handle.stop_reason is StopReason.ENGINE_DEAD
+
+
+async def test_engine_error_after_stream_started_ends_stream_and_watchdog_catches() -> None:
+    engine = FakeEngine()
+
+    async def streaming_app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})  # type: ignore[operator]
+        engine.kill()
+        raise EngineDeadError("died mid-stream")
+
+    with pytest.raises(EngineDeadError):
+        async with running_server(streaming_app, engine=engine) as server:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await server.client.get("/")
+
+
+@pytest.mark.parametrize("listening", [True, False])
+async def test_prebound_tcp_socket(listening: bool) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    if listening:
+        sock.listen()
+    port = sock.getsockname()[1]
+    async with running_server(App(), sock=sock) as server:
+        assert sock.fileno() == -1  # ownership moved to the runner: nothing dangles
+        assert server.url == f"http://127.0.0.1:{port}"
+        assert (await server.client.get("/")).text == "hello"
+    assert await is_refused(server.url)
+
+
+async def test_prebound_unix_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)
+    async with running_server(App(), sock=sock) as server:
+        assert server.url == f"http://unix:{path}" or path in server.url
+        transport = httpx.AsyncHTTPTransport(uds=path)
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get("http://x/")).text == "hello"
+
+
+async def test_fd_descriptors_do_not_leak() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        async with running_server(App()) as server:
+            await server.client.get("/")
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+async def test_bind_error_names_address_and_holder() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    try:
+        with pytest.raises(BindError) as info:
+            await serve_http(App(), config, handle_signals=False)
+    finally:
+        holder.close()
+    error = info.value
+    assert isinstance(error, OSError)
+    assert error.errno == errno.EADDRINUSE
+    assert error.address == f"127.0.0.1:{port}"
+    assert error.holder_pid == os.getpid()
+    assert f"127.0.0.1:{port}" in str(error)
+
+
+async def test_bind_permission_denied_and_bad_address() -> None:
+    config = Config()
+    config.bind = ["256.1.1.1:80"]
+    with pytest.raises(BindError, match=r"256\.1\.1\.1:80"):
+        await serve_http(App(), config, handle_signals=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"watchdog_interval": 0}, "watchdog_interval"),
+        ({"engine": object()}, "lacks errored and is_running"),
+        ({"enable_ssl_refresh": True}, "certfile"),
+    ],
+)
+async def test_bad_arguments_raise_config_error(kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        await serve_http(App(), local_config(), handle_signals=False, **kwargs)  # type: ignore[arg-type]
