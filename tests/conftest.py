@@ -1,1 +1,1 @@
-pytest_plugins = ["trio_launcher.testing"]
+pytest_plugins = ["trio_launcher.testing", "pytester"]

@@ -36,10 +36,10 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.utils import LifespanFailureError, wrap_app
+from hypercorn.utils import wrap_app
 
 from ._asgi import ENGINE_ERRORS, EngineErrorMiddleware, describe_routes
-from ._errors import AppStartupError, ConfigError, EngineDeadError, ForcedShutdown
+from ._errors import ConfigError, EngineDeadError, ForcedShutdown
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
 from ._signals import watch_signals
@@ -305,10 +305,7 @@ def readable_errors() -> Iterator[None]:
         leaves = list(_leaves(group))
         real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
         if len(real) == 1 and len(real) == len(leaves):
-            error = real[0]
-            if isinstance(error, LifespanFailureError):
-                raise AppStartupError(f"the app's lifespan startup failed: {error}") from error
-            raise error from group
+            raise real[0] from group
         raise
 
 

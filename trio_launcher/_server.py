@@ -27,7 +27,7 @@ import logging
 import ssl
 from functools import partial
 from random import randint
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from hypercorn.config import Config
@@ -76,16 +76,18 @@ async def serve_sockets(
     """
     config.set_statsd_logger_class(StatsdLogger)
     lifespan_state: LifespanState = {}
-    lifespan = Lifespan(app, config, lifespan_state)
+    lifespan = _Lifespan(app, config, lifespan_state)
     max_requests = None
     if config.max_requests is not None:
         max_requests = config.max_requests + randint(0, config.max_requests_jitter)
     context = WorkerContext(max_requests)
 
     async with trio.open_nursery() as lifespan_nursery:
-        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan_nursery.start(lifespan.run)
         try:
             await lifespan.wait_for_startup()
+            if lifespan.failure is not None:
+                raise AppStartupError(f"the app's lifespan startup failed: {lifespan.failure}")
         except trio.ClosedResourceError:
             # The app returned from the lifespan scope without a word: it
             # does not do lifespan. Serve without it.
@@ -135,6 +137,34 @@ async def serve_sockets(
         lifespan_nursery.cancel_scope.cancel()
 
 
+class _Lifespan(Lifespan):
+    """hypercorn's Lifespan, with a startup failure we can see.
+
+    hypercorn marks startup complete in a ``finally`` even when the app
+    reported ``lifespan.startup.failed``, so ``wait_for_startup`` returns
+    normally and the failure only arrives later as an exception group. Here
+    the failure is recorded before anything else runs, and the task ends
+    quietly, so that serve_sockets raises one clear AppStartupError.
+    """
+
+    failure: LifespanFailureError | None = None
+
+    async def asgi_send(self, message: Any) -> None:
+        try:
+            await super().asgi_send(message)
+        except LifespanFailureError as exc:
+            if message["type"] == "lifespan.startup.failed":
+                self.failure = exc
+            raise
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.handle_lifespan(task_status=task_status)
+        except* LifespanFailureError as group:
+            if self.failure is None:  # a failed shutdown: the server is stopping anyway
+                log.error("the app's lifespan shutdown failed: %s", group.exceptions[0])
+
+
 async def _drain_on_max_requests(context: WorkerContext, drain: trio.Event) -> None:
     await context.terminate.wait()
     log.info("max_requests reached: draining")
@@ -164,8 +194,3 @@ async def _serve_connection(
             exc_info=log.isEnabledFor(logging.DEBUG),
         )
         await trio.aclose_forcefully(stream)
-
-
-def startup_error(exc: LifespanFailureError) -> AppStartupError:
-    """Turn hypercorn's lifespan failure into our one-line error."""
-    return AppStartupError(f"the app's lifespan startup failed: {exc}")
