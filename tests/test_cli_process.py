@@ -227,3 +227,23 @@ def test_module_entry_point_and_console_script_agree() -> None:
     assert "exit codes" in result.stdout
     assert (ROOT / "trio_launcher" / "__main__.py").exists()
     assert os.access(sys.executable, os.X_OK)
+
+
+def test_debug_log_level_shows_traceback() -> None:
+    quiet = run_cli(["tests.nope:app"])
+    loud = run_cli(["tests.nope:app", "--log-level", "debug"])
+    assert "Traceback" not in quiet.stderr
+    assert "Traceback" in loud.stderr
+    assert loud.returncode == quiet.returncode == 2
+
+
+def test_console_script_is_installed_when_package_is() -> None:
+    import shutil
+    import subprocess
+
+    script = shutil.which("trio-launcher", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("package not installed in this environment (CI installs it)")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert "MODULE:APP" in result.stdout

@@ -254,3 +254,46 @@ async def test_bind_permission_denied_and_bad_address() -> None:
 async def test_bad_arguments_raise_config_error(kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         await serve_http(App(), local_config(), handle_signals=False, **kwargs)  # type: ignore[arg-type]
+
+
+class _Rule:
+    def __init__(self, rule: str, methods: set[str]) -> None:
+        self.rule, self.methods = rule, methods
+
+
+class _UrlMap:
+    def iter_rules(self) -> list[_Rule]:
+        return [_Rule("/", {"GET", "HEAD"}), _Rule("/generate", {"POST"})]
+
+
+class QuartLikeApp(App):
+    url_map = _UrlMap()
+
+
+class _Route:
+    def __init__(self, path: str, methods: set[str] | None) -> None:
+        self.path, self.methods = path, methods
+
+
+class StarletteLikeApp(App):
+    routes = [_Route("/health", {"GET"}), _Route("/ws", None)]  # noqa: RUF012
+
+
+@pytest.mark.parametrize(
+    ("app", "expected"),
+    [
+        (QuartLikeApp(), ["/ [GET, HEAD]", "/generate [POST]"]),
+        (StarletteLikeApp(), ["/health [GET]", "/ws"]),
+        (App(), ["bare ASGI callable"]),
+    ],
+)
+async def test_startup_log_lists_routes_and_urls(
+    app: App, expected: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="trio_launcher")
+    async with running_server(app) as server:
+        messages = [r.getMessage() for r in caplog.records if r.name == "trio_launcher"]
+    text = "\n".join(messages)
+    for line in expected:
+        assert line in text
+    assert f"serving on {server.url}" in text
