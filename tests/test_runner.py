@@ -297,3 +297,11 @@ async def test_startup_log_lists_routes_and_urls(
     for line in expected:
         assert line in text
     assert f"serving on {server.url}" in text
+
+
+async def test_signals_off_main_thread_is_a_config_error() -> None:
+    def in_thread() -> None:
+        trio.run(serve_http, App(), local_config())
+
+    with pytest.raises(ConfigError, match="main thread"):
+        await trio.to_thread.run_sync(in_thread)

@@ -27,9 +27,9 @@ import enum
 import logging
 import math
 import os
-import signal
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -197,6 +197,8 @@ async def serve_http(
         raise ConfigError(f"watchdog_interval must be > 0, got {watchdog_interval!r}")
     if keep_alive_on_engine_death is None:
         keep_alive_on_engine_death = os.environ.get(KEEP_ALIVE_ENV, "") in ("1", "true", "yes")
+    if handle_signals and threading.current_thread() is not threading.main_thread():
+        raise ConfigError("handle_signals=True needs the main thread; pass handle_signals=False")
     if enable_ssl_refresh and not config.ssl_enabled:
         raise ConfigError("enable_ssl_refresh needs config.certfile and config.keyfile")
 
@@ -238,8 +240,6 @@ async def serve_http(
     if control.forced_by is not None:
         log_foreign_holders(ports)
         raise ForcedShutdown(control.forced_by)
-    if control.force.cancelled_caught:  # pragma: no cover - only a force signal cancels it
-        raise ForcedShutdown(signal.SIGTERM)
     if control.reason is StopReason.ENGINE_DEAD:
         raise EngineDeadError(
             f"the engine died ({control.engine_death}); the server drained and stopped"
