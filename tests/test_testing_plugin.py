@@ -36,26 +36,16 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"hi"})
 
 
-async def presented_cert(server, tls_files):
-    stream = await trio.open_ssl_over_tcp_stream(
-        "127.0.0.1", server.port, ssl_context=tls_files.client_context(),
-        https_compatible=True,
-    )
-    der = stream.getpeercert(binary_form=True)
-    await stream.aclose()
-    return der
-
-
 async def test_tls_rotation(tls_files: TLSFiles) -> None:
     config = tls_files.config(verify_mode=ssl.CERT_REQUIRED)
     async with running_server(
         app, config, tls=tls_files, enable_ssl_refresh=True, ssl_refresh_interval=0.05
     ) as server:
         assert (await server.client.get("/")).text == "hi"
-        assert await presented_cert(server, tls_files) == tls_files.server_fingerprint()
+        assert await tls_files.presented_cert(server.port) == tls_files.server_fingerprint()
         tls_files.rotate()
         with trio.fail_after(5):
-            while await presented_cert(server, tls_files) != tls_files.server_fingerprint():
+            while await tls_files.presented_cert(server.port) != tls_files.server_fingerprint():
                 await trio.sleep(0.02)
         assert (await server.client.get("/")).text == "hi"
 """

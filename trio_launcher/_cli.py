@@ -125,7 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--certfile", metavar="F")
     tls.add_argument("--keyfile", metavar="F")
     tls.add_argument("--ca-certs", metavar="F", help="CA bundle for client certificates")
-    tls.add_argument("--verify-mode", choices=("none", "optional", "required"))
+    tls.add_argument(
+        "--verify-mode",
+        choices=("none", "optional", "required"),
+        help="client certificates: none, optional or required (mTLS)",
+    )
+    tls.add_argument(
+        "--ssl-refresh",
+        action="store_true",
+        help="reload the certificate files when they change (SIGHUP always does)",
+    )
+    tls.add_argument(
+        "--ssl-refresh-interval",
+        type=_positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="seconds between checks of the certificate files (default 1)",
+    )
     return parser
 
 
@@ -151,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 engine=engine,
                 watchdog_interval=opts.watchdog_interval,
                 keep_alive_on_engine_death=opts.keep_alive_on_engine_death,
+                enable_ssl_refresh=opts.ssl_refresh,
+                ssl_refresh_interval=opts.ssl_refresh_interval,
             )
         )
     except ConfigError as exc:

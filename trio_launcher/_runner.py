@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from ._errors import ConfigError, EngineDeadError, ForcedShutdown
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
 from ._signals import watch_signals
+from ._tls import CertificateRefresher, SwitchableContext, initial_context
 from ._watchdog import check_engine, engine_is_dead, watch_engine
 
 log = logging.getLogger("trio_launcher")
@@ -74,6 +74,7 @@ class _Control:
         self.forced_by: int | None = None
         self.engine_dead = False
         self.engine_death: str | None = None
+        self.refresher: CertificateRefresher | None = None
 
     def stop(self, reason: StopReason) -> None:
         if self.reason is None:
@@ -89,7 +90,10 @@ class _Control:
         self.force.cancel()
 
     def on_reload_signal(self) -> None:
-        log.info("no TLS refresher is running: SIGHUP ignored")
+        if self.refresher is None:
+            log.info("TLS is off: SIGHUP has nothing to reload")
+        else:
+            self.refresher.request_reload()
 
     def on_engine_dead(self, how: str) -> None:
         if self.engine_dead:
@@ -141,6 +145,11 @@ class ServerHandle:
     def stop_reason(self) -> StopReason | None:
         return self._control.reason
 
+    @property
+    def tls(self) -> CertificateRefresher | None:
+        """The certificate refresher (``reloads``, ``failures``, ``request_reload()``)."""
+        return self._control.refresher
+
     def __repr__(self) -> str:
         return f"<ServerHandle urls={self.urls!r} stopping={self.stopping}>"
 
@@ -156,6 +165,7 @@ async def serve_http(
     watchdog_interval: float = 5.0,
     keep_alive_on_engine_death: bool | None = None,
     engine_error_types: tuple[type[BaseException], ...] = (),
+    ssl_refresh_interval: float = 1.0,
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
@@ -167,7 +177,8 @@ async def serve_http(
             ``async def wait_dead()``); its death drains and stops the server.
         sock: a bound TCP or Unix socket to serve on instead of ``config.bind``;
             the runner takes ownership and closes it.
-        enable_ssl_refresh: reload the certificate files when they change.
+        enable_ssl_refresh: reload the certificate files when they change (polled
+            every ``ssl_refresh_interval`` seconds). SIGHUP reloads whenever TLS is on.
         handle_signals: own SIGINT/SIGTERM (drain, then force) and SIGHUP.
             Needs the main thread.
         watchdog_interval: seconds between engine polls (``inf`` disables polling).
@@ -175,6 +186,7 @@ async def serve_http(
             from env ``TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH=1``.
         engine_error_types: more exception types that, raised by a request,
             are answered with a 500 JSON body and run the dead check.
+        ssl_refresh_interval: seconds between checks of the certificate files.
         task_status: receives a :class:`ServerHandle` once serving.
 
     Returns:
@@ -201,13 +213,18 @@ async def serve_http(
         raise ConfigError("handle_signals=True needs the main thread; pass handle_signals=False")
     if enable_ssl_refresh and not config.ssl_enabled:
         raise ConfigError("enable_ssl_refresh needs config.certfile and config.keyfile")
+    if not ssl_refresh_interval > 0:
+        raise ConfigError(f"ssl_refresh_interval must be > 0, got {ssl_refresh_interval!r}")
 
     control = _Control(engine, keep_alive_on_engine_death)
     middleware = EngineErrorMiddleware(
         app, control.on_app_error, (*ENGINE_ERRORS, *engine_error_types)
     )
     wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
-    ssl_context = _create_ssl_context(config)
+    ssl_context = initial_context(config) if config.ssl_enabled else None
+    if ssl_context is not None:
+        interval = ssl_refresh_interval if enable_ssl_refresh else math.inf
+        control.refresher = CertificateRefresher(config, ssl_context, interval)
 
     sockets = bind_sockets(config, sock)
     ports = tcp_ports(sockets)
@@ -222,6 +239,8 @@ async def serve_http(
                         control.on_force_signal,
                         control.on_reload_signal,
                     )
+                if control.refresher is not None:
+                    await nursery.start(control.refresher.run)
                 if engine is not None:
                     nursery.start_soon(
                         watch_engine, engine, watchdog_interval, control.on_engine_dead
@@ -252,7 +271,7 @@ async def _run_server(
     config: Config,
     sockets: Any,
     control: _Control,
-    ssl_context: ssl.SSLContext | None,
+    ssl_context: SwitchableContext | None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -271,13 +290,6 @@ def _prepare_config(config: Config | None) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"config must be a hypercorn.config.Config, got {type(config).__name__}")
     return config
-
-
-def _create_ssl_context(config: Config) -> ssl.SSLContext | None:
-    try:
-        return config.create_ssl_context()
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate {config.certfile}: {exc}") from exc
 
 
 def _log_routes(app: object) -> None:

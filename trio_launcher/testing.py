@@ -162,6 +162,21 @@ class TLSFiles:
                   "client_ca": self.client_ca_file}[name]  # fmt: skip
         target.resolve().write_bytes(data)
 
+    async def presented_cert(
+        self, port: int, *, context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> bytes:
+        """Handshake with the server on ``port``; the DER of the certificate it presents."""
+        stream = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=context or self.client_context(), https_compatible=True
+        )
+        try:
+            await stream.do_handshake()
+            der: bytes | None = stream.getpeercert(binary_form=True)
+        finally:
+            await trio.aclose_forcefully(stream)
+        assert der is not None
+        return der
+
     def server_fingerprint(self) -> bytes:
         """The DER of the current server certificate, to compare with what a server presents."""
         return ssl.PEM_cert_to_DER_cert(self.server_cert.cert_chain_pems[0].bytes().decode())
