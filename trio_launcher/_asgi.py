@@ -1,5 +1,10 @@
 """The ASGI layer the runner puts around any app.
 
+It answers the health path itself (the app may be busy or dead, the runner
+knows better), refuses request heads over the limits with 431 for every
+protocol (hypercorn has no header-count limit at all), and handles engine
+errors.
+
 vLLM registers FastAPI exception handlers so that an engine error becomes a
 500 and a dead engine stops the server. We do the same below any framework,
 as plain ASGI middleware:
@@ -24,7 +29,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from ._errors import EngineDeadError, EngineGenerateError
 
@@ -39,14 +47,30 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (EngineDeadError, EngineGenerateError)
 
 
-class EngineErrorMiddleware:
-    """Engine errors -> 500 JSON, then the dead check.
+@dataclass(frozen=True)
+class Limits:
+    """Request-head limits applied to every protocol (HTTP/1.1 and HTTP/2).
+
+    Attributes:
+        max_header_count: most request headers; more get 431.
+        max_head_size: most bytes in the request line/path and headers; more get 431.
+    """
+
+    max_header_count: int | None = 256
+    max_head_size: int | None = None
+
+
+class RunnerMiddleware:
+    """The runner's layer around the app: health, head limits, engine errors.
 
     Args:
         app: the ASGI app to wrap.
         on_app_error: called with every exception the app raised (the dead
             check); must not raise.
         error_types: the exception types answered with a 500 JSON body.
+        health_path: a GET/HEAD path the runner answers itself.
+        health: returns ``(status, body)`` for the health path.
+        limits: request-head limits.
     """
 
     def __init__(
@@ -54,38 +78,81 @@ class EngineErrorMiddleware:
         app: ASGIApp,
         on_app_error: Callable[[BaseException], None],
         error_types: tuple[type[BaseException], ...] = ENGINE_ERRORS,
+        *,
+        health_path: str | None = None,
+        health: Callable[[], tuple[int, dict[str, Any]]] = lambda: (200, {}),
+        limits: Limits = Limits(),
     ) -> None:
         self.app = app
         self.on_app_error = on_app_error
         self.error_types = error_types
+        self.health_path = health_path
+        self.health = health
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        refusal = self._over_limit(scope)
+        if refusal is not None:
+            log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"),
+                        refusal)  # fmt: skip
+            if scope["type"] == "http":
+                await send_json(send, 431, {"error": {"type": "HeadersTooLarge",
+                                                      "message": refusal}})  # fmt: skip
+            else:
+                await send({"type": "websocket.close", "code": 1009})
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == self.health_path and scope["method"] in ("GET", "HEAD"):
+            status, body = self.health()
+            await send_json(send, status, body, head_only=scope["method"] == "HEAD")
+            return
+        await self._call_app(scope, receive, send)
+
+    def _over_limit(self, scope: Scope) -> str | None:
+        headers = scope.get("headers") or ()
+        limits = self.limits
+        if limits.max_header_count is not None and len(headers) > limits.max_header_count:
+            return f"{len(headers)} headers, the limit is {limits.max_header_count}"
+        if limits.max_head_size is not None:
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(name) + len(value) + 4 for name, value in headers)
+            if size > limits.max_head_size:
+                return f"request head of {size} bytes, the limit is {limits.max_head_size}"
+        return None
+
+    async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
-        async def tracking_send(message: Message) -> None:
+        async def runner_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # The final body must reach the server even if the app's own
+                # scope is cancelled right now (quart-trio cancels its request
+                # nursery on http.disconnect): hypercorn re-arms the keep-alive
+                # timer inside this call, and an interrupted re-arm leaves the
+                # connection open forever and stalls graceful shutdown.
+                with trio.CancelScope(shield=True):
+                    await send(message)
+                return
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, runner_send)
         except* self.error_types as group:
             for exc in group.exceptions:
                 self.on_app_error(exc)
             if started:
                 raise
             first = group.exceptions[0]
-            log.error(
-                "%s in %s %s: %s",
-                type(first).__name__,
-                scope.get("method"),
-                scope.get("path"),
-                first,
-            )
+            log.error("%s in %s %s: %s", type(first).__name__, scope.get("method"),
+                      scope.get("path"), first)  # fmt: skip
             await send_json(send, 500, error_body(first))
         except* Exception as group:
             for exc in group.exceptions:
@@ -97,7 +164,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     return {"error": {"type": type(exc).__name__, "message": str(exc)}}
 
 
-async def send_json(send: Send, status: int, body: object) -> None:
+async def send_json(send: Send, status: int, body: object, head_only: bool = False) -> None:
     data = json.dumps(body).encode()
     await send(
         {
@@ -109,7 +176,7 @@ async def send_json(send: Send, status: int, body: object) -> None:
             ],
         }
     )
-    await send({"type": "http.response.body", "body": data, "more_body": False})
+    await send({"type": "http.response.body", "body": b"" if head_only else data})
 
 
 def describe_routes(app: object) -> list[str] | None:

@@ -29,7 +29,7 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,7 +37,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
-from ._asgi import ENGINE_ERRORS, EngineErrorMiddleware, describe_routes
+from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
@@ -61,11 +61,20 @@ class StopReason(enum.Enum):
 
 
 class _Control:
-    """The state the sibling tasks share: the drain event and why it was set."""
+    """The state the sibling tasks share: the stop events and why they were set.
 
-    def __init__(self, engine: object | None, keep_alive_on_engine_death: bool) -> None:
+    ``stopping`` is set the moment a stop is asked for (readiness turns 503);
+    ``drain`` is set when the listeners must close: at once, or after the
+    shutdown delay for a signal.
+    """
+
+    def __init__(
+        self, engine: object | None, keep_alive_on_engine_death: bool, shutdown_delay: float = 0
+    ) -> None:
         self.engine = engine
         self.keep_alive_on_engine_death = keep_alive_on_engine_death
+        self.shutdown_delay = shutdown_delay
+        self.stopping = trio.Event()
         self.drain = trio.Event()
         self.force = trio.CancelScope()
         self.served = trio.Event()
@@ -77,9 +86,31 @@ class _Control:
         self.refresher: CertificateRefresher | None = None
 
     def stop(self, reason: StopReason) -> None:
-        if self.reason is None:
+        # A dead engine outranks any other reason: its death is never silent.
+        if self.reason is None or reason is StopReason.ENGINE_DEAD:
             self.reason = reason
+        self.stopping.set()
+        if reason is not StopReason.SIGNAL or self.shutdown_delay <= 0:
+            self.drain.set()
+
+    async def drain_after_delay(self) -> None:
+        """Task: after a stop signal, keep serving ``shutdown_delay`` s, then drain."""
+        await self.stopping.wait()
+        if not self.drain.is_set():
+            log.info("shutdown delay: serving %s s more before draining (readiness is 503)",
+                     self.shutdown_delay)  # fmt: skip
+            with trio.move_on_after(self.shutdown_delay):
+                await self.drain.wait()
         self.drain.set()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """The health path's answer: 200 while serving with a live engine, else 503."""
+        state = "stopping" if self.stopping.is_set() else "serving"
+        body: dict[str, Any] = {"status": state}
+        if self.engine is not None:
+            body["engine"] = "dead" if self.engine_dead else "alive"
+        healthy = state == "serving" and not self.engine_dead
+        return (200 if healthy else 503), body
 
     def on_stop_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -133,8 +164,8 @@ class ServerHandle:
 
     @property
     def stopping(self) -> bool:
-        """True from the moment a shutdown was asked for."""
-        return self._control.drain.is_set()
+        """True from the moment a shutdown was asked for (readiness is 503)."""
+        return self._control.stopping.is_set()
 
     @property
     def engine_alive(self) -> bool:
@@ -166,6 +197,11 @@ async def serve_http(
     keep_alive_on_engine_death: bool | None = None,
     engine_error_types: tuple[type[BaseException], ...] = (),
     ssl_refresh_interval: float = 1.0,
+    health_path: str | None = None,
+    shutdown_delay: float = 0.0,
+    max_header_count: int | None = 256,
+    max_head_size: int | None = None,
+    access_log_exclude: Sequence[str] = (),
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
@@ -187,6 +223,17 @@ async def serve_http(
         engine_error_types: more exception types that, raised by a request,
             are answered with a 500 JSON body and run the dead check.
         ssl_refresh_interval: seconds between checks of the certificate files.
+        health_path: a path (e.g. ``/health``) the runner answers itself for
+            GET/HEAD: 200 and a JSON state while serving with a live engine,
+            503 from the moment a stop is asked for or the engine is dead.
+        shutdown_delay: after the first stop signal, keep serving this many
+            seconds with readiness at 503 before the listeners close, so a
+            load balancer can stop routing here first.
+        max_header_count: most request headers (HTTP/1.1 and HTTP/2); more get 431.
+        max_head_size: most bytes in a request head; more get 431. Also caps
+            hypercorn's HTTP/1.1 buffer and HTTP/2 header list size.
+        access_log_exclude: request paths left out of the access log
+            (``config.accesslog``), such as ``/health`` and ``/metrics``.
         task_status: receives a :class:`ServerHandle` once serving.
 
     Returns:
@@ -215,10 +262,30 @@ async def serve_http(
         raise ConfigError("enable_ssl_refresh needs config.certfile and config.keyfile")
     if not ssl_refresh_interval > 0:
         raise ConfigError(f"ssl_refresh_interval must be > 0, got {ssl_refresh_interval!r}")
+    if not shutdown_delay >= 0:
+        raise ConfigError(f"shutdown_delay must be >= 0, got {shutdown_delay!r}")
+    if health_path is not None and not health_path.startswith("/"):
+        raise ConfigError(f"health_path must start with '/', got {health_path!r}")
+    for name, limit in (("max_header_count", max_header_count), ("max_head_size", max_head_size)):
+        if limit is not None and limit < 1:
+            raise ConfigError(f"{name} must be >= 1, got {limit!r}")
+    if max_head_size is not None:
+        config.h11_max_incomplete_size = max_head_size
+        config.h2_max_header_list_size = max_head_size
 
-    control = _Control(engine, keep_alive_on_engine_death)
-    middleware = EngineErrorMiddleware(
-        app, control.on_app_error, (*ENGINE_ERRORS, *engine_error_types)
+    control = _Control(engine, keep_alive_on_engine_death, shutdown_delay)
+    error_types = (*ENGINE_ERRORS, *engine_error_types)
+    if is_quart_app(app):
+        from .quart import install
+
+        install(app, control.on_app_error, error_types)
+    middleware = RunnerMiddleware(
+        app,
+        control.on_app_error,
+        error_types,
+        health_path=health_path,
+        health=control.health,
+        limits=Limits(max_header_count, max_head_size),
     )
     wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     ssl_context = initial_context(config) if config.ssl_enabled else None
@@ -230,7 +297,7 @@ async def serve_http(
     ports = tcp_ports(sockets)
     _log_routes(app)
     try:
-        with readable_errors(), control.force:
+        with readable_errors(), control.force, _access_log_filter(config, access_log_exclude):
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(
@@ -241,6 +308,8 @@ async def serve_http(
                     )
                 if control.refresher is not None:
                     await nursery.start(control.refresher.run)
+                if shutdown_delay > 0:
+                    nursery.start_soon(control.drain_after_delay)
                 if engine is not None:
                     nursery.start_soon(
                         watch_engine, engine, watchdog_interval, control.on_engine_dead
@@ -302,6 +371,35 @@ def _log_routes(app: object) -> None:
     log.info("routes (%d):", len(routes))
     for line in routes:
         log.info("  %s", line)
+
+
+def is_quart_app(app: object) -> bool:
+    """A Quart app, recognised without importing quart."""
+    return any(cls.__module__.split(".")[0] == "quart" for cls in type(app).__mro__)
+
+
+class _ExcludePaths(logging.Filter):
+    def __init__(self, paths: Sequence[str]) -> None:
+        super().__init__()
+        self.paths = frozenset(paths)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args
+        return not (isinstance(atoms, Mapping) and atoms.get("U") in self.paths)
+
+
+@contextmanager
+def _access_log_filter(config: Config, paths: Sequence[str]) -> Iterator[None]:
+    logger = config.log.access_logger if paths else None
+    if logger is None:
+        yield
+        return
+    exclude = _ExcludePaths(paths)
+    logger.addFilter(exclude)
+    try:
+        yield
+    finally:
+        logger.removeFilter(exclude)
 
 
 @contextmanager
