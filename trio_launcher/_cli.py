@@ -75,6 +75,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -121,6 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
+    serving = parser.add_argument_group("serving")
+    serving.add_argument(
+        "--health-path",
+        metavar="PATH",
+        help="answer GET PATH with 200 while serving with a live engine, "
+        "503 once stopping or the engine is dead",
+    )
+    serving.add_argument(
+        "--shutdown-delay",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="after SIGTERM keep serving S seconds with readiness 503, then drain (default 0)",
+    )
+    serving.add_argument(
+        "--max-head-size",
+        type=_positive_int,
+        metavar="BYTES",
+        help="largest request head; larger gets 431",
+    )
+    serving.add_argument(
+        "--max-header-count",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="most request headers; more get 431 (default 256)",
+    )
+    serving.add_argument("--access-log", metavar="FILE", help="access log file, - for stdout")
+    serving.add_argument(
+        "--access-log-exclude",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="leave PATH out of the access log (repeatable)",
+    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--certfile", metavar="F")
     tls.add_argument("--keyfile", metavar="F")
@@ -169,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep_alive_on_engine_death=opts.keep_alive_on_engine_death,
                 enable_ssl_refresh=opts.ssl_refresh,
                 ssl_refresh_interval=opts.ssl_refresh_interval,
+                health_path=opts.health_path,
+                shutdown_delay=opts.shutdown_delay,
+                max_header_count=opts.max_header_count,
+                max_head_size=opts.max_head_size,
+                access_log_exclude=opts.access_log_exclude,
             )
         )
     except ConfigError as exc:
@@ -231,6 +281,13 @@ def build_config(opts: argparse.Namespace) -> Config:
     if (config.certfile is None) != (config.keyfile is None):
         missing = "--keyfile" if config.keyfile is None else "--certfile"
         raise ConfigError(f"TLS needs both --certfile and --keyfile: {missing} is missing")
+    if opts.access_log is not None:
+        if opts.access_log != "-":
+            try:
+                open(opts.access_log, "a").close()
+            except OSError as exc:
+                raise ConfigError(f"access log {opts.access_log}: {exc.strerror or exc}") from None
+        config.accesslog = opts.access_log
     config.loglevel = opts.log_level.upper()
     # hypercorn's error log propagates to ours instead of printing twice.
     config.errorlog = logging.getLogger("hypercorn.error")
