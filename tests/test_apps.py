@@ -163,17 +163,20 @@ async def test_engine_killed_mid_stream_ends_stream_and_exits_3() -> None:
     args = ["tests.apps:app", "--engine", "tests.apps:engine", "--bind", "127.0.0.1:0",
             "--graceful-timeout", "1"]  # fmt: skip
     async with launch(args) as proc:
-        async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
-            async with client.stream("GET", "/stream", params={"n": 1000, "delay": 0.01}) as r:
-                assert r.status_code == 200
-                chunks = r.aiter_bytes()
-                await chunks.__anext__()
-                async with httpx.AsyncClient(base_url=proc.url) as other:
-                    assert (await other.post("/kill")).status_code == 202
-                killed_at = trio.current_time()
-                with pytest.raises(httpx.HTTPError):  # cut at the drain deadline
-                    async for _ in chunks:
-                        pass
+        params = {"n": 1000, "delay": 0.01}
+        async with (
+            httpx.AsyncClient(base_url=proc.url, timeout=10) as client,
+            client.stream("GET", "/stream", params=params) as r,
+        ):
+            assert r.status_code == 200
+            chunks = r.aiter_bytes()
+            await chunks.__anext__()
+            async with httpx.AsyncClient(base_url=proc.url) as other:
+                assert (await other.post("/kill")).status_code == 202
+            killed_at = trio.current_time()
+            with pytest.raises(httpx.HTTPError):  # cut at the drain deadline
+                async for _ in chunks:
+                    pass
         assert await proc.wait() == 3
         assert trio.current_time() - killed_at < 1 + 1
 
