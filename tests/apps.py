@@ -51,6 +51,14 @@ class App:
         query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
         if path == "/":
             await respond(send, 200, b"hello")
+        elif path == "/upload":
+            size = 0
+            while True:
+                message = await receive()
+                size += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            await respond(send, 200, str(size).encode())
         elif path == "/slow":
             self.slow_started.set()
             logging.getLogger("tests.apps").info("slow request started")

@@ -40,7 +40,10 @@ from ._errors import (
     EngineDeadError,
     ForcedShutdown,
 )
+from ._ports import bind_sockets
 from ._runner import serve_http
+from ._systemd import listen_fds
+from ._workers import child_argv, run_workers
 
 log = logging.getLogger("trio_launcher")
 
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-b",
         action="append",
         metavar="ADDR",
-        help="HOST:PORT, [V6]:PORT, unix:PATH or fd://N; repeatable (default 127.0.0.1:8000)",
+        help="HOST:PORT, [V6]:PORT, unix:PATH or fd://N; repeatable (default: the sockets "
+        "systemd passed, else 127.0.0.1:8000)",
     )
     add(
         "--graceful-timeout",
@@ -128,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="keep serving when the engine dies (also env "
         "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH=1)",
+    )
+    add(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="serve with N worker processes sharing the sockets (default 1)",
     )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
@@ -201,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(opts.log_level)
     try:
         config = build_config(opts)
+        if opts.workers > 1:
+            return _run_workers(opts, config, list(argv if argv is not None else sys.argv[1:]))
         sys.path.insert(0, os.getcwd())
         app = import_from_string(opts.app, "app")
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
@@ -239,6 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _run_workers(opts: argparse.Namespace, config: Config, argv: list[str]) -> int:
+    """The parent of ``--workers N``: bind once, supervise; BindError -> exit 4."""
+    sockets = bind_sockets(config)
+    for sock in sockets.all():
+        sock.set_inheritable(True)
+    child = child_argv(sys.executable, argv, sockets)
+    return trio.run(run_workers, child, opts.workers, sockets)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
@@ -270,6 +292,9 @@ def build_config(opts: argparse.Namespace) -> Config:
     config = load_toml_config(opts.config) if opts.config else Config()
     if opts.bind:
         config.bind = opts.bind
+    elif activated := listen_fds():
+        log.info("systemd socket activation: serving descriptors %s", activated)
+        config.bind = [f"fd://{fd}" for fd in activated]
     if opts.graceful_timeout is not None:
         config.graceful_timeout = opts.graceful_timeout
     for name in ("certfile", "keyfile", "ca_certs"):

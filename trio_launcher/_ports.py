@@ -20,7 +20,6 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
-import psutil
 from hypercorn.config import Config
 
 from ._errors import BindError, ConfigError
@@ -182,6 +181,8 @@ def _bind_error(exc: OSError, address: str, port: int) -> BindError:
 
 def find_port_holder(port: int) -> tuple[int, str] | None:
     """The PID and command line of a process listening on TCP ``port``, if visible."""
+    import psutil  # only on a failure path: not worth its memory in every server
+
     try:
         connections = psutil.net_connections(kind="tcp")
     except (psutil.Error, OSError):

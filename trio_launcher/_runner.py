@@ -42,6 +42,7 @@ from ._errors import ConfigError, EngineDeadError, ForcedShutdown
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
 from ._signals import watch_signals
+from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
 from ._watchdog import check_engine, engine_is_dead, watch_engine
 
@@ -89,6 +90,8 @@ class _Control:
         # A dead engine outranks any other reason: its death is never silent.
         if self.reason is None or reason is StopReason.ENGINE_DEAD:
             self.reason = reason
+        if not self.stopping.is_set():
+            notify("STOPPING=1")
         self.stopping.set()
         if reason is not StopReason.SIGNAL or self.shutdown_delay <= 0:
             self.drain.set()
@@ -275,7 +278,8 @@ async def serve_http(
 
     control = _Control(engine, keep_alive_on_engine_death, shutdown_delay)
     error_types = (*ENGINE_ERRORS, *engine_error_types)
-    if is_quart_app(app):
+    quart = is_quart_app(app)
+    if quart:
         from .quart import install
 
         install(app, control.on_app_error, error_types)
@@ -286,12 +290,13 @@ async def serve_http(
         health_path=health_path,
         health=control.health,
         limits=Limits(max_header_count, max_head_size),
+        shield_final_send=quart,
     )
     wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
         interval = ssl_refresh_interval if enable_ssl_refresh else math.inf
-        control.refresher = CertificateRefresher(config, ssl_context, interval)
+        control.refresher = CertificateRefresher(config, ssl_context, interval, notify_reloading)
 
     sockets = bind_sockets(config, sock)
     ports = tcp_ports(sockets)
@@ -319,6 +324,7 @@ async def serve_http(
                 )
                 for url in urls:
                     log.info("serving on %s", url)
+                notify("READY=1", f"STATUS=serving on {' '.join(urls)}")
                 task_status.started(ServerHandle(urls, control))
                 await control.served.wait()
                 nursery.cancel_scope.cancel()  # the helpers' work is done

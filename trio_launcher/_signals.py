@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 
 import trio
@@ -60,18 +60,36 @@ async def watch_signals(
     ``on_force(signum)``; SIGHUP calls ``on_reload()``. Must run in the main
     thread.
     """
+    with _absorb_late_signals():
+        try:
+            with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+                task_status.started()
+                await _route(signals, on_stop, on_force, on_reload)
+        finally:
+            # A signal that reached trio's handler but not yet the receiver is
+            # re-raised by trio from the event loop once the receiver is closed.
+            # Let those callbacks run while the absorbing handler is still here.
+            with trio.CancelScope(shield=True):
+                for _ in range(3):
+                    await trio.lowlevel.checkpoint()
+
+
+async def _route(
+    signals: AsyncIterator[int],
+    on_stop: Callable[[int], None],
+    on_force: Callable[[int], None],
+    on_reload: Callable[[], None],
+) -> None:
     stopping = False
-    with _absorb_late_signals(), trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
-        task_status.started()
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                log.info("SIGHUP: reloading TLS certificates")
-                on_reload()
-            elif not stopping:
-                stopping = True
-                log.info("%s: draining (send it again to stop at once)", name)
-                on_stop(signum)
-            else:
-                log.warning("second %s: stopping at once", name)
-                on_force(signum)
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP: reloading TLS certificates")
+            on_reload()
+        elif not stopping:
+            stopping = True
+            log.info("%s: draining (send it again to stop at once)", name)
+            on_stop(signum)
+        else:
+            log.warning("second %s: stopping at once", name)
+            on_force(signum)

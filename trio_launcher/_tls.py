@@ -34,13 +34,15 @@ import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from hypercorn.config import Config
 
 from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("trio_launcher")
 
@@ -168,6 +170,8 @@ def load_set(config: Config, now: datetime.datetime | None = None) -> LoadedSet:
     if after != before:
         # A writer is mid-rotation: what we loaded may not be what we checked.
         raise CertificateError(cert_path, "changed while it was being loaded")
+    from cryptography.hazmat.primitives import serialization
+
     der = leaf.public_bytes(serialization.Encoding.DER)
     return LoadedSet(
         context=context,
@@ -179,6 +183,8 @@ def load_set(config: Config, now: datetime.datetime | None = None) -> LoadedSet:
 
 
 def _parse_leaf(path: str, data: bytes) -> x509.Certificate:
+    from cryptography import x509  # imported only when TLS is on: it costs ~8 MiB
+
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -187,6 +193,8 @@ def _parse_leaf(path: str, data: bytes) -> x509.Certificate:
 
 
 def _san(cert: x509.Certificate) -> str:
+    from cryptography import x509
+
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:

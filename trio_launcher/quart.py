@@ -15,8 +15,8 @@ there is nothing for the user to write. What it does, and why:
   ``RESPONSE_TIMEOUT`` to something other than 60 to keep a limit.
 * The keep-alive bug in FINDINGS (quart-trio cancels its request nursery on
   ``http.disconnect``, interrupting hypercorn's re-arm of the idle timer) is
-  fixed for every app in the runner's middleware, which sends the final body
-  in a shielded scope.
+  fixed in the runner's middleware, which sends a Quart app's final body in a
+  shielded scope (only for Quart: a shielded scope costs ~3.5 us a request).
 """
 
 from __future__ import annotations

@@ -1,0 +1,241 @@
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION ...]``.
+
+Sections: throughput, quart, engine, sigterm, certs, cost. Results go to
+``benchmarks/results.json`` and a markdown report to stdout and
+``benchmarks/last-run.md``; BENCHMARKS.md records a run of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    PINNED,
+    LoadResult,
+    Summary,
+    h2load,
+    paired_ratio,
+    python_client,
+    server,
+    wrk,
+)
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost")
+
+
+def load(kind: str, port: int, path: str, seconds: float, tls: bool) -> LoadResult:
+    scheme = "https" if tls else "http"
+    url = f"{scheme}://127.0.0.1:{port}{path}"
+    if kind == "h2":
+        return h2load(url, 64, seconds)
+    if shutil.which("wrk"):
+        return wrk(url, 64, seconds)
+    if tls:
+        raise RuntimeError("the Python fallback client does not do TLS")
+    return python_client("127.0.0.1", port, path, 64, seconds)
+
+
+def compare(a: str, b: str, kind: str, path: str, rounds: int, seconds: float,
+            tls: tuple[str, str] | None) -> dict[str, Any]:  # fmt: skip
+    """Interleaved A/B rounds; each run on a fresh server after a short warm-up."""
+    runs: dict[str, list[LoadResult]] = {a: [], b: []}
+    for i in range(rounds):
+        for variant in (a, b) if i % 2 == 0 else (b, a):
+            with server(variant, tls) as (port, _):
+                if kind != "h2":
+                    # No h2 warm-up: bare hypercorn's trio worker dies when an h2load
+                    # run ends (BusyResourceError from a vanishing client), so every
+                    # h2 run gets a fresh server instead.
+                    load(kind, port, path, min(1.0, seconds), tls is not None)
+                runs[variant].append(load(kind, port, path, seconds, tls is not None))
+    rps = {v: [r.rps for r in rs] for v, rs in runs.items()}
+    p99 = {v: [r.p99_ms for r in rs] for v, rs in runs.items()}
+    return {
+        "rps": {v: vars(Summary.of(x)) for v, x in rps.items()},
+        "p50_ms": {v: vars(Summary.of([r.p50_ms for r in rs])) for v, rs in runs.items()},
+        "p99_ms": {v: vars(Summary.of(x)) for v, x in p99.items()},
+        "errors": {v: sum(r.errors for r in rs) for v, rs in runs.items()},
+        "rps_ratio": paired_ratio(rps[a], rps[b]),
+        "p99_ratio": paired_ratio(p99[a], p99[b]),
+        "tool": runs[a][0].tool,
+    }
+
+
+def throughput(rounds: int, seconds: float) -> dict[str, Any]:
+    from trio_launcher.testing import TLSFiles
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tls = TLSFiles(Path(tmp))
+        files = (str(tls.cert_file), str(tls.key_file))
+        workloads = [
+            ("hello, HTTP/1.1", "h1", "/", None),
+            ("10-chunk stream, HTTP/1.1", "h1", "/stream", None),
+            ("64 KiB body, HTTP/1.1", "h1", "/body", None),
+            ("hello, HTTP/1.1 + TLS", "h1", "/", files),
+            ("hello, HTTP/2 (h2c)", "h2", "/", None),
+        ]
+        for name, kind, path, tls_files in workloads:
+            if kind == "h2" and not shutil.which("h2load"):
+                results[name] = {"skipped": "h2load is not installed"}
+                continue
+            print(f"  {name} ...", file=sys.stderr, flush=True)
+            results[name] = compare("runner", "hypercorn", kind, path, rounds, seconds, tls_files)
+    return results
+
+
+def quart(rounds: int, seconds: float) -> dict[str, Any]:
+    return {"Quart-Trio hello, HTTP/1.1": compare("quart-runner", "quart-own", "h1", "/",
+                                                   rounds, seconds, None)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    opts = parser.parse_args(argv)
+    logging.getLogger("trio_launcher").setLevel(logging.CRITICAL)  # measured, not logged
+    rounds, seconds = (3, 3.0) if opts.quick else (5, 8.0)
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": _cpu_model(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "pinned": PINNED,
+        },
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    from benchmarks import cost, lifecycle
+
+    for section in opts.only:
+        print(f"[{section}]", file=sys.stderr, flush=True)
+        if section == "throughput":
+            results[section] = throughput(rounds, seconds)
+        elif section == "quart":
+            results[section] = quart(rounds, seconds)
+        elif section == "engine":
+            runs = {"wait_dead()": 20, "poll 0.1 s": 20, "poll 5 s": 1 if opts.quick else 4}
+            results[section] = lifecycle.engine_death(runs)
+        elif section == "sigterm":
+            results[section] = lifecycle.sigterm_to_exit(3 if opts.quick else 7)
+        elif section == "certs":
+            results[section] = lifecycle.cert_change(3 if opts.quick else 7)
+        elif section == "cost":
+            variants = ("runner", "hypercorn")
+            n = 3 if opts.quick else 5
+            results[section] = {
+                "cold start s": {v: [cost.cold_start(v) for _ in range(n)] for v in variants},
+                "idle RSS MiB": {v: [cost.idle_rss(v) for _ in range(n)] for v in variants},
+                "idle CPU %": cost.idle_cpu(10 if opts.quick else 60),
+            }
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    report = render(results)
+    (HERE / "last-run.md").write_text(report)
+    print(report)
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _fmt(summary: dict[str, float], unit: str = "") -> str:
+    return f"{summary['median']:.4g}{unit} ({summary['low']:.4g}-{summary['high']:.4g})"
+
+
+def _ms(values: list[float]) -> str:
+    good = [v * 1000 for v in values if not math.isnan(v)]
+    if not good:
+        return "n/a"
+    return f"{statistics.median(good):.1f} ms (max {max(good):.1f}, n={len(good)})"
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    out = [f"Run {results['date']} on {m['cpus']} x {m['cpu']}, Linux {m['kernel']}, "
+           f"Python {m['python']}, server/load pinned to separate cores: {m['pinned']}.",
+           f"Command: `{results['command']}`", ""]  # fmt: skip
+    for section in ("throughput", "quart"):
+        if section not in results:
+            continue
+        a, b = ("runner", "hypercorn") if section == "throughput" else ("quart-runner", "quart-own")
+        out += [
+            f"| workload | {a} req/s | {b} req/s | ratio | {a} p99 ms | {b} p99 ms | "
+            "p99 ratio | errors | target |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in results[section].items():
+            if "skipped" in r:
+                out.append(f"| {name} | skipped: {r['skipped']} |||||||")
+                continue
+            ok = r["rps_ratio"] >= 0.98 and r["p99_ratio"] <= 1.05
+            out.append(
+                f"| {name} ({r['tool']}) | {_fmt(r['rps'][a])} | {_fmt(r['rps'][b])} | "
+                f"{r['rps_ratio']:.3f} | {_fmt(r['p99_ms'][a])} | {_fmt(r['p99_ms'][b])} | "
+                f"{r['p99_ratio']:.3f} | {r['errors'][a]}/{r['errors'][b]} | "
+                f"{'met' if ok else 'MISSED'} |"
+            )
+        out.append("")
+    if "engine" in results:
+        out += [
+            "| engine death -> listener closed | median (max, runs) | target |",
+            "|---|---|---|",
+        ]
+        targets = {"wait_dead()": 0.020, "poll 0.1 s": 0.1 + 0.020, "poll 5 s": 5 + 0.020}
+        for name, values in results["engine"].items():
+            worst = max(values)
+            ok = "met" if worst <= targets[name] else "MISSED"
+            out.append(f"| {name} | {_ms(values)} | <= {targets[name] * 1000:.0f} ms: {ok} |")
+        out.append("| vLLM's design (fixed 5 s poll) | 2500 ms average, 5000 ms worst | |")
+        out.append("")
+    if "sigterm" in results:
+        out += ["| SIGTERM -> process exit | median (max, runs) |", "|---|---|"]
+        out += [f"| {name} | {_ms(values)} |" for name, values in results["sigterm"].items()]
+        out.append("")
+    if "certs" in results:
+        out += ["| certificate on disk -> first handshake presenting it (interval 1 s) | "
+                "median (max, runs) | target |", "|---|---|---|"]  # fmt: skip
+        for name, values in results["certs"].items():
+            limit = 0.050 if name == "SIGHUP" else 1.050
+            ok = "met" if max(values) <= limit else "MISSED"
+            out.append(f"| {name} | {_ms(values)} | <= {limit * 1000:.0f} ms: {ok} |")
+        out.append("")
+    if "cost" in results:
+        c = results["cost"]
+        out += ["| cost of being there | runner | bare hypercorn |", "|---|---|---|"]
+        cs = c["cold start s"]
+        out.append(f"| cold start (spawn -> first 200) | {_ms(cs['runner'])} | "
+                   f"{_ms(cs['hypercorn'])} |")  # fmt: skip
+        rss = c["idle RSS MiB"]
+        out.append(f"| idle RSS | {statistics.median(rss['runner']):.1f} MiB | "
+                   f"{statistics.median(rss['hypercorn']):.1f} MiB |")  # fmt: skip
+        cpu = c["idle CPU %"]
+        names = list(cpu)
+        out.append(f"| idle CPU, % of one core | {cpu[names[0]]:.3f} % | {cpu[names[1]]:.3f} % |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""One benchmark server process: ``python -m benchmarks.server VARIANT PORT [CERT KEY]``.
+
+Variants:
+  runner        trio_launcher.serve_http (signals, watchdog with an engine)
+  hypercorn     bare hypercorn.trio.serve
+  quart-runner  Quart-Trio app through serve_http
+  quart-own     Quart-Trio app through QuartTrio.run_task
+  runner-idle   serve_http with an engine (5 s watchdog) and a TLS refresher (1 s)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import partial
+
+import trio
+from hypercorn.config import Config
+
+from benchmarks.apps import app, quart_app
+
+
+class IdleEngine:
+    errored = False
+    is_running = True
+
+
+def main(argv: list[str]) -> None:
+    variant, port = argv[0], int(argv[1])
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.errorlog = None
+    config.accesslog = None
+    if len(argv) >= 4:
+        config.certfile, config.keyfile = argv[2], argv[3]
+    logging.basicConfig(level=logging.WARNING)
+    if variant == "hypercorn":
+        from hypercorn.trio import serve
+
+        trio.run(partial(serve, app, config))  # type: ignore[arg-type]
+    elif variant in ("runner", "runner-idle"):
+        from trio_launcher import serve_http
+
+        idle = variant == "runner-idle"
+        trio.run(partial(serve_http, app, config, engine=IdleEngine(),
+                         enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
+    elif variant == "quart-runner":
+        from trio_launcher import serve_http
+
+        trio.run(partial(serve_http, quart_app(), config))
+    elif variant == "quart-own":
+        trio.run(partial(quart_app().run_task, host="127.0.0.1", port=port))
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,188 @@
+"""Deploying: worker processes, systemd socket activation and notify, a Kubernetes pod's life."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import trio
+
+from trio_launcher._systemd import listen_fds, notify
+from trio_launcher.testing import TLSFiles
+
+from .proc import launch
+from .test_cli_process import get, wait_refused
+
+
+def worker_pids(parent_pid: int) -> list[int]:
+    return [
+        child.pid
+        for child in psutil.Process(parent_pid).children()
+        if "trio_launcher" in " ".join(child.cmdline())
+    ]
+
+
+async def wait_workers(
+    parent_pid: int, count: int, exclude: frozenset[int] = frozenset()
+) -> list[int]:
+    with trio.fail_after(15):
+        while True:
+            pids = [p for p in worker_pids(parent_pid) if p not in exclude]
+            if len(pids) >= count:
+                return pids
+            await trio.sleep(0.05)
+
+
+async def wait_gone(pids: list[int], timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                  for pid in pids):  # fmt: skip
+            await trio.sleep(0.05)
+
+
+WORKERS = ["tests.apps:app", "--workers", "2", "--bind", "127.0.0.1:0"]
+
+
+async def test_two_workers_serve_restart_and_drain() -> None:
+    async with launch([*WORKERS, "--engine", "tests.apps:engine"], wait_serving=False) as proc:
+        await proc.wait_for_line("all 2 workers are serving")
+        await proc.serving.wait()
+        pids = await wait_workers(proc.process.pid, 2)
+        assert len(set(pids)) == 2
+        # Both serve the same port.
+        assert (await get(proc.url)).text == "hello"
+        os.kill(pids[0], signal.SIGKILL)  # a worker we started (through the parent)
+        await proc.wait_for_line(rf"worker \d \(PID {pids[0]}\) crashed \(signal 9\)")
+        # The other keeps serving meanwhile, and a replacement comes up.
+        assert (await get(proc.url)).text == "hello"
+        new = await wait_workers(proc.process.pid, 2, exclude=frozenset({pids[0]}))
+        assert pids[0] not in new
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0, proc.stderr
+        await wait_gone(new, timeout=5)
+
+
+async def test_engine_death_in_one_worker_stops_all_with_exit_3() -> None:
+    async with launch([*WORKERS, "--engine", "tests.apps:engine"], wait_serving=False) as proc:
+        await proc.wait_for_line("all 2 workers are serving")
+        await proc.serving.wait()
+        pids = await wait_workers(proc.process.pid, 2)
+        async with httpx.AsyncClient() as client:
+            assert (await client.post(f"{proc.url}/kill")).status_code == 202
+        assert await proc.wait() == 3, proc.stderr
+        await wait_gone(pids, timeout=5)
+
+
+async def test_workers_die_with_a_killed_parent() -> None:
+    async with launch(WORKERS, wait_serving=False) as proc:
+        await proc.wait_for_line("all 2 workers are serving")
+        pids = await wait_workers(proc.process.pid, 2)
+        proc.signal(signal.SIGKILL)
+        await wait_gone(pids, timeout=10)
+
+
+async def test_socket_activation_and_notify_order(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    notify_path = str(tmp_path / "notify.sock")
+    notify_sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await notify_sock.bind(notify_path)
+    # systemd passes the socket as fd 3 and sets LISTEN_PID to the service's own PID:
+    # a tiny wrapper moves the descriptor to 3, sets the variables and execs.
+    wrapper = (
+        "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd);"
+        "os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_PID'] = str(os.getpid());"
+        "os.execv(sys.executable, [sys.executable, '-m', 'trio_launcher', 'tests.apps:app'])"
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", wrapper, str(listener.fileno())],
+        pass_fds=[listener.fileno()],
+        env={
+            **os.environ,
+            "NOTIFY_SOCKET": notify_path,
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        },
+        stderr=subprocess.DEVNULL,
+    )
+    listener.close()
+    try:
+        messages: list[str] = []
+        with trio.fail_after(15):
+            messages.append((await notify_sock.recv(4096)).decode())
+        assert messages[0].startswith("READY=1")
+        assert (await get(f"http://127.0.0.1:{port}/")).text == "hello"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            messages.append((await notify_sock.recv(4096)).decode())
+            assert await process.wait() == 0
+        assert messages[1] == "STOPPING=1"
+    finally:
+        if process.returncode is None:
+            process.kill()
+        notify_sock.close()
+
+
+def test_listen_fds_only_for_this_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    assert listen_fds() == []
+    assert "LISTEN_FDS" not in os.environ  # unset either way: children must not see them
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    assert listen_fds() == [3, 4]
+
+
+def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"trio-launcher-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify("RELOADING=1", "MONOTONIC_USEC=1")
+        assert sock.recv(100) == b"RELOADING=1\nMONOTONIC_USEC=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not notify("READY=1")
+
+
+# --- Kubernetes: a pod's life, played locally ---------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_kubernetes_pod_life(tmp_path: Path, workers: int) -> None:
+    secret = TLSFiles(tmp_path / "secret", layout="kubernetes")
+    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--workers", str(workers),
+            "--health-path", "/healthz", "--shutdown-delay", "1", "--graceful-timeout", "5",
+            "--certfile", str(secret.cert_file), "--keyfile", str(secret.key_file),
+            "--ssl-refresh", "--ssl-refresh-interval", "0.2"]  # fmt: skip
+    async with launch(args, wait_serving=workers == 1) as proc:
+        if workers > 1:
+            await proc.wait_for_line("all 2 workers are serving")
+            await proc.serving.wait()
+        pids = worker_pids(proc.process.pid) if workers > 1 else []
+        client_ctx = secret.client_context(with_cert=False)
+        async with httpx.AsyncClient(base_url=proc.url, verify=client_ctx) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            # The kubelet rotates the secret with a ..data swap: picked up.
+            for _ in range(2):
+                secret.rotate()
+                expected = secret.server_fingerprint()
+                with trio.fail_after(3):
+                    while await secret.presented_cert(proc.port) != expected:
+                        await trio.sleep(0.02)
+            # Termination: readiness turns 503 before the listener closes.
+            proc.signal(signal.SIGTERM)
+            with trio.fail_after(0.5):
+                while (await client.get("/healthz")).status_code != 503:
+                    pass
+            assert (await client.get("/")).text == "hello"  # still serving in the delay
+        await wait_refused(proc.port, timeout=3)
+        # terminationGracePeriodSeconds in the example is 30: we are far inside it.
+        assert await proc.wait(timeout=10) == 0, proc.stderr
+        await wait_gone(pids, timeout=5)
