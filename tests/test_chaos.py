@@ -140,10 +140,11 @@ async def test_signal_storm_during_load(storm: list[signal.Signals]) -> None:
     if forced:  # a later stop signal was taken after the first: the documented force
         name = forced[0].split("second ")[1].split(":")[0]
         assert code == 128 + signal.Signals[name], proc.stderr
-    else:  # the burst merged into one stop signal
+        # Forcing cancels in-flight requests: a cut response is what was asked for.
+    else:  # the burst merged into one stop signal: a graceful drain loses nothing
         assert code == 0, proc.stderr
+        assert tally.incomplete == []
     assert "Traceback" not in proc.stderr
-    assert tally.incomplete == []
 
 
 async def test_sighup_storm_keeps_serving() -> None:
