@@ -10,6 +10,7 @@ import pytest
 import trio
 from hypercorn.config import Config
 
+from trio_launcher import EngineDeadError
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import quart_apps
@@ -269,3 +270,12 @@ async def test_example_service_engine_death() -> None:
             assert tokens.text.split() == ["token-0", "token-1"]
             assert (await client.post("/admin/kill")).status_code == 202
         assert await proc.wait() == 3
+
+
+async def test_quart_app_served_twice_reaches_each_servers_dead_check() -> None:
+    for _ in range(2):  # the error handlers are per app, the dead check per serve_http
+        with pytest.raises(EngineDeadError):
+            async with running_server(quart_apps.app) as server:
+                response = await server.client.get("/dead-in-nursery")
+                assert response.status_code == 500
+                assert response.json()["error"]["type"] == "EngineDeadError"

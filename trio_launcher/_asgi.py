@@ -32,8 +32,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-
 from ._errors import EngineDeadError, EngineGenerateError
 
 log = logging.getLogger("trio_launcher")
@@ -71,8 +69,6 @@ class RunnerMiddleware:
         health_path: a GET/HEAD path the runner answers itself.
         health: returns ``(status, body)`` for the health path.
         limits: request-head limits.
-        shield_final_send: send the final body in a shielded scope (for apps
-            that cancel their own request scope on disconnect: quart-trio).
     """
 
     def __init__(
@@ -84,7 +80,6 @@ class RunnerMiddleware:
         health_path: str | None = None,
         health: Callable[[], tuple[int, dict[str, Any]]] = lambda: (200, {}),
         limits: Limits = Limits(),
-        shield_final_send: bool = False,
     ) -> None:
         self.app = app
         self.on_app_error = on_app_error
@@ -92,7 +87,6 @@ class RunnerMiddleware:
         self.health_path = health_path
         self.health = health
         self.limits = limits
-        self.shield_final_send = shield_final_send
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -136,19 +130,6 @@ class RunnerMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-            elif (
-                self.shield_final_send
-                and message["type"] == "http.response.body"
-                and not message.get("more_body")
-            ):
-                # The final body must reach the server even if the app's own
-                # scope is cancelled right now (quart-trio cancels its request
-                # nursery on http.disconnect): hypercorn re-arms the keep-alive
-                # timer inside this call, and an interrupted re-arm leaves the
-                # connection open forever and stalls graceful shutdown.
-                with trio.CancelScope(shield=True):
-                    await send(message)
-                return
             await send(message)
 
         try:

@@ -278,19 +278,18 @@ async def serve_http(
 
     control = _Control(engine, keep_alive_on_engine_death, shutdown_delay)
     error_types = (*ENGINE_ERRORS, *engine_error_types)
-    quart = is_quart_app(app)
-    if quart:
+    served_app = app
+    if is_quart_app(app):
         from .quart import install
 
-        install(app, control.on_app_error, error_types)
+        served_app = install(app, control.on_app_error, error_types)
     middleware = RunnerMiddleware(
-        app,
+        served_app,
         control.on_app_error,
         error_types,
         health_path=health_path,
         health=control.health,
         limits=Limits(max_header_count, max_head_size),
-        shield_final_send=quart,
     )
     wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     ssl_context = initial_context(config) if config.ssl_enabled else None

@@ -1,65 +1,141 @@
 """Quart-Trio glue: the only module that imports quart.
 
-``serve_http`` calls :func:`install` by itself when it is given a Quart app;
-there is nothing for the user to write. What it does, and why:
+``serve_http`` calls :func:`install` by itself when the app is a ``QuartTrio``
+(it looks at the app's class names, so Quart is imported only when used).
+Nothing is left for the user to write. Three things need fixing between
+Quart-Trio and the runner:
 
-* Quart turns an exception raised in a handler into its own HTML 500 before
-  any ASGI middleware sees it. Error handlers for the engine error types
-  answer with the runner's JSON 500 and run the dead check; quart-trio tries
-  them for each member of an exception group, so an ``EngineDeadError``
-  raised inside a handler's nursery is caught too. Every other exception
-  reaches the dead check through Quart's ``got_request_exception`` signal.
-* Quart's ``RESPONSE_TIMEOUT`` (60 s by default) silently truncates any
-  response that takes longer, streams included: a token stream from a slow
-  model is cut with no error anywhere. We lift the default; set
-  ``RESPONSE_TIMEOUT`` to something other than 60 to keep a limit.
-* The keep-alive bug in FINDINGS (quart-trio cancels its request nursery on
-  ``http.disconnect``, interrupting hypercorn's re-arm of the idle timer) is
-  fixed in the runner's middleware, which sends a Quart app's final body in a
-  shielded scope (only for Quart: a shielded scope costs ~3.5 us a request).
+* **Engine errors.** Quart turns exceptions raised in handlers into its own
+  HTML 500 before any ASGI middleware can see them. So we register Quart error
+  handlers for the engine error types: they answer the same 500 JSON body as
+  the runner's middleware and run the runner's dead check (a handler the app
+  registered itself for one of these types is kept; the dead check runs
+  before it). Quart-Trio looks
+  for a handler inside exception groups too, so an ``EngineDeadError`` raised
+  in a nursery in a handler is found. Every other error reaches Quart's
+  ``got_request_exception`` signal, where the dead check runs as well.
+* **Keep-alive.** Quart-Trio cancels its per-request nursery when the client
+  disconnects, and that cancellation lands in hypercorn's re-arming of the
+  idle timer during the last ``http.response.body`` send. Idle keep-alive
+  connections were then never closed (a graceful shutdown waited the whole
+  ``graceful_timeout`` for them) and ``Connection: close`` responses hung. The
+  final body is therefore sent in a shielded cancel scope (bounded, so a
+  client that never reads cannot hold it forever).
+* **Long streams.** Quart's ``RESPONSE_TIMEOUT`` (60 s) silently cuts any
+  response that takes longer, tokens streamed by a model included. If the app
+  still has Quart's default, it is set to None (no limit); a value the app set
+  itself is kept and logged.
+
+The runner's dead check is per ``serve_http`` call, while error handlers are
+per app; a context variable set around each request connects the two.
 """
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from quart import Quart
-from quart.signals import got_request_exception
+import trio
+from quart import Quart, Response, got_request_exception
 
-from ._asgi import error_body
+from ._asgi import ASGIApp, Message, Receive, Scope, Send, error_body
 
 log = logging.getLogger("trio_launcher")
 
-QUART_DEFAULT_RESPONSE_TIMEOUT = 60
+FINAL_SEND_TIMEOUT = 10.0
+"""Longest wait for the shielded final send of a response."""
+
+_on_app_error: contextvars.ContextVar[Callable[[BaseException], None]] = contextvars.ContextVar(
+    "trio_launcher_on_app_error"
+)
+_INSTALLED = "_trio_launcher_installed"
 
 
 def install(
-    app: Quart,
+    app: Any,
     on_app_error: Callable[[BaseException], None],
     error_types: tuple[type[BaseException], ...],
-) -> None:
-    """Hook the runner's engine-error handling into a Quart app (idempotent)."""
-    if getattr(app, "_trio_launcher_installed", False):
-        return
-    app._trio_launcher_installed = True  # type: ignore[attr-defined]
+) -> ASGIApp:
+    """Prepare a QuartTrio app for the runner; returns the ASGI callable to serve.
 
-    async def engine_error(error: BaseException) -> tuple[dict[str, Any], int]:
-        on_app_error(error)
-        log.error("%s in a request: %s", type(error).__name__, error)
-        return error_body(error), 500
-
+    Args:
+        app: a ``quart_trio.QuartTrio`` instance.
+        on_app_error: the runner's dead check, called with every handler error.
+        error_types: exceptions answered with a 500 JSON body.
+    """
+    if not getattr(app, _INSTALLED, False):
+        setattr(app, _INSTALLED, True)
+        got_request_exception.connect(_dead_check_receiver, app, weak=False)
+    app_handlers = app.error_handler_spec[None][None]
     for error_type in error_types:
-        if issubclass(error_type, Exception):
-            app.register_error_handler(error_type, engine_error)
-
-    async def on_exception(sender: Any, exception: BaseException, **_: Any) -> None:
-        on_app_error(exception)
-
-    # weak=False: the receiver lives as long as the app, not as long as this frame.
-    got_request_exception.connect(on_exception, app, weak=False)
-
-    if app.config.get("RESPONSE_TIMEOUT") == QUART_DEFAULT_RESPONSE_TIMEOUT:
+        own = app_handlers.get(error_type)
+        if own is None:
+            app.register_error_handler(error_type, _engine_error_handler)
+        elif not getattr(own, _INSTALLED, False):
+            app.register_error_handler(error_type, _keep_handler(app, own))
+    default = Quart.default_config["RESPONSE_TIMEOUT"]
+    timeout = app.config.get("RESPONSE_TIMEOUT")
+    if timeout is not None and timeout == default:
         app.config["RESPONSE_TIMEOUT"] = None
-        log.info("Quart RESPONSE_TIMEOUT lifted (it silently cuts long streams)")
+        log.info("quart: RESPONSE_TIMEOUT set to None so that long streams are not cut")
+    elif timeout is not None:
+        log.info("quart: RESPONSE_TIMEOUT is %s s: longer responses are cut", timeout)
+    return _Glue(app, on_app_error)
+
+
+class _Glue:
+    """Sets the dead check for the request and shields the final body send."""
+
+    def __init__(self, app: ASGIApp, on_app_error: Callable[[BaseException], None]) -> None:
+        self.app = app
+        self.on_app_error = on_app_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def shielded_final_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + FINAL_SEND_TIMEOUT
+                    await send(message)
+            else:
+                await send(message)
+
+        token = _on_app_error.set(self.on_app_error)
+        try:
+            await self.app(scope, receive, shielded_final_send)
+        finally:
+            _on_app_error.reset(token)
+
+
+def _keep_handler(app: Any, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The app's own handler for an engine error type, with the dead check before it."""
+    call = app.ensure_async(handler)
+
+    async def checked(error: BaseException) -> Any:
+        _dead_check(error)
+        return await call(error)
+
+    setattr(checked, _INSTALLED, True)
+    return checked
+
+
+async def _engine_error_handler(error: BaseException) -> Response:
+    _dead_check(error)
+    log.error("%s in a Quart handler: %s", type(error).__name__, error)
+    return Response(json.dumps(error_body(error)), status=500, content_type="application/json")
+
+
+def _dead_check_receiver(sender: Any, exception: BaseException, **extra: Any) -> None:
+    _dead_check(exception)
+
+
+def _dead_check(error: BaseException) -> None:
+    check = _on_app_error.get(None)
+    if check is not None:
+        check(error)
