@@ -1,7 +1,8 @@
 """One benchmark server process: ``python -m benchmarks.server VARIANT PORT [CERT KEY]``.
 
 Variants:
-  runner        trio_launcher.serve_http (signals, watchdog with an engine)
+  runner        trio_launcher.serve_http (signals, watchdog with an engine), lean transport
+  runner-stock  the same with transport="hypercorn" (hypercorn's own trio connection)
   hypercorn     bare hypercorn.trio.serve
   quart-runner  Quart-Trio app through serve_http
   quart-own     Quart-Trio app through QuartTrio.run_task
@@ -38,11 +39,12 @@ def main(argv: list[str]) -> None:
         from hypercorn.trio import serve
 
         trio.run(partial(serve, app, config))  # type: ignore[arg-type]
-    elif variant in ("runner", "runner-idle"):
+    elif variant in ("runner", "runner-idle", "runner-stock"):
         from trio_launcher import serve_http
 
         idle = variant == "runner-idle"
-        trio.run(partial(serve_http, app, config, engine=IdleEngine(),
+        transport = "hypercorn" if variant == "runner-stock" else "lean"
+        trio.run(partial(serve_http, app, config, engine=IdleEngine(), transport=transport,
                          enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
     elif variant == "quart-runner":
         from trio_launcher import serve_http

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="serve with N worker processes sharing the sockets (default 1)",
     )
+    add(
+        "--transport",
+        choices=("lean", "hypercorn"),
+        default="lean",
+        help="connection layer: lean (trio_launcher's own, default) or hypercorn's stock one",
+    )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
     serving = parser.add_argument_group("serving")
@@ -232,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_header_count=opts.max_header_count,
                 max_head_size=opts.max_head_size,
                 access_log_exclude=opts.access_log_exclude,
+                transport=opts.transport,
             )
         )
     except ConfigError as exc:

@@ -31,7 +31,7 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import trio
 from hypercorn.config import Config
@@ -205,6 +205,7 @@ async def serve_http(
     max_header_count: int | None = 256,
     max_head_size: int | None = None,
     access_log_exclude: Sequence[str] = (),
+    transport: Literal["lean", "hypercorn"] = "lean",
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
@@ -237,6 +238,9 @@ async def serve_http(
             hypercorn's HTTP/1.1 buffer and HTTP/2 header list size.
         access_log_exclude: request paths left out of the access log
             (``config.accesslog``), such as ``/health`` and ``/metrics``.
+        transport: ``lean``, trio_launcher's own connection layer driving
+            hypercorn's protocols (faster; see BENCHMARKS.md), or
+            ``hypercorn``, hypercorn's stock trio connection.
         task_status: receives a :class:`ServerHandle` once serving.
 
     Returns:
@@ -265,6 +269,8 @@ async def serve_http(
         raise ConfigError("enable_ssl_refresh needs config.certfile and config.keyfile")
     if not ssl_refresh_interval > 0:
         raise ConfigError(f"ssl_refresh_interval must be > 0, got {ssl_refresh_interval!r}")
+    if transport not in ("lean", "hypercorn"):
+        raise ConfigError(f"transport must be 'lean' or 'hypercorn', got {transport!r}")
     if not shutdown_delay >= 0:
         raise ConfigError(f"shutdown_delay must be >= 0, got {shutdown_delay!r}")
     if health_path is not None and not health_path.startswith("/"):
@@ -319,7 +325,7 @@ async def serve_http(
                         watch_engine, engine, watchdog_interval, control.on_engine_dead
                     )
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context
+                    _run_server, wrapped, config, sockets, control, ssl_context, transport
                 )
                 for url in urls:
                     log.info("serving on %s", url)
@@ -346,12 +352,19 @@ async def _run_server(
     sockets: Any,
     control: _Control,
     ssl_context: SwitchableContext | None,
+    transport: str,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     try:
         await serve_sockets(
-            app, config, sockets, control.drain, ssl_context, task_status=task_status
+            app,
+            config,
+            sockets,
+            control.drain,
+            ssl_context,
+            transport=transport,
+            task_status=task_status,
         )
     finally:
         control.served.set()

@@ -40,6 +40,7 @@ from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, repr_soc
 
 from ._errors import AppStartupError
 from ._ports import BoundSockets
+from ._transport import Connection, drain_all, serve_connection
 
 log = logging.getLogger("trio_launcher")
 
@@ -64,6 +65,7 @@ async def serve_sockets(
     drain: trio.Event,
     ssl_context: TLSContext | None,
     *,
+    transport: str = "lean",
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
@@ -116,7 +118,11 @@ async def serve_sockets(
                     listeners.append(listener)
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
-            handler = partial(_serve_connection, app, config, context, lifespan_state)
+            registry: set[Connection] = set()
+            if transport == "lean":
+                handler = partial(serve_connection, app, config, context, lifespan_state, registry)
+            else:
+                handler = partial(_serve_connection, app, config, context, lifespan_state)
             task_status.started(urls)
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(
@@ -129,6 +135,7 @@ async def serve_sockets(
                 "draining: listeners closed, in-flight requests have %s s", config.graceful_timeout
             )
             await context.terminated.set()  # closes idle keep-alive connections
+            drain_all(registry)  # (the lean transport's, at once)
             connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
         if lifespan.supported:

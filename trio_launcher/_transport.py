@@ -1,0 +1,217 @@
+"""A lean trio connection that drives hypercorn's protocol objects.
+
+hypercorn's HTTP semantics live in its sans-IO protocol classes (HTTP/1.1 on
+h11, HTTP/2 on h2, WebSocket on wsproto) behind ``ProtocolWrapper``. Its trio
+transport around them (``hypercorn.trio.tcp_server.TCPServer``) is where the
+time goes: every request restarts the keep-alive timer as a *new task* through
+``nursery.start``, every read opens a fresh cancel scope, every send takes a
+lock inside a shielded scope. This module keeps the protocol objects and
+replaces that transport:
+
+* **One cancel scope per connection, with a moving deadline.** The read loop
+  runs inside a single scope. While the connection is idle its deadline is
+  ``keep_alive_timeout`` away; while a request is in flight it is
+  ``read_timeout`` away (or never). Moving a deadline is an assignment, not a
+  task. When the deadline passes, the connection closes.
+* **The drain without a task per connection.** The server keeps the set of
+  open connections; when the drain starts it calls :meth:`Connection.drain`,
+  which cancels the read scope of every *idle* connection at once. The check
+  and the cancel happen with no checkpoint in between, so a request can never
+  slip in between the decision and the close (hypercorn's timer task can:
+  the chaos suite caught it answering 200 and then closing without a body).
+  A busy connection closes after its response, because hypercorn's protocol
+  sees ``context.terminated`` when the request cycle ends.
+* **Sends without a shield.** A send that is cancelled half-way leaves the
+  byte stream unusable, so instead of shielding every send the connection is
+  closed when that happens: cancellation of a send only comes with the drain
+  deadline, a forced stop or a client that is gone.
+* **Errors stay in their connection.** Anything one connection raises is
+  logged and that connection is closed; nothing escapes into the server.
+
+hypercorn's ``TaskGroup`` (a memory channel and a task per request, which ASGI
+semantics need) is kept. QUIC stays on hypercorn's own path. This relies on
+hypercorn internals, which is why pyproject pins hypercorn's minor version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.utils import parse_socket_addr
+
+log = logging.getLogger("trio_launcher")
+
+MAX_RECV = 2**16
+
+
+class Connection:
+    """One client connection, served until it closes."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        state: LifespanState,
+        stream: trio.abc.Stream,
+        registry: set[Connection],
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.context = context
+        self.state = state
+        self.stream = stream
+        self.registry = registry
+        self.idle = True
+        self.closed = False
+        self.scope = trio.CancelScope()
+        self.send_lock = trio.Lock()
+        self.protocol: ProtocolWrapper | None = None
+        self._keep_alive = float(config.keep_alive_timeout)
+        self._read_timeout = float(config.read_timeout) if config.read_timeout else math.inf
+
+    async def run(self) -> None:
+        self.registry.add(self)
+        try:
+            await self._serve()
+        finally:
+            self.registry.discard(self)
+            await self._close()
+
+    async def _serve(self) -> None:
+        ssl = isinstance(self.stream, trio.SSLStream)
+        if ssl:
+            assert isinstance(self.stream, trio.SSLStream)
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await self.stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # the handshake failed: nothing to serve
+            alpn = self.stream.selected_alpn_protocol()
+            sock = self.stream.transport_stream.socket
+        else:
+            alpn = "http/1.1"
+            sock = self.stream.socket  # type: ignore[attr-defined]
+        try:
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+        except OSError:
+            return  # the client is already gone
+        async with trio.open_nursery() as nursery:
+            task_group = TaskGroup()
+            task_group._nursery = nursery
+            self.protocol = ProtocolWrapper(
+                self.app, self.config, self.context, task_group,
+                ConnectionState(self.state.copy()), ssl, client, server, self._protocol_send,
+                alpn,
+            )  # fmt: skip
+            await self.protocol.initiate()
+            self._set_idle(True)
+            await self._read_loop()
+            await self._close()
+            nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        assert self.protocol is not None
+        with self.scope:
+            while not self.closed:
+                if not self.idle:
+                    self.scope.deadline = trio.current_time() + self._read_timeout
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                await self.protocol.handle(RawData(bytes(data)))
+                if not data:
+                    break
+        if not self.closed:
+            await self.protocol.handle(Closed())
+
+    def _set_idle(self, idle: bool) -> None:
+        self.idle = idle
+        if idle:
+            if self.context.terminated.is_set():
+                self.scope.cancel()
+            else:
+                self.scope.deadline = trio.current_time() + self._keep_alive
+        else:
+            self.scope.deadline = trio.current_time() + self._read_timeout
+
+    def drain(self) -> None:
+        """The server is draining: close now if idle (no checkpoint between check and close)."""
+        if self.idle:
+            self.scope.cancel()
+
+    async def _protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            if self.closed:
+                return
+            try:
+                async with self.send_lock:
+                    await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._lost()
+            except BaseException:
+                # Cancelled half-way (drain deadline, forced stop): the byte
+                # stream is unusable now. Close it, then let the cancel go on.
+                await self._lost()
+                raise
+        elif isinstance(event, Closed):
+            await self._close()
+        elif isinstance(event, Updated):
+            self._set_idle(event.idle)
+
+    async def _lost(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._close()
+            if self.protocol is not None:
+                await self.protocol.handle(Closed())
+
+    async def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.scope.cancel()
+        with trio.CancelScope(shield=True):
+            if isinstance(self.stream, trio.SocketStream):
+                with contextlib.suppress(  # a FIN after the last response, as hypercorn
+                    trio.BrokenResourceError, trio.BusyResourceError,
+                    trio.ClosedResourceError, OSError,
+                ):  # fmt: skip
+                    await self.stream.send_eof()
+            await trio.aclose_forcefully(self.stream)
+
+
+async def serve_connection(
+    app: AppWrapper,
+    config: Config,
+    context: WorkerContext,
+    lifespan_state: LifespanState,
+    registry: set[Connection],
+    stream: trio.abc.Stream,
+) -> None:
+    """Serve one accepted stream; anything it raises stays with it."""
+    try:
+        await Connection(app, config, context, lifespan_state, stream, registry).run()
+    except* Exception as group:
+        log.error(
+            "connection error contained: %s",
+            "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions),
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        await trio.aclose_forcefully(stream)
+
+
+def drain_all(registry: set[Connection]) -> None:
+    """Close every idle connection at once (the drain has started)."""
+    for connection in list(registry):
+        connection.drain()
