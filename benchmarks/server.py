@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from functools import partial
+from typing import Literal
 
 import trio
 from hypercorn.config import Config
@@ -43,7 +44,9 @@ def main(argv: list[str]) -> None:
         from trio_launcher import serve_http
 
         idle = variant == "runner-idle"
-        transport = "hypercorn" if variant == "runner-stock" else "lean"
+        transport: Literal["lean", "hypercorn"] = (
+            "hypercorn" if variant == "runner-stock" else "lean"
+        )
         trio.run(partial(serve_http, app, config, engine=IdleEngine(), transport=transport,
                          enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
     elif variant == "quart-runner":

@@ -25,6 +25,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 import tomllib
 from collections.abc import Sequence
 from functools import partial
@@ -42,6 +43,7 @@ from ._errors import (
 )
 from ._ports import bind_sockets
 from ._runner import serve_http
+from ._signals import absorb_signals_for_process, ignore_signals_until_exit
 from ._systemd import listen_fds
 from ._workers import child_argv, run_workers
 
@@ -208,7 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code.
+
+    With ``argv=None`` (the console script, ``python -m trio_launcher``) it owns
+    the process: signals are ignored from the end of the run until exit, so
+    the exit code stays the one chosen here.
+    """
+    try:
+        return _main(argv)
+    finally:
+        if argv is None and threading.current_thread() is threading.main_thread():
+            ignore_signals_until_exit()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         opts = parser.parse_args(argv)
@@ -223,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
         app = import_from_string(opts.app, "app")
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
+        absorb_signals_for_process()
         trio.run(
             partial(
                 serve_http,
@@ -265,6 +281,7 @@ def _run_workers(opts: argparse.Namespace, config: Config, argv: list[str]) -> i
     for sock in sockets.all():
         sock.set_inheritable(True)
     child = child_argv(sys.executable, argv, sockets)
+    absorb_signals_for_process()
     return trio.run(run_workers, child, opts.workers, sockets)
 
 

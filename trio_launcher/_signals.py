@@ -34,12 +34,37 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
+def _ignore_late(signum: int, frame: FrameType | None) -> None:
+    log.info("ignoring %s that arrived while the runner was exiting", signal.strsignal(signum))
+
+
+def absorb_signals_for_process() -> None:
+    """For a program that owns the process (the CLI): from now on until exit,
+    a stop signal outside the runner's receiver is logged and ignored.
+
+    Without this, a signal that arrives after serve_http has put the original
+    handlers back but before the process has exited would kill it (143, or
+    -1 for SIGHUP) and hide the real exit code. Install it right before
+    ``trio.run``: the runner opens its own receiver at once.
+    """
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, _ignore_late)
+
+
+def ignore_signals_until_exit() -> None:
+    """After the run, in a program that owns the process: SIG_IGN until exit.
+
+    Python's finalization puts SIG_DFL back for every signal that has a Python
+    handler, so a signal in the process's last milliseconds would still kill
+    it; SIG_IGN is left alone.
+    """
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def _absorb_late_signals() -> Iterator[None]:
-    def record(signum: int, frame: FrameType | None) -> None:
-        log.info("ignoring %s that arrived while the runner was exiting", signal.strsignal(signum))
-
-    previous = {sig: signal.signal(sig, record) for sig in HANDLED_SIGNALS}
+    previous = {sig: signal.signal(sig, _ignore_late) for sig in HANDLED_SIGNALS}
     try:
         yield
     finally:
