@@ -364,6 +364,7 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
+            on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
             task_status=task_status,
         )
     finally:

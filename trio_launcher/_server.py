@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from functools import partial
 from random import randint
 from typing import Any, Protocol
@@ -66,6 +67,7 @@ async def serve_sockets(
     ssl_context: TLSContext | None,
     *,
     transport: str = "lean",
+    on_max_requests: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
@@ -128,7 +130,7 @@ async def serve_sockets(
                 accepting.start_soon(
                     partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
                 )
-                accepting.start_soon(_drain_on_max_requests, context, drain)
+                accepting.start_soon(_drain_on_max_requests, context, on_max_requests or drain.set)
                 await drain.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
             log.info(
@@ -210,10 +212,10 @@ def _is_idle(protocol: Any) -> bool:
     return getattr(inner, "stream", None) is None  # HTTP/1.1: no request in progress
 
 
-async def _drain_on_max_requests(context: WorkerContext, drain: trio.Event) -> None:
+async def _drain_on_max_requests(context: WorkerContext, stop: Callable[[], None]) -> None:
     await context.terminate.wait()
     log.info("max_requests reached: draining")
-    drain.set()
+    stop()
 
 
 async def _serve_connection(

@@ -192,6 +192,10 @@ class Connection:
             await self._close()
         elif isinstance(event, Updated):
             self._set_idle(event.idle)
+            if not event.idle and self.context.max_requests is not None:
+                # hypercorn 0.18 never counts requests, so its max_requests is
+                # inert; here a request starting counts.
+                await self.context.mark_request()
 
     async def _lost(self) -> None:
         with trio.CancelScope(shield=True):
