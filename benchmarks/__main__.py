@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     opts = parser.parse_args(argv)
     logging.getLogger("trio_launcher").setLevel(logging.CRITICAL)  # measured, not logged
-    rounds, seconds = (3, 3.0) if opts.quick else (5, 8.0)
+    rounds, seconds = (3, 3.0) if opts.quick else (5, 6.0)
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),

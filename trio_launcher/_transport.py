@@ -30,6 +30,9 @@ replaces that transport:
   instead of shielding every send the connection is closed when that
   happens: cancellation of a send only comes with the drain deadline, a
   forced stop or a client that is gone.
+* **One write per small response.** hypercorn emits an HTTP/1.1 response
+  head and its first body as two events in the same call; the head is held
+  for that moment and both go out in one write. Empty writes are skipped.
 * **Errors stay in their connection.** Anything one connection raises is
   logged and that connection is closed; nothing escapes into the server.
 
@@ -82,6 +85,7 @@ class Connection:
         self.scope = trio.CancelScope()
         self.send_lock = trio.Lock()
         self.protocol: ProtocolWrapper | None = None
+        self.held = b""  # an HTTP/1.1 response head waiting for its body
         # Plain TCP: the descriptor, for writes that skip the scheduler.
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._keep_alive = float(config.keep_alive_timeout)
@@ -164,6 +168,16 @@ class Connection:
             if self.closed:
                 return
             data = event.data
+            if self.held:
+                data, self.held = self.held + data, b""
+            elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
+                # A final response head: hypercorn sends the first body (or the
+                # end of the message) right after it, in the same call. One
+                # write instead of two.
+                self.held = data
+                return
+            if not data:
+                return
             if self.fd >= 0 and not self.send_lock.locked():
                 # Fast path: the kernel usually takes the whole write at once,
                 # and then there is no need to go through the scheduler twice
@@ -189,6 +203,9 @@ class Connection:
                 await self._lost()
                 raise
         elif isinstance(event, Closed):
+            if self.held and not self.closed:
+                held, self.held = self.held, b""
+                await self._protocol_send(RawData(held))
             await self._close()
         elif isinstance(event, Updated):
             self._set_idle(event.idle)
