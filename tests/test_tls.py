@@ -16,6 +16,7 @@ import trio
 import trio.lowlevel
 import trustme
 
+from trio_launcher import ConfigError, serve_http
 from trio_launcher.testing import RunningServer, TLSFiles, running_server
 
 from .apps import App
@@ -251,3 +252,30 @@ def test_bad_files_at_start_exit_2_naming_the_file(tmp_path: Path) -> None:
     result = run_cli(["tests.apps:app", "--certfile", str(tls.cert_file)])
     assert result.returncode == 2
     assert "--keyfile is missing" in result.stderr
+
+
+async def test_verify_mode_without_ca_bundle_is_a_config_error(tls_files: TLSFiles) -> None:
+    config = tls_files.config()
+    config.verify_mode = ssl.CERT_REQUIRED
+    with pytest.raises(ConfigError, match="no CA bundle"):
+        await serve_http(App(), config, handle_signals=False)
+
+
+async def test_open_connection_keeps_working_across_a_reload(tls_files: TLSFiles) -> None:
+    async with refreshing(tls_files) as server:
+        old = tls_files.server_fingerprint()
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", server.port, ssl_context=tls_files.client_context(),
+            https_compatible=True,
+        )  # fmt: skip
+        await stream.do_handshake()
+        tls_files.rotate()
+        await wait_served(tls_files, server, INTERVAL + MARGIN)
+        # The connection opened before the reload still talks, with its old certificate.
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        reply = b""
+        with trio.fail_after(5):
+            while b"hello" not in reply:
+                reply += await stream.receive_some(65536)
+        assert stream.getpeercert(binary_form=True) == old
+        await trio.aclose_forcefully(stream)

@@ -227,6 +227,11 @@ def warn_if_expiring(loaded: LoadedSet, now: datetime.datetime | None = None) ->
 
 def initial_context(config: Config) -> SwitchableContext:
     """Load the configured files at start; raises CertificateError (a ConfigError)."""
+    if config.verify_mode in (ssl.CERT_REQUIRED, ssl.CERT_OPTIONAL) and config.ca_certs is None:
+        raise ConfigError(
+            "client certificates are verified (verify_mode) but no CA bundle is given "
+            "(ca_certs / --ca-certs): no client could ever be accepted"
+        )
     loaded = load_set(config)
     log.info("TLS certificate loaded: %s", describe(loaded))
     warn_if_expiring(loaded)
