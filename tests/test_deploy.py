@@ -186,3 +186,28 @@ async def test_kubernetes_pod_life(tmp_path: Path, workers: int) -> None:
         # terminationGracePeriodSeconds in the example is 30: we are far inside it.
         assert await proc.wait(timeout=10) == 0, proc.stderr
         await wait_gone(pids, timeout=5)
+
+
+async def test_notify_reloading_around_certificate_reload(tmp_path: Path) -> None:
+    tls = TLSFiles(tmp_path / "tls")
+    notify_path = str(tmp_path / "notify.sock")
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
+        await notify_sock.bind(notify_path)
+        args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--certfile", str(tls.cert_file),
+                "--keyfile", str(tls.key_file)]  # fmt: skip
+        async with launch(args, env={"NOTIFY_SOCKET": notify_path}) as proc:
+
+            async def next_message() -> str:
+                with trio.fail_after(10):
+                    return (await notify_sock.recv(4096)).decode()
+
+            assert (await next_message()).startswith("READY=1")
+            tls.rotate()
+            proc.signal(signal.SIGHUP)
+            reloading = (await next_message()).split("\n")
+            assert reloading[0] == "RELOADING=1"
+            assert reloading[1].startswith("MONOTONIC_USEC=")
+            assert await next_message() == "READY=1"
+            proc.signal(signal.SIGTERM)
+            assert await next_message() == "STOPPING=1"
+            assert await proc.wait() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -279,3 +280,32 @@ async def test_open_connection_keeps_working_across_a_reload(tls_files: TLSFiles
                 reply += await stream.receive_some(65536)
         assert stream.getpeercert(binary_form=True) == old
         await trio.aclose_forcefully(stream)
+
+
+async def test_unreadable_key_is_refused_and_old_stays(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    import trio_launcher._tls
+
+    async with refreshing(tls_files) as server:
+        refresher = server.handle.tls
+        assert refresher is not None
+        old = tls_files.server_fingerprint()
+        key = str(tls_files.key_file)
+        if os.geteuid() == 0:
+            # root reads any file whatever its mode: the only part mocked here.
+            def guarded_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+                if str(path) == key:
+                    raise PermissionError(13, "Permission denied", key)
+                return builtins.open(path, *args, **kwargs)
+
+            monkeypatch.setattr(trio_launcher._tls, "open", guarded_open, raising=False)
+        tls_files.rotate()
+        os.chmod(tls_files.key_file, 0)
+        await wait_until(lambda: refresher.failures == 1, INTERVAL + MARGIN)
+        assert await serves(tls_files, server, old)
+        monkeypatch.undo()
+        os.chmod(tls_files.key_file, 0o600)
+        await wait_served(tls_files, server, INTERVAL + MARGIN)
