@@ -33,7 +33,7 @@ from benchmarks.harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost")
+SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers")
 
 
 def load(kind: str, port: int, path: str, seconds: float, tls: bool) -> LoadResult:
@@ -110,6 +110,43 @@ def quart(rounds: int, seconds: float) -> dict[str, Any]:
                                                    rounds, seconds, None)}  # fmt: skip
 
 
+def workers(rounds: int, seconds: float) -> dict[str, Any]:
+    """``--workers 2`` against one process, hello world over HTTP/1.1 (nothing pinned:
+    the workers need both cores, and so does wrk)."""
+    import subprocess
+
+    from benchmarks.harness import ROOT, env, free_port, wait_port
+
+    results: dict[str, list[float]] = {"1 process": [], "2 workers": []}
+    for i in range(rounds):
+        for name in sorted(results, reverse=i % 2 == 1):
+            port = free_port()
+            count = "2" if name == "2 workers" else "1"
+            argv = [sys.executable, "-m", "trio_launcher", "benchmarks.apps:app", "--workers",
+                    count, "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]  # fmt: skip
+            proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)  # fmt: skip
+            try:
+                wait_port(port, proc=proc)
+                url = f"http://127.0.0.1:{port}/"
+                wrk_unpinned(url, 1.0)
+                results[name].append(wrk_unpinned(url, seconds))
+            finally:
+                proc.terminate()
+                proc.wait(15)
+    return {name: vars(Summary.of(values)) for name, values in results.items()}
+
+
+def wrk_unpinned(url: str, seconds: float) -> float:
+    import re
+    import subprocess
+
+    out = subprocess.run(["wrk", "-t1", "-c64", f"-d{seconds:g}s", url], capture_output=True,
+                         text=True, timeout=seconds + 60).stdout  # fmt: skip
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return float(match.group(1)) if match else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
@@ -143,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             results[section] = lifecycle.sigterm_to_exit(3 if opts.quick else 7)
         elif section == "certs":
             results[section] = lifecycle.cert_change(3 if opts.quick else 7)
+        elif section == "workers":
+            results[section] = workers(rounds, seconds)
         elif section == "cost":
             variants = ("runner", "hypercorn")
             n = 3 if opts.quick else 5
@@ -151,7 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                 "idle RSS MiB": {v: [cost.idle_rss(v) for _ in range(n)] for v in variants},
                 "idle CPU %": cost.idle_cpu(10 if opts.quick else 60),
             }
-    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    results_file = HERE / "results.json"
+    if set(opts.only) != set(SECTIONS) and results_file.exists():
+        # A partial run updates its sections of the last full run.
+        merged = json.loads(results_file.read_text())
+        merged.update({k: v for k, v in results.items() if k in SECTIONS})
+        merged.setdefault("partial_runs", []).append(
+            {"date": results["date"], "command": results["command"]}
+        )
+        results = merged
+    results_file.write_text(json.dumps(results, indent=2))
     report = render(results)
     (HERE / "last-run.md").write_text(report)
     print(report)
@@ -193,7 +241,10 @@ def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [f"Run {results['date']} on {m['cpus']} x {m['cpu']}, Linux {m['kernel']}, "
            f"Python {m['python']}, server/load pinned to separate cores: {m['pinned']}.",
-           f"Command: `{results['command']}`", ""]  # fmt: skip
+           f"Command: `{results['command']}`"]  # fmt: skip
+    for partial in results.get("partial_runs", []):
+        out.append(f"Sections re-run {partial['date']}: `{partial['command']}`")
+    out.append("")
     for section in ("throughput", "quart"):
         if section not in results:
             continue
@@ -242,6 +293,12 @@ def render(results: dict[str, Any]) -> str:
             limit = 0.050 if name == "SIGHUP" else 1.050
             ok = "met" if max(values) <= limit else "MISSED"
             out.append(f"| {name} | {_ms(values)} | <= {limit * 1000:.0f} ms: {ok} |")
+        out.append("")
+    if "workers" in results:
+        w = results["workers"]
+        out += ["| workers (hello, HTTP/1.1, wrk 64 connections, nothing pinned) | req/s |",
+                "|---|---|"]  # fmt: skip
+        out += [f"| {name} | {_fmt(summary)} |" for name, summary in w.items()]
         out.append("")
     if "cost" in results:
         c = results["cost"]

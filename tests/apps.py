@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
+import h2.config
+import h2.connection
 import trio
 
 from trio_launcher import EngineDeadError, EngineGenerateError
@@ -122,3 +124,18 @@ failing_app = App(fail_startup=True)
 
 def broken_import() -> None:  # pragma: no cover - referenced by name only
     raise RuntimeError
+
+
+async def vanishing_h2_client(port: int, streams: int) -> None:
+    """An h2c client that opens streams and vanishes mid-response."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    for i in range(streams):
+        conn.send_headers(1 + 2 * i, [(":method", "GET"), (":path", "/stream?n=50&delay=0.001"),
+                                      (":scheme", "http"), (":authority", "x")],
+                          end_stream=True)  # fmt: skip
+    await stream.send_all(conn.data_to_send())
+    with trio.move_on_after(0.02):
+        await stream.receive_some(65536)
+    await trio.aclose_forcefully(stream)  # gone, mid-response

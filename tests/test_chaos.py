@@ -16,10 +16,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
 import httpx
 import pytest
 import trio
@@ -29,11 +27,18 @@ from hypothesis import strategies as st
 
 from trio_launcher.testing import TLSFiles, running_server
 
-from .apps import App
+from .apps import App, vanishing_h2_client
 from .proc import ROOT, cli_env, launch
 from .test_cli_process import aborted, get, wait_refused
 
 pytestmark = pytest.mark.chaos
+
+
+def record(case: str, requests: int, failures: list[Any]) -> None:
+    """One line per run for RELIABILITY.md (``-s`` shows them)."""
+    print(f"\nRELIABILITY|{case}|{requests}|{len(failures)}")
+
+
 RUNS = int(os.environ.get("CHAOS_RUNS", "2"))
 STREAM_CHUNKS = 20
 STREAM = {"n": STREAM_CHUNKS, "delay": 0.01}
@@ -95,6 +100,7 @@ async def test_engine_dies_at_random_under_load(run: int) -> None:
             code = await proc.wait(timeout=1 + 1)
             assert trio.current_time() - killed <= 1 + 1
             stop.set()
+        record("engine dies at random, 32 clients", tally.ok + tally.refused, tally.incomplete)
         assert code == 3, proc.stderr
         assert tally.incomplete == []
         assert tally.ok > 0
@@ -120,9 +126,11 @@ STORMS = [
 ]
 
 
+@pytest.mark.parametrize("transport", ["lean", "hypercorn"])
 @pytest.mark.parametrize("storm", STORMS, ids=lambda s: "-".join(x.name for x in s))
-async def test_signal_storm_during_load(storm: list[signal.Signals]) -> None:
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "2"]
+async def test_signal_storm_during_load(storm: list[signal.Signals], transport: str) -> None:
+    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "2",
+            "--transport", transport]  # fmt: skip
     async with launch(args) as proc:
         tally = Tally()
         stop = trio.Event()
@@ -136,6 +144,8 @@ async def test_signal_storm_during_load(storm: list[signal.Signals]) -> None:
             stop.set()
     drains = [line for line in proc.lines if ": draining (send it again" in line]
     forced = [line for line in proc.lines if "stopping at once" in line]
+    record(f"signal storm ({transport})", tally.ok + tally.refused,
+           [] if forced else tally.incomplete)  # fmt: skip
     assert len(drains) == 1, proc.stderr  # exactly one drain
     if forced:  # a later stop signal was taken after the first: the documented force
         name = forced[0].split("second ")[1].split(":")[0]
@@ -196,6 +206,7 @@ async def test_certificate_chaos_never_fails_a_handshake(tmp_path: Path) -> None
                     while await tls.presented_cert(server.port) != expected:
                         await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
+        record("certificate chaos, handshakes", handshakes, failures)
         assert failures == []
         assert handshakes > 0
         assert (await server.client.get("/")).text == "hello"
@@ -333,27 +344,13 @@ async def test_abrupt_disconnects_http11() -> None:
         assert (await server.client.get("/")).text == "hello"
 
 
-async def _h2_client_that_vanishes(port: int, streams: int) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    for i in range(streams):
-        conn.send_headers(1 + 2 * i, [(":method", "GET"), (":path", "/stream?n=100&delay=0.001"),
-                                      (":scheme", "http"), (":authority", "x")],
-                          end_stream=True)  # fmt: skip
-    await stream.send_all(conn.data_to_send())
-    with trio.move_on_after(0.05):
-        await stream.receive_some(65536)
-    await trio.aclose_forcefully(stream)  # gone, mid-response
-
-
 async def test_abrupt_disconnects_http2_server_survives() -> None:
     """The stock hypercorn trio worker died of BusyResourceError here; we must not."""
     async with running_server(App()) as server:
         for _ in range(5 * RUNS):
             async with trio.open_nursery() as nursery:
                 for _ in range(20):
-                    nursery.start_soon(_h2_client_that_vanishes, server.port, 5)
+                    nursery.start_soon(vanishing_h2_client, server.port, 5)
             assert (await server.client.get("/")).text == "hello"
         if shutil_which("h2load"):
             for _ in range(2):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
 import httpx
 import pytest
 import trio
@@ -17,7 +14,7 @@ from hypercorn.config import Config
 from trio_launcher.testing import TLSFiles, running_server
 
 from . import quart_apps
-from .apps import App
+from .apps import App, vanishing_h2_client
 
 TRANSPORTS = ["lean", "hypercorn"]
 pytestmark = pytest.mark.parametrize("transport", TRANSPORTS)
@@ -128,26 +125,12 @@ async def test_quart_trio_app(transport: str) -> None:
         assert stream.text.count("data:") == 3
 
 
-async def _vanishing_h2_client(port: int) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    for i in range(5):
-        conn.send_headers(1 + 2 * i, [(":method", "GET"), (":path", "/stream?n=50&delay=0.001"),
-                                      (":scheme", "http"), (":authority", "x")],
-                          end_stream=True)  # fmt: skip
-    await stream.send_all(conn.data_to_send())
-    with trio.move_on_after(0.02):
-        await stream.receive_some(65536)
-    await trio.aclose_forcefully(stream)
-
-
 async def test_h2_abrupt_disconnects_are_contained(transport: str) -> None:
     async with running_server(App(), transport=transport) as server:
         for _ in range(3):
             async with trio.open_nursery() as nursery:
                 for _ in range(30):
-                    nursery.start_soon(_vanishing_h2_client, server.port)
+                    nursery.start_soon(vanishing_h2_client, server.port, 5)
             assert (await server.client.get("/")).text == "hello"
 
 

@@ -85,6 +85,7 @@ class _Control:
         self.engine_dead = False
         self.engine_death: str | None = None
         self.refresher: CertificateRefresher | None = None
+        self.ready = False
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -105,6 +106,12 @@ class _Control:
             with trio.move_on_after(self.shutdown_delay):
                 await self.drain.wait()
         self.drain.set()
+
+    def notify_reloading(self, reloading: bool) -> None:
+        """systemd RELOADING=1 / READY=1 around a reload, once ready (never before
+        READY=1: a SIGHUP during startup must not announce readiness)."""
+        if self.ready and not self.stopping.is_set():
+            notify_reloading(reloading)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """The health path's answer: 200 while serving with a live engine, else 503."""
@@ -301,7 +308,8 @@ async def serve_http(
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
         interval = ssl_refresh_interval if enable_ssl_refresh else math.inf
-        control.refresher = CertificateRefresher(config, ssl_context, interval, notify_reloading)
+        control.refresher = CertificateRefresher(config, ssl_context, interval,
+                                                 control.notify_reloading)  # fmt: skip
 
     sockets = bind_sockets(config, sock)
     ports = tcp_ports(sockets)
@@ -330,6 +338,7 @@ async def serve_http(
                 for url in urls:
                     log.info("serving on %s", url)
                 notify("READY=1", f"STATUS=serving on {' '.join(urls)}")
+                control.ready = True
                 task_status.started(ServerHandle(urls, control))
                 await control.served.wait()
                 nursery.cancel_scope.cancel()  # the helpers' work is done

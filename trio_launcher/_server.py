@@ -41,7 +41,7 @@ from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, repr_soc
 
 from ._errors import AppStartupError
 from ._ports import BoundSockets
-from ._transport import Connection, drain_all, serve_connection
+from ._transport import Connection, contained, drain_all, serve_connection
 
 log = logging.getLogger("trio_launcher")
 
@@ -225,19 +225,11 @@ async def _serve_connection(
     lifespan_state: LifespanState,
     stream: trio.abc.Stream,
 ) -> None:
-    try:
-        await TCPServer(
+    async with contained(stream):
+        await _TCPServer(
             app,
             config,
             context,
             ConnectionState(lifespan_state.copy()),
             stream,  # type: ignore[arg-type]
         ).run()
-    except* Exception as group:
-        # One connection's failure is that connection's problem only.
-        log.error(
-            "connection error contained: %s",
-            "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions),
-            exc_info=log.isEnabledFor(logging.DEBUG),
-        )
-        await trio.aclose_forcefully(stream)

@@ -47,6 +47,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import AsyncIterator
 
 import trio
 from hypercorn.config import Config
@@ -244,8 +245,18 @@ async def serve_connection(
     stream: trio.abc.Stream,
 ) -> None:
     """Serve one accepted stream; anything it raises stays with it."""
-    try:
+    async with contained(stream):
         await Connection(app, config, context, lifespan_state, stream, registry).run()
+
+
+@contextlib.asynccontextmanager
+async def contained(stream: trio.abc.Stream) -> AsyncIterator[None]:
+    """One connection's failure is that connection's problem only: log, close, go on.
+
+    ``trio.Cancelled`` is never caught (``except*`` on ``Exception``).
+    """
+    try:
+        yield
     except* Exception as group:
         log.error(
             "connection error contained: %s",
