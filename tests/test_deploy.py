@@ -211,3 +211,16 @@ async def test_notify_reloading_around_certificate_reload(tmp_path: Path) -> Non
             proc.signal(signal.SIGTERM)
             assert await next_message() == "STOPPING=1"
             assert await proc.wait() == 0
+
+
+async def test_workers_outlive_the_thread_that_forked_them() -> None:
+    """trio forks from a thread of its cache, which exits after 10 idle seconds; a
+    parent-death signal (PR_SET_PDEATHSIG) would then kill every worker. Not here."""
+    async with launch(WORKERS, wait_serving=False) as proc:
+        await proc.wait_for_line("all 2 workers are serving")
+        pids = await wait_workers(proc.process.pid, 2)
+        await trio.sleep(12)  # wall time must pass: the thread cache's idle timeout
+        assert sorted(worker_pids(proc.process.pid)) == sorted(pids)
+        assert not any("exited; replacing it" in line for line in proc.lines)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0

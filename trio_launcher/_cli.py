@@ -45,7 +45,7 @@ from ._ports import bind_sockets
 from ._runner import serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit
 from ._systemd import listen_fds
-from ._workers import child_argv, run_workers
+from ._workers import child_argv, run_workers, watch_lifeline
 
 log = logging.getLogger("trio_launcher")
 
@@ -239,6 +239,7 @@ def _main(argv: Sequence[str] | None) -> int:
         app = import_from_string(opts.app, "app")
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
         absorb_signals_for_process()
+        watch_lifeline()  # a worker of --workers: drain when the parent dies
         trio.run(
             partial(
                 serve_http,

@@ -36,24 +36,27 @@ replaces that transport:
 * **Errors stay in their connection.** Anything one connection raises is
   logged and that connection is closed; nothing escapes into the server.
 
-hypercorn's ``TaskGroup`` (a memory channel and a task per request, which ASGI
-semantics need) is kept. QUIC stays on hypercorn's own path. This relies on
-hypercorn internals, which is why pyproject pins hypercorn's minor version.
+hypercorn's ``TaskGroup`` is kept in spirit (a task per request, which ASGI
+needs) with a lighter bounded inbox in place of its memory channel. QUIC stays
+on hypercorn's own path. This relies on hypercorn internals, which is why
+pyproject pins hypercorn's minor version.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.task_group import _handle
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
@@ -120,10 +123,9 @@ class Connection:
         except OSError:
             return  # the client is already gone
         async with trio.open_nursery() as nursery:
-            task_group = TaskGroup()
-            task_group._nursery = nursery
+            task_group = LeanTaskGroup(nursery)
             self.protocol = ProtocolWrapper(
-                self.app, self.config, self.context, task_group,
+                self.app, self.config, self.context, task_group,  # type: ignore[arg-type]
                 ConnectionState(self.state.copy()), ssl, client, server, self._protocol_send,
                 alpn,
             )  # fmt: skip
@@ -234,6 +236,63 @@ class Connection:
                 ):  # fmt: skip
                     await self.stream.send_eof()
             await trio.aclose_forcefully(self.stream)
+
+
+class _Inbox:
+    """One request's ASGI ``receive`` queue: hypercorn's memory channel, lighter.
+
+    Bounded by ``max_app_queue_size`` like hypercorn's channel (a full inbox
+    makes the connection wait: back-pressure on request bodies), but with no
+    channel objects to build and no scheduler round trip when an event is
+    already waiting.
+    """
+
+    __slots__ = ("_items", "_max", "_not_empty", "_not_full")
+
+    def __init__(self, max_size: int) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._max = max(1, max_size)
+        self._not_empty: trio.Event | None = None
+        self._not_full: trio.Event | None = None
+
+    async def put(self, event: Any) -> None:
+        while len(self._items) >= self._max:
+            self._not_full = trio.Event()
+            await self._not_full.wait()
+        self._items.append(event)
+        if self._not_empty is not None:
+            self._not_empty.set()
+            self._not_empty = None
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._not_empty = trio.Event()
+            await self._not_empty.wait()
+        item = self._items.popleft()
+        if self._not_full is not None:
+            self._not_full.set()
+            self._not_full = None
+        return item
+
+
+class LeanTaskGroup:
+    """hypercorn's trio ``TaskGroup`` (a task per request) with a lighter inbox."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    async def spawn_app(
+        self, app: AppWrapper, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        inbox = _Inbox(config.max_app_queue_size)
+        self._nursery.start_soon(
+            _handle, app, config, scope, inbox.get, send, trio.to_thread.run_sync,
+            trio.from_thread.run,
+        )  # fmt: skip
+        return inbox.put
+
+    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._nursery.start_soon(func, *args)
 
 
 async def serve_connection(

@@ -16,8 +16,8 @@ worker and the same signal listener as the runner:
   wrong for good: the parent stops every worker and exits 1.
 * A worker that exits 3 (its engine died) stops them all; the parent exits 3.
 * A worker that exits 0 on its own (``max_requests``) is replaced at once.
-* Workers die with the parent (``PR_SET_PDEATHSIG``): no orphans, even when
-  the parent is SIGKILLed.
+* Workers drain and exit when the parent dies, even by SIGKILL: each holds
+  the read end of a pipe whose write end only the parent has (a "lifeline").
 
 systemd sees one service: the workers report ``READY=1`` to a private notify
 socket of the parent, which tells systemd once all of them serve.
@@ -32,7 +32,8 @@ import secrets
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -43,7 +44,6 @@ from ._systemd import notify
 
 log = logging.getLogger("trio_launcher")
 
-PR_SET_PDEATHSIG = 1
 EXIT_USAGE = 2
 EXIT_ENGINE_DEAD = 3
 
@@ -58,19 +58,33 @@ class RestartPolicy:
     max_backoff: float = 5.0
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    import ctypes
+LIFELINE_ENV = "TRIO_LAUNCHER_LIFELINE"
 
-    def preexec() -> None:  # runs in the child between fork and exec
+
+def watch_lifeline() -> None:
+    """In a worker: when the parent dies, drain (SIGTERM to ourselves).
+
+    The parent holds the write end of a pipe and never writes; the worker
+    blocks reading the read end in a daemon thread. Whatever kills the parent,
+    SIGKILL included, the kernel closes the write end and the read returns.
+    (``PR_SET_PDEATHSIG`` would fire when the *thread* that forked the child
+    exits, and trio forks from a thread of its thread cache.)
+    """
+    value = os.environ.pop(LIFELINE_ENV, None)
+    if value is None:
+        return
+    fd = int(value)
+
+    def wait_for_parent() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except OSError:  # pragma: no cover - not Linux
-            os.setpgid(0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        log.warning("the parent process is gone: draining")
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    return preexec
+    threading.Thread(target=wait_for_parent, name="trio-launcher-lifeline", daemon=True).start()
 
 
 class _Supervisor:
@@ -85,6 +99,8 @@ class _Supervisor:
         self.forced_by: int | None = None
         self.exit_code = 0
         self.notify_address = f"@trio-launcher-{os.getpid()}-{secrets.token_hex(4)}"
+        # The lifeline: workers inherit the read end; the write end dies with us.
+        self.lifeline_read, self.lifeline_write = os.pipe()
 
     # --- signals ------------------------------------------------------------
 
@@ -120,6 +136,7 @@ class _Supervisor:
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["NOTIFY_SOCKET"] = self.notify_address
+        env[LIFELINE_ENV] = str(self.lifeline_read)
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             env.pop(name, None)
         return env
@@ -127,14 +144,13 @@ class _Supervisor:
     async def keep_worker(self, slot: int) -> None:
         crashes: collections.deque[float] = collections.deque()
         backoff = self.policy.first_backoff
-        fds = [sock.fileno() for sock in self.sockets.all()]
+        fds = [sock.fileno() for sock in self.sockets.all()] + [self.lifeline_read]
         while not self.stopping:
             proc = await trio.lowlevel.open_process(
                 self.argv,
                 pass_fds=fds,
                 env=self._child_env(),
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent(os.getpid()),
             )
             self.procs[slot] = proc
             log.info("worker %d started (PID %d)", slot, proc.pid)
