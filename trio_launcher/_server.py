@@ -212,6 +212,19 @@ def _is_idle(protocol: Any) -> bool:
     return getattr(inner, "stream", None) is None  # HTTP/1.1: no request in progress
 
 
+class _OneLine(logging.Filter):
+    """trio logs every failed accept (EMFILE and friends) with a traceback; one
+    line says it all: which error, and that it retries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+logging.getLogger("trio.serve_listeners").addFilter(_OneLine())
+
+
 async def _drain_on_max_requests(context: WorkerContext, stop: Callable[[], None]) -> None:
     await context.terminate.wait()
     log.info("max_requests reached: draining")
