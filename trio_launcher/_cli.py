@@ -51,6 +51,7 @@ log = logging.getLogger("trio_launcher")
 
 PROG = "trio-launcher"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ENGINE_DEAD, EXIT_BIND = 0, 1, 2, 3, 4
+DEFAULT_BACKLOG = 2048
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -315,6 +316,10 @@ VERIFY_MODES = {"none": "CERT_NONE", "optional": "CERT_OPTIONAL", "required": "C
 def build_config(opts: argparse.Namespace) -> Config:
     """hypercorn Config from ``--config`` (if any) with the flags laid over it."""
     config = load_toml_config(opts.config) if opts.config else Config()
+    if config.backlog == Config.backlog:
+        # hypercorn's 100 overflows when a thousand clients connect at once
+        # (a client then waits for SYN retries): the kernel caps it anyway.
+        config.backlog = DEFAULT_BACKLOG
     if opts.bind:
         config.bind = opts.bind
     elif activated := listen_fds():
