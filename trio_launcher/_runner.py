@@ -33,11 +33,10 @@ from contextlib import contextmanager
 from typing import Any, Unpack
 
 import trio
-from hypercorn.config import Config
-from hypercorn.utils import wrap_app
 
 from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
+from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
