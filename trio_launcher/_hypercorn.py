@@ -126,10 +126,19 @@ class StockTCPServer(TCPServer):
 
     Subclasses override :meth:`idle_timeout` (called where hypercorn calls
     its private ``_idle_timeout``) and may call :meth:`close_from_server`.
+    ``reading`` is a cancel scope around hypercorn's read loop.
     """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reading = trio.CancelScope()
 
     async def _idle_timeout(self) -> None:
         await self.idle_timeout()
+
+    async def _read_data(self) -> None:
+        with self.reading:
+            await super()._read_data()
 
     async def idle_timeout(self) -> None:
         await super()._idle_timeout()
@@ -189,6 +198,8 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
     ("hypercorn.trio.tcp_server.TCPServer._initiate_server_close",
      _has(TCPServer, "_initiate_server_close")),
     ("hypercorn.trio.tcp_server.TCPServer.protocol", _assigns(TCPServer.run, "protocol")),
+    ("hypercorn.trio.tcp_server.TCPServer._read_data/protocol_send",
+     _has(TCPServer, "_read_data", "protocol_send")),
     ("hypercorn.trio.lifespan.Lifespan.handle_lifespan/asgi_send/wait_for_startup/"
      "wait_for_shutdown",
      _has(Lifespan, "handle_lifespan", "asgi_send", "wait_for_startup", "wait_for_shutdown")),

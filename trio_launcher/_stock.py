@@ -12,8 +12,10 @@ import trio
 
 from ._hypercorn import (
     AppWrapper,
+    Closed,
     Config,
     ConnectionState,
+    Event,
     LifespanState,
     StockTCPServer,
     WorkerContext,
@@ -23,8 +25,20 @@ from ._transport import contained
 
 
 class _DrainSafeTCPServer(StockTCPServer):
-    """hypercorn's connection, minus a race that cut answered requests in the drain.
+    """hypercorn's connection, minus two faults of its drain.
 
+    **A closed connection that kept reading.** A keep-alive client that sends
+    its next request the moment a response arrives catches the drain between
+    two requests: hypercorn's HTTP/1.1 protocol has already read the new
+    request (h11 says PAUSED until the cycle ends), then ends the cycle by
+    closing the connection because the server is terminating, and goes back
+    to waiting for PAUSED to clear, which never happens. The read loop is
+    stuck inside the protocol, so the connection lived until
+    ``graceful_timeout`` cancelled it (3.15 s instead of 0.13 s under load).
+    Here the read loop is cancelled the moment the protocol closes the
+    connection: there is nothing left to read for.
+
+    **A race that cut answered requests.
     When the drain starts, hypercorn wakes every connection's idle timer to
     close idle keep-alive connections. A request that arrives on such a
     connection at that very moment is parsed and answered, while the timer,
@@ -36,6 +50,11 @@ class _DrainSafeTCPServer(StockTCPServer):
     can slip in between the decision and the close: it finds the connection
     closed and gets no answer at all, never half of one.
     """
+
+    async def protocol_send(self, event: Event) -> None:
+        await super().protocol_send(event)
+        if isinstance(event, Closed):
+            self.reading.cancel()
 
     async def idle_timeout(self) -> None:
         with trio.move_on_after(self.config.keep_alive_timeout):
@@ -64,5 +83,5 @@ async def serve_stock_connection(
             config,
             context,
             ConnectionState(lifespan_state.copy()),
-            stream,  # type: ignore[arg-type]
+            stream,
         ).run()
