@@ -29,7 +29,7 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -213,6 +213,7 @@ async def serve_http(
     max_head_size: int | None = None,
     access_log_exclude: Sequence[str] = (),
     transport: Literal["lean", "hypercorn"] = "lean",
+    on_max_requests: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
@@ -333,7 +334,14 @@ async def serve_http(
                         watch_engine, engine, watchdog_interval, control.on_engine_dead
                     )
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context, transport
+                    _run_server,
+                    wrapped,
+                    config,
+                    sockets,
+                    control,
+                    ssl_context,
+                    transport,
+                    on_max_requests,
                 )
                 for url in urls:
                     log.info("serving on %s", url)
@@ -362,9 +370,12 @@ async def _run_server(
     control: _Control,
     ssl_context: SwitchableContext | None,
     transport: str,
+    on_max_requests: Callable[[], None] | None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if on_max_requests is None:
+        on_max_requests = lambda: control.stop(StopReason.MAX_REQUESTS)  # noqa: E731
     try:
         await serve_sockets(
             app,
@@ -373,7 +384,7 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
-            on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
+            on_max_requests=on_max_requests,
             task_status=task_status,
         )
     finally:
