@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -18,8 +19,9 @@ import trio
 
 from trio_launcher._ports import BoundSockets
 from trio_launcher._workers import RestartPolicy, run_workers
+from trio_launcher.testing import TLSFiles
 
-from .proc import Launched, launch, run_cli
+from .proc import ROOT, Launched, launch, run_cli
 from .test_cli_process import get
 
 
@@ -304,3 +306,173 @@ async def test_requests_cut_in_a_workers_drain_are_an_error_in_the_parent(
     cut = [r for r in caplog.records if "cut 3 requests" in r.getMessage()]
     assert len(cut) == 1
     assert cut[0].levelno == logging.ERROR
+
+
+# --- rolling restart on SIGHUP, recycling ----------------------------------------
+
+VERSIONED_APP = """
+VERSION = "{version}"
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return  # no lifespan
+    body = VERSION.encode()
+    await send({{"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]}})
+    await send({{"type": "http.response.body", "body": body}})
+"""
+
+
+class Load:
+    """Requests one after the other, each on a new connection, until stopped."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.bodies: list[str] = []
+        self.failures: list[str] = []
+        self.done = trio.Event()
+
+    async def run(self, stop: trio.Event) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+            while not stop.is_set():
+                try:
+                    response = await client.get(self.url)
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text}")
+                self.bodies.append(response.text)
+        self.done.set()
+
+
+def replacements(lines: list[str]) -> list[tuple[int, int]]:
+    """(new PID, old PID) for every 'PID new serves, PID old drains' line."""
+    found = []
+    for line in lines:
+        if m := re.search(r"PID (\d+) serves, PID (\d+) drains", line):
+            found.append((int(m.group(1)), int(m.group(2))))
+    return found
+
+
+def one_at_a_time(lines: list[str], count: int) -> None:
+    """After the first ``count`` starts, each start is followed by its swap first."""
+    events = [line for line in lines if "started (PID" in line or " serves, PID " in line]
+    starts = 0
+    pending = 0
+    for line in events:
+        if "started (PID" in line:
+            starts += 1
+            if starts > count:
+                pending += 1
+                assert pending == 1, "\n".join(events)
+        else:
+            pending -= 1
+
+
+async def test_sighup_restarts_workers_one_by_one_with_fresh_code(tmp_path: Path) -> None:
+    module = tmp_path / "versioned_app.py"
+    module.write_text(VERSIONED_APP.format(version="v1"))
+    notify_path = str(tmp_path / "notify.sock")
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
+        await notify_sock.bind(notify_path)
+
+        async def next_message() -> str:
+            with trio.fail_after(30):
+                return (await notify_sock.recv(4096)).decode()
+
+        env = {"NOTIFY_SOCKET": notify_path, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+        args = ["versioned_app:app", "--workers", "2", "--bind", "127.0.0.1:0"]
+        async with launch(args, env=env, wait_serving=False) as proc:
+            old = await serving(proc)
+            assert (await next_message()).startswith("READY=1")
+            assert (await get(proc.url)).text == "v1"
+            module.write_text(VERSIONED_APP.format(version="v2"))
+            load = Load(proc.url)
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load.run, stop)
+                proc.signal(signal.SIGHUP)
+                reloading = (await next_message()).split("\n")
+                assert reloading[0] == "RELOADING=1"
+                assert reloading[1].startswith("MONOTONIC_USEC=")
+                assert await next_message() == "READY=1"
+                await wait_gone(old, timeout=10)
+                stop.set()
+            new = worker_pids(proc.process.pid)
+            assert len(new) == 2
+            assert not set(new) & set(old)
+            assert sorted(old) == sorted(o for _, o in replacements(proc.lines))
+            assert (await get(proc.url)).text == "v2"
+            assert load.failures == []
+            assert set(load.bodies) <= {"v1", "v2"}
+            one_at_a_time(proc.lines, 2)
+            proc.signal(signal.SIGTERM)
+            assert await next_message() == "STOPPING=1"
+            assert await proc.wait() == 0, proc.stderr
+
+
+async def test_a_broken_reload_keeps_the_old_workers_serving(tmp_path: Path) -> None:
+    module = tmp_path / "versioned_app.py"
+    module.write_text(VERSIONED_APP.format(version="v1"))
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    args = ["versioned_app:app", "--workers", "2", "--bind", "127.0.0.1:0"]
+    async with launch(args, env=env, wait_serving=False) as proc:
+        old = await serving(proc)
+        module.write_text("raise RuntimeError('a bad deploy')\n")
+        proc.signal(signal.SIGHUP)
+        await proc.wait_for_line(r"the new worker \(PID \d+\) exited 2 before serving", 30)
+        await proc.wait_for_line("rolling restart: 0 of 2 workers replaced")
+        assert sorted(worker_pids(proc.process.pid)) == sorted(old)
+        assert (await get(proc.url)).text == "v1"
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("limit", "why"),
+    [
+        (["--max-requests", "15", "--max-requests-jitter", "5"], "reached --max-requests"),
+        (["--worker-lifetime", "2"], r"is \d+ s old"),
+        (["--worker-max-rss", "1"], r"uses \d+ MiB > 1 MiB"),
+    ],
+)
+async def test_recycling_replaces_workers_without_a_failed_request(
+    limit: list[str], why: str
+) -> None:
+    async with launch([*WORKERS, *limit], wait_serving=False) as proc:
+        first = await serving(proc)
+        load = Load(proc.url)
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load.run, stop)
+            with trio.fail_after(60):
+                while len(replacements(proc.lines)) < 2:
+                    await proc.wait_for_line(r"serves, PID \d+ drains", timeout=60)
+                    await trio.sleep(0.1)
+            stop.set()
+        await proc.wait_for_line(why)
+        assert load.failures == []
+        assert len(load.bodies) > 0
+        assert {old for _, old in replacements(proc.lines)} & set(first)
+        one_at_a_time(proc.lines, 2)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0, proc.stderr
+
+
+async def test_sighup_with_workers_loads_tls_files_afresh(tmp_path: Path) -> None:
+    tls = TLSFiles(tmp_path / "tls")
+    args = [*WORKERS, "--certfile", str(tls.cert_file), "--keyfile", str(tls.key_file)]
+    async with launch(args, wait_serving=False) as proc:
+        await serving(proc)
+        before = await tls.presented_cert(proc.port)
+        tls.rotate()
+        assert tls.server_fingerprint() != before
+        proc.signal(signal.SIGHUP)
+        await proc.wait_for_line("rolling restart: 2 of 2 workers replaced", timeout=30)
+        for _ in range(4):  # whichever worker answers
+            assert await tls.presented_cert(proc.port) == tls.server_fingerprint()
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0, proc.stderr
