@@ -39,8 +39,11 @@ from ._errors import (
     BindError,
     ConfigError,
     EngineDeadError,
+    ExitCode,
     ForcedShutdown,
+    OptionError,
 )
+from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
 from ._runner import serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
@@ -58,7 +61,6 @@ from ._workers import (
 log = logging.getLogger("trio_launcher")
 
 PROG = "trio-launcher"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ENGINE_DEAD, EXIT_BIND = 0, 1, 2, 3, 4
 DEFAULT_BACKLOG = 2048
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -287,12 +289,12 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         opts = parser.parse_args(argv)
     except _UsageError as exc:
-        return _fail(f"{exc} (see {PROG} --help)", EXIT_USAGE)
+        return _fail(f"{exc} (see {PROG} --help)", ExitCode.USAGE)
     debug = opts.log_level == "debug"
     _setup_logging(opts.log_level)
     orders = take_worker_role()
     if orders is not None and (problem := _not_for_a_worker(opts)):
-        return _fail(f"{problem} (see {PROG} --help)", EXIT_USAGE)
+        return _fail(f"{problem} (see {PROG} --help)", ExitCode.USAGE)
     try:
         config = build_config(opts)
         if orders is None:
@@ -311,44 +313,60 @@ def _main(argv: Sequence[str] | None) -> int:
         app = import_from_string(opts.app, "app")
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
         absorb_signals_for_process()
-        trio.run(
-            partial(
-                serve_http,
-                app,
-                config,
-                engine=engine,
-                watchdog_interval=opts.watchdog_interval,
-                keep_alive_on_engine_death=opts.keep_alive_on_engine_death,
-                enable_ssl_refresh=opts.ssl_refresh,
-                ssl_refresh_interval=opts.ssl_refresh_interval,
-                health_path=opts.health_path,
-                shutdown_delay=opts.shutdown_delay,
-                max_header_count=opts.max_header_count,
-                max_head_size=opts.max_head_size,
-                access_log_exclude=opts.access_log_exclude,
-                transport=opts.transport,
-                on_max_requests=ask_to_retire if orders is not None else None,
-            )
-        )
+        options = options_from_args(opts, engine)
+        if orders is not None:
+            options = options.replace(on_max_requests=ask_to_retire)
+        trio.run(partial(serve_http, app, config, options=options))
         # The runner's count of requests cut at graceful_timeout goes here.
         cut_requests = 0
         report_cut_requests(cut_requests)
+    except OptionError as exc:
+        return _fail(exc.with_name(flag_for(exc.option)), ExitCode.USAGE, debug)
     except ConfigError as exc:
-        return _fail(str(exc), EXIT_USAGE, debug)
+        return _fail(str(exc), ExitCode.USAGE, debug)
     except BindError as exc:
-        return _fail(str(exc), EXIT_BIND, debug)
+        return _fail(str(exc), ExitCode.BIND, debug)
     except EngineDeadError as exc:
-        return _fail(str(exc), EXIT_ENGINE_DEAD, debug)
+        return _fail(str(exc), ExitCode.ENGINE_DEAD, debug)
     except ForcedShutdown as exc:
         _fail(str(exc), 0, debug)
         return 128 + exc.signum
     except AppStartupError as exc:
-        return _fail(str(exc), EXIT_ERROR, debug)
+        return _fail(str(exc), ExitCode.ERROR, debug)
     except KeyboardInterrupt:
         return _fail("interrupted", 128 + signal.SIGINT, debug)
     except Exception as exc:
-        return _fail(f"unexpected {_describe(exc)}", EXIT_ERROR, debug)
-    return EXIT_OK
+        return _fail(f"unexpected {_describe(exc)}", ExitCode.ERROR, debug)
+    return ExitCode.OK
+
+
+KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
+"""vLLM's variable for ``--keep-alive-on-engine-death``; read by the CLI only."""
+
+
+def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeOptions:
+    """The runner's options from the parsed flags (and vLLM's environment variable)."""
+    keep_alive = opts.keep_alive_on_engine_death
+    if keep_alive is None:
+        keep_alive = os.environ.get(KEEP_ALIVE_ENV, "") in ("1", "true", "yes")
+    return ServeOptions(
+        engine=engine,
+        watchdog_interval=opts.watchdog_interval,
+        keep_alive_on_engine_death=keep_alive,
+        enable_ssl_refresh=opts.ssl_refresh,
+        ssl_refresh_interval=opts.ssl_refresh_interval,
+        health_path=opts.health_path,
+        shutdown_delay=opts.shutdown_delay,
+        max_header_count=opts.max_header_count,
+        max_head_size=opts.max_head_size,
+        access_log_exclude=tuple(opts.access_log_exclude),
+        transport=opts.transport,
+    )
+
+
+def flag_for(option: str) -> str:
+    """The CLI flag that sets ``option`` (its own name if it has none)."""
+    return option_flags().get(option) or option
 
 
 def _not_for_a_worker(opts: argparse.Namespace) -> str | None:

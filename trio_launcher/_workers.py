@@ -79,15 +79,15 @@ from dataclasses import dataclass, field
 import psutil
 import trio
 
-from ._errors import ConfigError
+from ._errors import ConfigError, ExitCode
 from ._ports import BoundSockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 
 log = logging.getLogger("trio_launcher")
 
-EXIT_USAGE = 2
-EXIT_ENGINE_DEAD = 3
+EXIT_USAGE = ExitCode.USAGE
+EXIT_ENGINE_DEAD = ExitCode.ENGINE_DEAD
 
 ORDERS_ENV = "TRIO_LAUNCHER_LIFELINE"
 """Set in a worker's environment: the read end of its order pipe. Marks a worker."""
@@ -463,7 +463,7 @@ class _Supervisor:
                 if len(crashes) > self.policy.max_restarts:
                     log.error("worker %d crashed %d times in %g s (last: %s); giving up",
                               slot, len(crashes), self.policy.window, _how(code))  # fmt: skip
-                    self.stop(1)
+                    self.stop(ExitCode.ERROR)
                     return
                 log.warning("worker %d (PID %d) crashed (%s); restarting in %.1f s",
                             slot, worker.pid, _how(code), backoff)  # fmt: skip
