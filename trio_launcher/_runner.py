@@ -28,7 +28,7 @@ import enum
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Unpack
 
@@ -277,7 +277,14 @@ async def serve_http(
                         watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
                     )
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context, opts.transport
+                    _run_server,
+                    wrapped,
+                    config,
+                    sockets,
+                    control,
+                    ssl_context,
+                    opts.transport,
+                    opts.on_max_requests,
                 )
                 for url in urls:
                     log.info("serving on %s", url)
@@ -306,9 +313,12 @@ async def _run_server(
     control: _Control,
     ssl_context: SwitchableContext | None,
     transport: Transport,
+    on_max_requests: Callable[[], None] | None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if on_max_requests is None:
+        on_max_requests = lambda: control.stop(StopReason.MAX_REQUESTS)  # noqa: E731
     try:
         await serve_sockets(
             app,
@@ -317,7 +327,7 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
-            on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
+            on_max_requests=on_max_requests,
             task_status=task_status,
         )
     finally:
