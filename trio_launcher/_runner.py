@@ -37,14 +37,22 @@ import trio
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
-from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
+from ._asgi import (
+    ENGINE_ERRORS,
+    Bounds,
+    InFlight,
+    Limits,
+    RunnerMiddleware,
+    check_bounds,
+    describe_routes,
+)
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
-from ._watchdog import check_engine, engine_is_dead, watch_engine
+from ._watchdog import HealthProbe, check_engine, engine_is_dead, watch_engine
 
 log = logging.getLogger("trio_launcher")
 
@@ -86,6 +94,9 @@ class _Control:
         self.engine_death: str | None = None
         self.refresher: CertificateRefresher | None = None
         self.ready = False
+        self.in_flight = InFlight()
+        self.probe: HealthProbe | None = None
+        self.cut_requests = 0
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -117,10 +128,19 @@ class _Control:
         """The health path's answer: 200 while serving with a live engine, else 503."""
         state = "stopping" if self.stopping.is_set() else "serving"
         body: dict[str, Any] = {"status": state}
+        overdue = self.probe is not None and self.probe.overdue and not self.engine_dead
         if self.engine is not None:
-            body["engine"] = "dead" if self.engine_dead else "alive"
-        healthy = state == "serving" and not self.engine_dead
+            body["engine"] = "dead" if self.engine_dead else "unresponsive" if overdue else "alive"
+        healthy = state == "serving" and not self.engine_dead and not overdue
         return (200 if healthy else 503), body
+
+    def on_drain_deadline(self, graceful_timeout: float) -> None:
+        """The drain reached graceful_timeout: say what is about to be cut."""
+        self.cut_requests = len(self.in_flight)
+        if self.cut_requests:
+            log.error("drain: graceful_timeout (%g s) reached with %d request%s still running; "
+                      "cutting them: %s", graceful_timeout, self.cut_requests,
+                      "" if self.cut_requests == 1 else "s", self.in_flight.describe())  # fmt: skip
 
     def on_stop_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -187,6 +207,16 @@ class ServerHandle:
         return self._control.reason
 
     @property
+    def in_flight(self) -> int:
+        """Requests now in the app (the health path and refused requests excluded)."""
+        return len(self._control.in_flight)
+
+    @property
+    def cut_requests(self) -> int:
+        """Requests still running when the drain reached graceful_timeout (cancelled)."""
+        return self._control.cut_requests
+
+    @property
     def tls(self) -> CertificateRefresher | None:
         """The certificate refresher (``reloads``, ``failures``, ``request_reload()``)."""
         return self._control.refresher
@@ -213,6 +243,12 @@ async def serve_http(
     max_head_size: int | None = None,
     access_log_exclude: Sequence[str] = (),
     transport: Literal["lean", "hypercorn"] = "lean",
+    engine_health_interval: float = 10.0,
+    engine_health_timeout: float = 10.0,
+    request_timeout: float | None = None,
+    limit_concurrency: int | None = None,
+    body_timeout: float | None = 60.0,
+    startup_timeout: float | None = None,
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
@@ -248,6 +284,18 @@ async def serve_http(
         transport: ``lean``, trio_launcher's own connection layer driving
             hypercorn's protocols (faster; see BENCHMARKS.md), or
             ``hypercorn``, hypercorn's stock trio connection.
+        engine_health_interval: seconds between calls of the engine's
+            ``check_health()``, if it has one.
+        engine_health_timeout: seconds a ``check_health()`` call may take;
+            a call that raises or takes longer means the engine is dead.
+        request_timeout: seconds for a response to start; later, the handler
+            is cancelled and the client gets 504. None: no deadline.
+        limit_concurrency: most requests in flight; more get 503 at once.
+        body_timeout: a request body's allowance: the handler may wait this
+            long for body bytes, plus 1 s per KiB received (see docs/limits.md);
+            a slower body gets 408. None: no limit.
+        startup_timeout: seconds the app's lifespan startup may take. None:
+            no limit (unless ``config.startup_timeout`` was changed from 60).
         task_status: receives a :class:`ServerHandle` once serving.
 
     Returns:
@@ -288,8 +336,17 @@ async def serve_http(
     if max_head_size is not None:
         config.h11_max_incomplete_size = max_head_size
         config.h2_max_header_list_size = max_head_size
+    bounds = Bounds(request_timeout, limit_concurrency, body_timeout)
+    check_bounds(bounds, engine_health_interval=engine_health_interval,
+                 engine_health_timeout=engine_health_timeout,
+                 startup_timeout=startup_timeout)  # fmt: skip
+    config.startup_timeout = _startup_limit(config, startup_timeout)
 
     control = _Control(engine, keep_alive_on_engine_death, shutdown_delay)
+    check_health = getattr(engine, "check_health", None)
+    if check_health is not None:
+        control.probe = HealthProbe(check_health, engine_health_interval, engine_health_timeout,
+                                    control.on_engine_dead)  # fmt: skip
     error_types = (*ENGINE_ERRORS, *engine_error_types)
     served_app = app
     if is_quart_app(app):
@@ -303,6 +360,8 @@ async def serve_http(
         health_path=health_path,
         health=control.health,
         limits=Limits(max_header_count, max_head_size),
+        bounds=bounds,
+        in_flight=control.in_flight,
     )
     wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     ssl_context = initial_context(config) if config.ssl_enabled else None
@@ -332,6 +391,8 @@ async def serve_http(
                     nursery.start_soon(
                         watch_engine, engine, watchdog_interval, control.on_engine_dead
                     )
+                if control.probe is not None:
+                    nursery.start_soon(control.probe.run)
                 urls = await nursery.start(
                     _run_server, wrapped, config, sockets, control, ssl_context, transport
                 )
@@ -374,10 +435,23 @@ async def _run_server(
             ssl_context,
             transport=transport,
             on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
+            on_drain_deadline=control.on_drain_deadline,
             task_status=task_status,
         )
     finally:
         control.served.set()
+
+
+def _startup_limit(config: Config, startup_timeout: float | None) -> float:
+    """The lifespan startup limit: the argument, else a changed config value, else none.
+
+    hypercorn's default of 60 s was silent and too short to load a large model.
+    """
+    if startup_timeout is not None:
+        return startup_timeout
+    if config.startup_timeout != Config.startup_timeout:
+        return float(config.startup_timeout)
+    return math.inf
 
 
 def _prepare_config(config: Config | None) -> Config:
