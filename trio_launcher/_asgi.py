@@ -63,7 +63,7 @@ from typing import Any
 
 import trio
 
-from ._errors import ConfigError, EngineDeadError, EngineGenerateError
+from ._errors import EngineDeadError, EngineGenerateError
 
 log = logging.getLogger("trio_launcher")
 
@@ -107,25 +107,6 @@ class Bounds:
     request_timeout: float | None = None
     limit_concurrency: int | None = None
     body_timeout: float | None = 60.0
-
-
-def check_bounds(bounds: Bounds, **seconds: float | None) -> None:
-    """Raise ``ConfigError`` naming the option if a bound (or ``seconds``) is bad.
-
-    Seconds must be numbers > 0 (None: off); ``limit_concurrency`` a whole number >= 1.
-    """
-    checks = {"request_timeout": bounds.request_timeout, "body_timeout": bounds.body_timeout,
-              **seconds}  # fmt: skip
-    for name, value in checks.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-        if math.isnan(value) or value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value!r}")
-    limit = bounds.limit_concurrency
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"limit_concurrency must be a whole number >= 1, got {limit!r}")
 
 
 class InFlight:
