@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import trio
@@ -94,8 +95,12 @@ class GatedEngine(ProbedEngine):
 
 async def test_health_path_is_503_while_a_probe_is_overdue() -> None:
     engine = GatedEngine()
-    options = {"engine": engine, "health_path": "/health", "engine_health_interval": 0.05,
-               "engine_health_timeout": 30.0}  # fmt: skip
+    options: dict[str, Any] = {
+        "engine": engine,
+        "health_path": "/health",
+        "engine_health_interval": 0.05,
+        "engine_health_timeout": 30.0,
+    }
     async with running_server(BoundsApp(), **options) as server:
         with trio.fail_after(5):
             await engine.probing.wait()
