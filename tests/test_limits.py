@@ -8,10 +8,17 @@ measured figures are printed (``-s``) for docs/limits.md.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import httpx
 import pytest
 import trio
@@ -308,3 +315,161 @@ def test_cli_startup_timeout_and_failure_exit_1_naming_the_cause() -> None:
 
 slow_start_app = SlowStartApp(30.0)
 failing_start_app = SlowStartApp(0.0, fail=True)
+
+
+# --- 4. slow request bodies ----------------------------------------------------------
+
+
+async def read_response(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
+    """Read one response (head and body, by content-length); return (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"EOF before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return head, body
+
+
+async def read_eof(stream: trio.abc.Stream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
+@pytest.mark.parametrize("transport", ["lean", "hypercorn"])
+async def test_trickling_body_gets_408_and_close_and_the_handler_is_cancelled(
+    transport: str,
+) -> None:
+    app = BoundsApp()
+    async with running_server(app, body_timeout=1.0, transport=transport) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 1000\r\n\r\n")
+        start = trio.current_time()
+        answer: list[tuple[bytes, bytes]] = []
+
+        async def trickle() -> None:
+            for _ in range(1000):  # 10 bytes/s: far below the 1 KiB/s minimum rate
+                await stream.send_all(b"x")
+                await trio.sleep(0.1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            with trio.fail_after(5):
+                answer.append(await read_response(stream))
+                took = elapsed_since(start)
+                await read_eof(stream)  # the server closes the connection
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+        head, body = answer[0]
+        print(f"\nMEASURED|408 after|{took:.3f} s|{transport}")
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert b"connection: close" in head.lower()
+        assert json.loads(body)["error"]["type"] == "RequestTimeout"
+        assert 1.0 <= took < 2.5
+        assert app.ended["/upload"] == ["Cancelled"]
+
+
+async def test_stalled_body_gets_408_after_body_timeout() -> None:
+    app = BoundsApp()
+    async with running_server(app, body_timeout=0.5) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            head = b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n"
+            await stream.send_all(head + b"x" * 50_000)
+            start = trio.current_time()
+            with trio.fail_after(5):
+                head, _ = await read_response(stream)
+            took = elapsed_since(start)
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert took < 2.0  # a single wait may not exceed body_timeout, whatever was received
+        assert app.ended["/upload"] == ["Cancelled"]
+
+
+async def test_fast_50_mb_upload_is_never_cut() -> None:
+    size = 50 * 1024 * 1024
+    async with running_server(BoundsApp(), body_timeout=1.0) as server:
+        chunk = b"u" * 65536
+
+        async def body() -> Any:
+            for _ in range(size // len(chunk)):
+                yield chunk
+
+        start = trio.current_time()
+        response = await server.client.post("/upload", content=body())
+        print(f"\nMEASURED|50 MiB upload|{elapsed_since(start):.2f} s")
+        assert (response.status_code, response.text) == (200, str(size))
+
+
+@pytest.mark.parametrize(("size", "body_timeout"), [(200 * 1024, 1.0), (1000 * 1024, 60.0)])
+async def test_upload_at_100_kib_per_s_is_never_cut(size: int, body_timeout: float) -> None:
+    # 200 KiB takes 2 s: twice body_timeout; the rate rule, not the allowance, lets it through.
+    async with running_server(BoundsApp(), body_timeout=body_timeout) as server:
+        chunk = b"r" * 10240
+
+        async def body() -> Any:
+            for _ in range(size // len(chunk)):
+                yield chunk
+                await trio.sleep(0.1)  # 10 KiB every 0.1 s: 100 KiB/s
+
+        response = await server.client.post("/upload", content=body())
+        assert (response.status_code, response.text) == (200, str(size))
+
+
+async def test_trickling_body_on_one_http2_stream_gets_408_and_the_connection_lives() -> None:
+    app = BoundsApp()
+    async with running_server(app, body_timeout=1.0) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", "/upload"), (":scheme", "http"),
+                              (":authority", "t"), ("content-length", "1000")])  # fmt: skip
+        await stream.send_all(conn.data_to_send())
+        statuses: dict[int, str] = {}
+        start = trio.current_time()
+        lock = trio.Lock()  # two client tasks write to one connection
+
+        async def flush() -> None:
+            async with lock:
+                await stream.send_all(conn.data_to_send())
+
+        async def trickle() -> None:
+            for _ in range(1000):
+                if 1 in statuses:
+                    return
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    conn.send_data(1, b"x")
+                await flush()
+                await trio.sleep(0.1)
+
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            with trio.fail_after(5):
+                while 1 not in statuses:
+                    await _h2_read(stream, conn, statuses, flush)
+                took = elapsed_since(start)
+                conn.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                      (":authority", "t")], end_stream=True)  # fmt: skip
+                await flush()
+                while 3 not in statuses:
+                    await _h2_read(stream, conn, statuses, flush)
+            nursery.cancel_scope.cancel()
+        assert statuses == {1: "408", 3: "200"}
+        assert 1.0 <= took < 2.5
+        assert app.ended["/upload"] == ["Cancelled"]
+
+
+async def _h2_read(
+    stream: trio.SocketStream,
+    conn: h2.connection.H2Connection,
+    statuses: dict[int, str],
+    flush: Callable[[], Awaitable[None]],
+) -> None:
+    data = await stream.receive_some(65536)
+    assert data, "the server closed the HTTP/2 connection"
+    for event in conn.receive_data(data):
+        if isinstance(event, h2.events.ResponseReceived):
+            statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+    await flush()
