@@ -287,6 +287,25 @@ class RunnerMiddleware:
             raise
 
 
+class ClientGoneStatus(logging.Filter):
+    """Access-log status 499 for a request whose client left before its response ended.
+
+    hypercorn logs such a request with status ``-``. It is nginx's 499 (Client
+    Closed Request), unless ``cutting()`` says the drain deadline passed: then
+    the server cut it, and ``-`` stays.
+    """
+
+    def __init__(self, cutting: Callable[[], bool]) -> None:
+        super().__init__()
+        self.cutting = cutting
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args
+        if isinstance(atoms, MutableMapping) and atoms.get("s") == "-" and not self.cutting():
+            atoms["s"], atoms["st"] = "499", "Client Closed Request"
+        return True
+
+
 class BodyTimeoutError(Exception):
     """A request body stalled after its response had started: the response is cut."""
 

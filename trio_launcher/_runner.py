@@ -36,7 +36,15 @@ import trio
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
-from ._asgi import ENGINE_ERRORS, Bounds, InFlight, Limits, RunnerMiddleware, describe_routes
+from ._asgi import (
+    ENGINE_ERRORS,
+    Bounds,
+    ClientGoneStatus,
+    InFlight,
+    Limits,
+    RunnerMiddleware,
+    describe_routes,
+)
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
@@ -88,6 +96,7 @@ class _Control:
         self.in_flight = InFlight()
         self.probe: HealthProbe | None = None
         self.cut_requests = 0
+        self.cutting = False  # the drain deadline passed: requests are being cut
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -127,6 +136,7 @@ class _Control:
 
     def on_drain_deadline(self, graceful_timeout: float) -> None:
         """The drain reached graceful_timeout: say what is about to be cut."""
+        self.cutting = True
         self.cut_requests = len(self.in_flight)
         if self.cut_requests:
             log.error("drain: graceful_timeout (%g s) reached with %d request%s still running; "
@@ -289,7 +299,12 @@ async def serve_http(
     ports = tcp_ports(sockets)
     _log_routes(app)
     try:
-        with readable_errors(), control.force, _access_log_filter(config, opts.access_log_exclude):
+        with (
+            readable_errors(),
+            control.force,
+            _access_log_filter(config, opts.access_log_exclude),
+            _logger_filter(config.log.access_logger, ClientGoneStatus(lambda: control.cutting)),
+        ):
             async with trio.open_nursery() as nursery:
                 if opts.handle_signals:
                     await nursery.start(
@@ -419,6 +434,18 @@ def _access_log_filter(config: Config, paths: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(exclude)
+
+
+@contextmanager
+def _logger_filter(logger: logging.Logger | None, log_filter: logging.Filter) -> Iterator[None]:
+    if logger is None:
+        yield
+        return
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
 
 
 @contextmanager
