@@ -95,6 +95,7 @@ async def test_limit_concurrency_sheds_excess_at_once_and_health_stays_fast() ->
             if response.status_code == 503:
                 shed_times.append(elapsed_since(start))
                 retry_after.add(response.headers.get("retry-after"))
+                assert response.headers["connection"] == "close"  # frees the connection
                 assert response.json()["error"]["type"] == "Overloaded"
 
         async with (

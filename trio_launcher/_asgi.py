@@ -177,6 +177,7 @@ class RunnerMiddleware:
         self.limits = limits
         self.bounds = bounds
         self.in_flight = in_flight if in_flight is not None else InFlight()
+        self._shed_body: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -205,15 +206,31 @@ class RunnerMiddleware:
         limit = self.bounds.limit_concurrency
         if limit is not None and len(in_flight) >= limit:
             in_flight.shed += 1
-            await send_json(send, 503, {"error": {"type": "Overloaded", "message":
-                            f"{limit} requests in flight, the limit; retry later"}},
-                            extra_headers=[(b"retry-after", RETRY_AFTER)])  # fmt: skip
+            await self._shed(scope, send, limit)
             return
         key = in_flight.add(scope["method"], scope["path"])
         try:
             await self._call_app(scope, receive, send)
         finally:
             in_flight.remove(key)
+
+    async def _shed(self, scope: Scope, send: Send, limit: int) -> None:
+        """503 at once; on HTTP/1.x the connection closes too (it frees the most memory)."""
+        body = self._shed_body
+        if body is None:
+            message = f"{limit} requests in flight, the limit; retry later"
+            body = self._shed_body = json.dumps(
+                {"error": {"type": "Overloaded", "message": message}}
+            ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", RETRY_AFTER),
+        ]
+        if _is_http1(scope):
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def _over_limit(self, scope: Scope) -> str | None:
         headers = scope.get("headers") or ()
