@@ -549,13 +549,12 @@ async def _leave(app: BoundsApp, stream: trio.abc.Stream, protocol: str, how: st
         ("http/1.1", True, "close", "lean"),
         ("h2", False, "close", "lean"),
         ("h2", True, "close", "lean"),
-        # Known gaps, in the connection layer: hypercorn's own TaskGroup waits for
-        # the handler after the connection closed, and a reset HTTP/2 stream only
-        # queues http.disconnect (read by a handler that calls receive()).
+        ("h2", False, "rst_stream", "lean"),
+        ("h2", True, "rst_stream", "lean"),
+        # A known gap, in the connection layer: hypercorn's own TaskGroup waits
+        # for the handler after the connection closed.
         pytest.param("http/1.1", False, "close", "hypercorn", marks=pytest.mark.xfail(
             strict=True, reason="stock hypercorn connection")),
-        pytest.param("h2", False, "rst_stream", "lean", marks=pytest.mark.xfail(
-            strict=True, reason="HTTP/2 RST_STREAM")),
     ],
 )  # fmt: skip
 async def test_client_that_leaves_cancels_its_handler_promptly(

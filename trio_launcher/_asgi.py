@@ -245,28 +245,40 @@ class RunnerMiddleware:
         return None
 
     async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
+        started = complete = False
         bounds = self.bounds
         deadline = trio.CancelScope()
         if bounds.request_timeout is not None:
             deadline.deadline = trio.current_time() + bounds.request_timeout
+        reset: _StreamReset | None = None
+        if scope.get("http_version") == "2":
+            reset = _StreamReset(receive, deadline, lambda: complete)
+            receive = reset.receive
         body: _BodyClock | None = None
         if bounds.body_timeout is not None:
             body = _BodyClock(receive, bounds.body_timeout, deadline)
             receive = body.receive
 
         async def runner_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, complete
             if message["type"] == "http.response.start":
                 if deadline.cancel_called:
                     await trio.lowlevel.checkpoint()  # too late: raises Cancelled
                 started = True
                 deadline.deadline = math.inf  # a started response is never cut
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
             await send(message)
 
         with deadline:
-            await self._call_guarded(scope, receive, runner_send, lambda: started)
-        if not deadline.cancelled_caught:
+            if reset is None:
+                await self._call_guarded(scope, receive, runner_send, lambda: started)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reset.pump)
+                    await self._call_guarded(scope, receive, runner_send, lambda: started)
+                    nursery.cancel_scope.cancel()
+        if not deadline.cancelled_caught or (reset is not None and reset.gone):
             return
         method, path = scope.get("method"), scope.get("path")
         if body is not None and body.timed_out:
@@ -321,6 +333,47 @@ class ClientGoneStatus(logging.Filter):
         if isinstance(atoms, MutableMapping) and atoms.get("s") == "-" and not self.cutting():
             atoms["s"], atoms["st"] = "499", "Client Closed Request"
         return True
+
+
+class _StreamReset:
+    """HTTP/2: cancel the handler when the client resets its stream.
+
+    When a client closes the *connection*, the transport cancels every handler
+    on it. A reset stream (``RST_STREAM``, connection kept) only queues
+    ``http.disconnect`` for a handler that calls ``receive()``, and one busy
+    with the engine never does. So for HTTP/2 a small task reads ``receive()``
+    on the handler's behalf (in order, one message ahead) and cancels the
+    handler if the disconnect comes before its response ended (after that,
+    ASGI lets a handler run on: background tasks). One task per HTTP/2
+    request; HTTP/1.1 has one request per connection and needs none.
+    """
+
+    def __init__(
+        self, receive: Receive, scope: trio.CancelScope, complete: Callable[[], bool]
+    ) -> None:
+        self._receive = receive
+        self._scope = scope
+        self._complete = complete
+        self._to_app, self._from_pump = trio.open_memory_channel[Message](1)
+        self.gone = False
+
+    async def pump(self) -> None:
+        async with self._to_app:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    if not self._complete():
+                        self.gone = True
+                        self._scope.cancel()
+                    await self._to_app.send(message)
+                    return
+                await self._to_app.send(message)
+
+    async def receive(self) -> Message:
+        try:
+            return await self._from_pump.receive()
+        except trio.EndOfChannel:
+            return {"type": "http.disconnect"}
 
 
 class BodyTimeoutError(Exception):
