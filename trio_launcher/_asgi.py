@@ -57,6 +57,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +123,7 @@ class InFlight:
 
     def add(self, method: str, path: str) -> int:
         key = self._next = self._next + 1
-        self._requests[key] = (trio.current_time(), method, path)
+        self._requests[key] = (time.monotonic(), method, path)
         return key
 
     def remove(self, key: int) -> None:
@@ -131,7 +132,7 @@ class InFlight:
     def oldest_age(self) -> float:
         """Seconds since the oldest request in flight arrived (0 when none is)."""
         for arrived, _, _ in self._requests.values():  # insertion order: oldest first
-            return trio.current_time() - arrived
+            return time.monotonic() - arrived
         return 0.0
 
     def describe(self, most: int = 5) -> str:
@@ -210,7 +211,17 @@ class RunnerMiddleware:
             return
         key = in_flight.add(scope["method"], scope["path"])
         try:
-            await self._call_app(scope, receive, send)
+            bounds = self.bounds
+            if (
+                bounds.request_timeout is None
+                and scope.get("http_version") != "2"
+                and (bounds.body_timeout is None or not _has_body(scope))
+            ):
+                # Nothing to bound: no cancel scope (entering one costs more than
+                # the rest of this middleware; hello world pays nothing for it).
+                await self._call_plain(scope, receive, send)
+            else:
+                await self._call_bounded(scope, receive, send)
         finally:
             in_flight.remove(key)
 
@@ -244,7 +255,18 @@ class RunnerMiddleware:
                 return f"request head of {size} bytes, the limit is {limits.max_head_size}"
         return None
 
-    async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _call_plain(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def runner_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self._call_guarded(scope, receive, runner_send, lambda: started)
+
+    async def _call_bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = complete = False
         bounds = self.bounds
         deadline = trio.CancelScope()
@@ -413,6 +435,14 @@ class _BodyClock:
         else:
             self.done = True
         return message
+
+
+def _has_body(scope: Scope) -> bool:
+    """An HTTP/1.x request that says it has a body (HTTP/2 is treated apart)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
 
 
 def _is_http1(scope: Scope) -> bool:
