@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -71,8 +72,13 @@ async def _app(sleep: Callable[[float], Awaitable[None]], scope: Message, receiv
     await send({"type": "http.response.body", "body": body})
 
 
-trio_app = partial(_app, trio.sleep)
-asyncio_app = partial(_app, asyncio.sleep)  # for uvicorn (it answers /health in the app)
+async def trio_app(scope: Message, receive: Receive, send: Send) -> None:
+    await _app(trio.sleep, scope, receive, send)
+
+
+async def asyncio_app(scope: Message, receive: Receive, send: Send) -> None:
+    """For uvicorn, which answers /health in the app (and must see a coroutine function)."""
+    await _app(asyncio.sleep, scope, receive, send)
 
 
 def serve(variant: str, port: int) -> None:
@@ -285,6 +291,70 @@ def cost(rounds: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def middleware_cpu(variant: str, calls: int = 50_000) -> float:
+    """CPU microseconds per call of the runner's middleware around a hello-world app.
+
+    CPU time of this process, best of seven: other work on the machine hardly
+    moves it, unlike wall-clock throughput. ``variant``: ``main`` (needs
+    ``BENCH_TRIO_LAUNCHER``), ``defaults``, ``bounds-off`` or ``all-bounds``.
+    """
+    snapshot = os.environ.get("BENCH_TRIO_LAUNCHER")
+    if snapshot:
+        _import_package_from(Path(snapshot) / "trio_launcher")
+    from trio_launcher import _asgi
+
+    kwargs: dict[str, Any] = {}
+    if variant != "main":
+        kwargs["bounds"] = {
+            "defaults": _asgi.Bounds(),
+            "bounds-off": _asgi.Bounds(body_timeout=None),
+            "all-bounds": _asgi.Bounds(30.0, 1000, 60.0),
+        }[variant]
+
+    async def hello(scope: Message, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hi"})
+
+    async def send(message: Message) -> None:
+        pass
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    middleware = _asgi.RunnerMiddleware(hello, lambda exc: None, **kwargs)
+    scope = {"type": "http", "method": "GET", "path": "/", "http_version": "1.1",
+             "headers": [(b"host", b"x")]}  # fmt: skip
+
+    async def measure() -> float:
+        best = math.inf
+        for _ in range(7):
+            start = time.process_time()
+            for _ in range(calls):
+                await middleware(scope, receive, send)
+            best = min(best, (time.process_time() - start) / calls)
+        return best * 1e6
+
+    return trio.run(measure)
+
+
+def middleware_cost(rounds: int) -> dict[str, list[float]]:
+    """``middleware_cpu`` per variant, each in a fresh process, interleaved rounds."""
+    with main_snapshot() as snapshot:
+        variants = ["defaults", "bounds-off", "all-bounds"] + (["main"] if snapshot else [])
+        results: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(rounds):
+            for variant in variants:
+                environment = env()
+                if variant == "main" and snapshot:
+                    environment["BENCH_TRIO_LAUNCHER"] = snapshot
+                out = subprocess.run(
+                    pin(1, [sys.executable, "-m", "benchmarks.overload", "cpu", variant]),
+                    env=environment, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                )  # fmt: skip
+                results[variant].append(float(out.stdout.strip()))
+    return results
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -319,6 +389,11 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"| {variant} | {', '.join(f'{v:.0f}' for v in values)} | "
                    f"{', '.join(f'{v:.1f}' for v in c['p99_ms'][variant])} | "
                    f"{'-' if ratio is None else f'{ratio:.3f}'} |")  # fmt: skip
+    m = results.get("middleware_us")
+    if m:
+        out += ["", "### CPU per request in the runner's middleware (hello world, best of 7)", "",
+                "| variant | us per request, per round |", "|---|---|"]  # fmt: skip
+        out += [f"| {v} | {', '.join(f'{x:.2f}' for x in xs)} |" for v, xs in m.items()]
     return "\n".join(out)
 
 
@@ -332,6 +407,7 @@ def run(quick: bool) -> dict[str, Any]:
         return {
             "overload": overload(2000),
             "cost": cost(2 if quick else 4, 2.0 if quick else 4.0),
+            "middleware_us": middleware_cost(2 if quick else 4),
             "load_before": load_before,
             "load_after": os.getloadavg(),
         }
@@ -342,6 +418,9 @@ def run(quick: bool) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         serve(argv[1], int(argv[2]))
+        return 0
+    if argv[:1] == ["cpu"]:
+        print(f"{middleware_cpu(argv[1]):.3f}")
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overload")
     parser.add_argument("--quick", action="store_true")
