@@ -97,8 +97,11 @@ class RunnerMiddleware:
             log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"),
                         refusal)  # fmt: skip
             if scope["type"] == "http":
+                # HTTP/1.x: the connection closes after a 431 (RFC 9110 15.5.1: the
+                # rest of the head may still be arriving; nobody knows where it ends).
                 await send_json(send, 431, {"error": {"type": "HeadersTooLarge",
-                                                      "message": refusal}})  # fmt: skip
+                                                      "message": refusal}},
+                                close=scope.get("http_version") in ("1.0", "1.1"))  # fmt: skip
             else:
                 await send({"type": "websocket.close", "code": 1009})
             return
@@ -153,18 +156,14 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     return {"error": {"type": type(exc).__name__, "message": str(exc)}}
 
 
-async def send_json(send: Send, status: int, body: object, head_only: bool = False) -> None:
+async def send_json(
+    send: Send, status: int, body: object, head_only: bool = False, close: bool = False
+) -> None:
     data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head_only else data})
 
 

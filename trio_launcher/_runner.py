@@ -44,6 +44,7 @@ from ._server import serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
+from ._transport import DEFAULT_HEADER_TIMEOUT
 from ._watchdog import check_engine, engine_is_dead, watch_engine
 
 log = logging.getLogger("trio_launcher")
@@ -213,6 +214,8 @@ async def serve_http(
     max_head_size: int | None = None,
     access_log_exclude: Sequence[str] = (),
     transport: Literal["lean", "hypercorn"] = "lean",
+    http: Literal["auto", "httptools", "h11"] = "auto",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
@@ -278,6 +281,9 @@ async def serve_http(
         raise ConfigError(f"ssl_refresh_interval must be > 0, got {ssl_refresh_interval!r}")
     if transport not in ("lean", "hypercorn"):
         raise ConfigError(f"transport must be 'lean' or 'hypercorn', got {transport!r}")
+    http_protocol = _http_protocol(http, transport)
+    if not (header_timeout > 0 and not math.isnan(header_timeout)):
+        raise ConfigError(f"header_timeout must be > 0, got {header_timeout!r}")
     if not shutdown_delay >= 0:
         raise ConfigError(f"shutdown_delay must be >= 0, got {shutdown_delay!r}")
     if health_path is not None and not health_path.startswith("/"):
@@ -333,8 +339,9 @@ async def serve_http(
                         watch_engine, engine, watchdog_interval, control.on_engine_dead
                     )
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context, transport
-                )
+                    _run_server, wrapped, config, sockets, control, ssl_context, transport,
+                    http_protocol, header_timeout,
+                )  # fmt: skip
                 for url in urls:
                     log.info("serving on %s", url)
                 notify("READY=1", f"STATUS=serving on {' '.join(urls)}")
@@ -362,6 +369,8 @@ async def _run_server(
     control: _Control,
     ssl_context: SwitchableContext | None,
     transport: str,
+    http: str,
+    header_timeout: float,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -373,11 +382,24 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
+            http=http,
+            header_timeout=header_timeout,
             on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
             task_status=task_status,
         )
     finally:
         control.served.set()
+
+
+def _http_protocol(http: str, transport: str) -> str:
+    """``auto`` -> the transport's own HTTP/1.1 protocol; httptools needs the lean transport."""
+    if http not in ("auto", "httptools", "h11"):
+        raise ConfigError(f"http must be 'auto', 'httptools' or 'h11', got {http!r}")
+    if http == "auto":
+        return "httptools" if transport == "lean" else "h11"
+    if http == "httptools" and transport != "lean":
+        raise ConfigError("http='httptools' needs transport='lean'")
+    return http
 
 
 def _prepare_config(config: Config | None) -> Config:

@@ -41,7 +41,13 @@ from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, repr_soc
 
 from ._errors import AppStartupError
 from ._ports import BoundSockets
-from ._transport import Connection, contained, drain_all, serve_connection
+from ._transport import (
+    DEFAULT_HEADER_TIMEOUT,
+    Connection,
+    contained,
+    drain_all,
+    serve_connection,
+)
 
 log = logging.getLogger("trio_launcher")
 
@@ -67,6 +73,8 @@ async def serve_sockets(
     ssl_context: TLSContext | None,
     *,
     transport: str = "lean",
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     on_max_requests: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -122,7 +130,8 @@ async def serve_sockets(
 
             registry: set[Connection] = set()
             if transport == "lean":
-                handler = partial(serve_connection, app, config, context, lifespan_state, registry)
+                handler = partial(serve_connection, app, config, context, lifespan_state, registry,
+                                  http, header_timeout)  # fmt: skip
             else:
                 handler = partial(_serve_connection, app, config, context, lifespan_state)
             task_status.started(urls)
