@@ -70,6 +70,7 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _DISCONNECT = {"type": "http.disconnect"}
+_UNKNOWN_CODING = "Request has invalid `Transfer-Encoding`"  # llhttp's words
 
 
 class Transport(Protocol):
@@ -212,8 +213,11 @@ class HTTP1:
             if not isinstance(reason, _Reject):
                 raise
             await self._refuse(reason.status)
-        except httptools.HttpParserError:
-            await self._refuse(400)
+        except httptools.HttpParserInvalidMethodError:
+            await self._refuse(501)  # RFC 9110 9.1: a method we do not know (case-sensitive)
+        except httptools.HttpParserError as error:
+            # RFC 9112 6.1: a transfer coding we do not know is 501, any other error 400.
+            await self._refuse(501 if str(error).startswith(_UNKNOWN_CODING) else 400)
         else:
             if self.in_head:  # a head still arriving: bound what httptools buffers for it
                 self._head_bytes += len(data)
