@@ -73,6 +73,19 @@ _DISCONNECT = {"type": "http.disconnect"}
 _UNKNOWN_CODING = "Request has invalid `Transfer-Encoding`"  # llhttp's words
 
 
+_NAMES: dict[Any, bytes] = {}  # response header names seen and valid -> lower case
+
+
+def _check_name(name: Any) -> bytes:
+    """A response header name must be a token (RFC 9110 5.1); remember the good ones."""
+    clean = bytes(name).strip()
+    if not _TOKEN.fullmatch(clean) or clean != name:
+        raise RuntimeError(f"invalid response header name {name!r}")
+    if len(_NAMES) < 1024:
+        _NAMES[clean] = clean.lower()
+    return clean.lower()
+
+
 class Transport(Protocol):
     """What the protocol needs from its connection (``_transport.Connection``)."""
 
@@ -498,12 +511,14 @@ class Cycle:
         headers = message.get("headers") or []
         self.response_headers = headers
         lines = [_STATUS.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        names = _NAMES
         for name, value in headers:
-            name = bytes(name).strip()
+            lower = names.get(name)
+            if lower is None:
+                lower = _check_name(name)
             value = bytes(value).strip()
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise RuntimeError(f"invalid response header {name!r}: {value!r}")
-            lower = name.lower()
+            if _BAD_VALUE.search(value):  # CR/LF would split the response
+                raise RuntimeError(f"invalid response header value {name!r}: {value!r}")
             if lower == b"content-length":
                 self.left = int(value)
             elif lower == b"transfer-encoding":
