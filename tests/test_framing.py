@@ -283,3 +283,16 @@ async def test_fast_sender_is_back_pressured(connect: Connect) -> None:
         assert sent < 32 * 2**20  # kernel buffers and HIGH_WATER, not the whole body
         release.set()
         await client.stream.aclose()
+
+
+async def test_slow_request_outlives_the_keep_alive_deadline(connect: Connect) -> None:
+    # The keep-alive deadline passes while the handler runs: the request is
+    # answered all the same, and the idle connection closes after it.
+    async with running_server(App(), config(keep_alive_timeout=0.2)) as server:
+        client = await connect(server.port)
+        await client.stream.send_all(b"GET /slow?s=0.6 HTTP/1.1\r\nHost: x\r\n\r\n")
+        [response] = await client.responses(1)
+        assert response.body == b"slept"
+        answered = trio.current_time()
+        assert await client.closed()
+        assert trio.current_time() - answered < 2
