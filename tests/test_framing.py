@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import h2.events as h2_events
 import pytest
 import trio
 from hypercorn.config import Config
@@ -296,3 +297,35 @@ async def test_slow_request_outlives_the_keep_alive_deadline(connect: Connect) -
         answered = trio.current_time()
         assert await client.closed()
         assert trio.current_time() - answered < 2
+
+
+async def test_h2c_upgrade_is_handed_to_hypercorn(connect: Connect) -> None:
+    async with running_server(App()) as server:
+        client = await connect(server.port)
+        h2 = h2_connection(client_side=True)
+        settings = h2.initiate_upgrade_connection()
+        await client.stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, "
+                                     b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: "
+                                     + settings + b"\r\n\r\n")  # fmt: skip
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in client.data:
+                client.data += await client.stream.receive_some(65536)
+        head, _, rest = client.data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        await client.stream.send_all(h2.data_to_send())
+        body = b""
+        events = h2.receive_data(rest)
+        with trio.fail_after(5):
+            while not any(isinstance(e, h2_events.StreamEnded) for e in events):
+                body += b"".join(e.data for e in events if isinstance(e, h2_events.DataReceived))
+                await client.stream.send_all(h2.data_to_send())
+                events = h2.receive_data(await client.stream.receive_some(65536))
+        body += b"".join(e.data for e in events if isinstance(e, h2_events.DataReceived))
+        assert body == b"hello"
+
+
+def h2_connection(client_side: bool) -> Any:
+    import h2.config
+    import h2.connection
+
+    return h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side))
