@@ -58,9 +58,8 @@ from urllib.parse import unquote
 
 import httptools
 import trio
-from hypercorn.config import Config
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper
+
+from ._hypercorn import AppWrapper, Config, WorkerContext
 
 HIGH_WATER = 2**16  # request body bytes held for the app before the socket is left unread
 
