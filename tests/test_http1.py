@@ -15,6 +15,8 @@ from hypercorn.config import Config
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
+from trio_launcher import OptionError, ServeOptions
+from trio_launcher._cli import main
 from trio_launcher._http1 import HIGH_WATER, HTTP1
 
 Message = dict[str, Any]
@@ -433,3 +435,35 @@ async def test_invalid_response_header_is_refused() -> None:
         [response] = responses(transport.written)
         assert response.status == 500  # never the injected header
         assert b"evil" not in transport.written
+
+
+# --- the option -------------------------------------------------------------------
+
+
+def test_http_option_picks_the_protocol() -> None:
+    assert ServeOptions().http1_protocol == "httptools"  # auto, lean transport
+    assert ServeOptions(http="h11").http1_protocol == "h11"
+    assert ServeOptions(transport="hypercorn").http1_protocol == "h11"
+    with pytest.raises(OptionError, match=r"^http must be 'auto', 'httptools' or 'h11'"):
+        ServeOptions(http="fast")  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"^http httptools needs the lean transport"):
+        ServeOptions(http="httptools", transport="hypercorn")
+    with pytest.raises(OptionError, match=r"^header_timeout must be > 0"):
+        ServeOptions(header_timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--http", "fast"], "invalid choice: 'fast'"),
+        (["--header-timeout", "0"], "--header-timeout: '0' must be > 0"),
+        (["--http", "httptools", "--transport", "hypercorn"],
+         "--http httptools needs the lean transport"),
+    ],
+)  # fmt: skip
+def test_cli_flags_refuse_bad_values(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tests.apps:app", "--bind", "127.0.0.1:0", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
