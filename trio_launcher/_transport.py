@@ -123,6 +123,7 @@ class Connection:
         self._read_timeout = float(config.read_timeout) if config.read_timeout else math.inf
         self._header_timeout = header_timeout
         self._lazy = False  # see _serve_http1
+        self._drained = False  # the last read took all the kernel had (see _receive)
         self._due = math.inf
         self._on_lost: Callable[[], Awaitable[None]] = self._hypercorn_lost
 
@@ -229,15 +230,22 @@ class Connection:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return b""
         while True:
-            try:
-                return os.read(self.fd, MAX_RECV)
-            except BlockingIOError:
+            if self._drained:
+                # The last read emptied the kernel's buffer: a read now would
+                # almost always fail, so wait first (one syscall less a request).
                 try:
                     await trio.lowlevel.wait_readable(self.fd)
                 except trio.ClosedResourceError:
                     return b""
+            try:
+                data = os.read(self.fd, MAX_RECV)
+            except BlockingIOError:
+                self._drained = True
+                continue
             except OSError:  # reset by the peer
                 return b""
+            self._drained = len(data) < MAX_RECV
+            return data
 
     def _set_due(self, due: float) -> None:
         self._due = due
