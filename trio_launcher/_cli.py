@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="lean",
         help="connection layer: lean (trio_launcher's own, default) or hypercorn's stock one",
     )
+    add(
+        "--http",
+        choices=("auto", "httptools", "h11"),
+        default="auto",
+        help="HTTP/1.1 protocol: httptools (strict and fast), h11 (hypercorn's); "
+        "auto (default) is httptools on the lean transport",
+    )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
     serving = parser.add_argument_group("serving")
@@ -237,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="most request headers; more get 431 (default 256)",
+    )
+    serving.add_argument(
+        "--header-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="a request head must arrive within S seconds of its first byte, "
+        "else 408 and close (default 10)",
     )
     serving.add_argument("--access-log", metavar="FILE", help="access log file, - for stdout")
     serving.add_argument(
@@ -408,6 +423,8 @@ def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeO
         access_log_exclude=tuple(opts.access_log_exclude),
         transport=opts.transport,
         **{name: getattr(opts, name) for name in BOUND_OPTIONS},
+        http=opts.http,
+        header_timeout=opts.header_timeout,
     )
 
 

@@ -331,6 +331,8 @@ async def serve_http(
                     ssl_context,
                     opts.transport,
                     opts.on_max_requests,
+                    opts.http1_protocol,
+                    opts.header_timeout,
                 )
                 for url in urls:
                     log.info("serving on %s", url)
@@ -360,6 +362,8 @@ async def _run_server(
     ssl_context: SwitchableContext | None,
     transport: Transport,
     on_max_requests: Callable[[], None] | None,
+    http: str,
+    header_timeout: float,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -373,6 +377,8 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
+            http=http,
+            header_timeout=header_timeout,
             on_max_requests=on_max_requests,
             on_drain_deadline=control.on_drain_deadline,
             task_status=task_status,

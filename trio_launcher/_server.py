@@ -55,7 +55,7 @@ from ._hypercorn import (
 from ._options import Transport
 from ._ports import BoundSockets
 from ._stock import serve_stock_connection
-from ._transport import Connection, drain_all, serve_connection
+from ._transport import DEFAULT_HEADER_TIMEOUT, Connection, drain_all, serve_connection
 
 log = logging.getLogger("trio_launcher")
 
@@ -83,6 +83,8 @@ async def serve_sockets(
     ssl_context: TLSContext | None,
     *,
     transport: Transport = "lean",
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     on_max_requests: Callable[[], None] | None = None,
     on_drain_deadline: Callable[[float], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
@@ -145,7 +147,8 @@ async def serve_sockets(
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
-            handler = _connection_handler(transport, app, config, context, lifespan_state, registry)
+            handler = _connection_handler(transport, app, config, context, lifespan_state, registry,
+                                          http, header_timeout)  # fmt: skip
             task_status.started(urls)
             with _one_line_accept_errors():
                 async with trio.open_nursery() as accepting:
@@ -255,10 +258,13 @@ def _connection_handler(
     context: WorkerContext,
     lifespan_state: LifespanState,
     registry: set[Connection],
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
     """The connection layer, chosen once: a function of the accepted stream."""
     if transport == "lean":
-        return partial(serve_connection, app, config, context, lifespan_state, registry)
+        return partial(serve_connection, app, config, context, lifespan_state, registry, http,
+                       header_timeout)  # fmt: skip
     return partial(serve_stock_connection, app, config, context, lifespan_state)
 
 
