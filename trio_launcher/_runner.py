@@ -28,7 +28,7 @@ import enum
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Unpack
 
@@ -36,15 +36,22 @@ import trio
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
-from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
-from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
+from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, StartingGate, describe_routes
+from ._errors import ConfigError, EngineDeadError, ForcedShutdown, LauncherError, OptionError
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
-from ._server import serve_sockets
+from ._server import AppStart, serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
-from ._watchdog import engine_is_dead, watch_engine
+from ._watchdog import (
+    EngineSlot,
+    check_engine,
+    engine_is_dead,
+    engine_slot,
+    run_engine_task,
+    watch_engine,
+)
 
 log = logging.getLogger("trio_launcher")
 
@@ -85,6 +92,16 @@ class _Control:
         self.engine_death: str | None = None
         self.refresher: CertificateRefresher | None = None
         self.ready = False
+        # serve_http(engine_task=...): see start_engine_task.
+        self.slot = EngineSlot(engine)
+        self.has_engine_task = False
+        self.starting = False  # the gate answers 503 while set
+        self.app_start = AppStart()
+        self.engine_starting = trio.CancelScope()  # cancelled by a stop during the start
+        self.engine_stop = trio.Event()
+        self.engine_done = trio.Event()
+        self.engine_error: BaseException | None = None
+        self.watchdog_interval = math.inf
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -93,6 +110,7 @@ class _Control:
         if not self.stopping.is_set():
             notify("STOPPING=1")
         self.stopping.set()
+        self.engine_starting.cancel()
         if reason is not StopReason.SIGNAL or self.shutdown_delay <= 0:
             self.drain.set()
 
@@ -115,8 +133,10 @@ class _Control:
     def health(self) -> tuple[int, dict[str, Any]]:
         """The health path's answer: 200 while serving with a live engine, else 503."""
         state = "stopping" if self.stopping.is_set() else "serving"
+        if self.starting and state == "serving":
+            return 503, {"status": "starting"}
         body: dict[str, Any] = {"status": state}
-        if self.engine is not None:
+        if self.engine is not None or self.has_engine_task:
             body["engine"] = "dead" if self.engine_dead else "alive"
         healthy = state == "serving" and not self.engine_dead
         return (200 if healthy else 503), body
@@ -136,7 +156,7 @@ class _Control:
             self.refresher.request_reload()
 
     def on_engine_dead(self, how: str) -> None:
-        if self.engine_dead:
+        if self.engine_dead or self.engine_stop.is_set():  # (stopped on purpose: not a death)
             return
         self.engine_dead = True
         self.engine_death = how
@@ -154,6 +174,81 @@ class _Control:
             self.on_engine_dead(f"a request raised EngineDeadError: {exc}")
         elif self.engine is not None and engine_is_dead(self.engine):
             self.on_engine_dead(f"a request raised {type(exc).__name__} and the engine is dead")
+
+    async def start_engine_task(
+        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], opts: ServeOptions
+    ) -> None:
+        """Start the engine task in ``nursery`` and wait until it has started.
+
+        A stop meanwhile cancels the start; a crash (or a return) before
+        ``started`` is the engine's death. The task's value becomes the engine.
+        """
+        began = trio.current_time()
+        with self.engine_starting:
+            try:
+                value = await nursery.start(self._engine_task, fn, opts.engine_shutdown_timeout)
+            except Exception as exc:
+                self.on_engine_task_end(exc, trio.current_time() - began)
+                return
+        if self.engine_starting.cancelled_caught:
+            log.info("stopping before the engine task had started: its start was cancelled")
+            return
+        self.slot.engine, self.slot.started = value, True
+        try:
+            check_engine(value)
+        except TypeError:
+            return  # a value without the engine attributes: the task itself is watched
+        self.engine = value
+        nursery.start_soon(watch_engine, value, self.watchdog_interval, self.on_engine_dead)
+
+    async def start_engine_then_app(
+        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], opts: ServeOptions,
+        urls: list[str],
+    ) -> bool:  # fmt: skip
+        """The sockets accept (503); start the engine task, then the app. False
+        if the server stopped first (the app is then never started)."""
+        for url in urls:
+            log.info("accepting on %s; 503 until the engine task has started", url)
+        await self.start_engine_task(nursery, fn, opts)
+        self.app_start.skip = self.stopping.is_set()
+        self.app_start.go.set()
+        if self.app_start.skip:
+            return False
+        await self.app_start.started.wait()
+        self.starting = False
+        return True
+
+    async def _engine_task(
+        self,
+        fn: Callable[..., Awaitable[object]],
+        shutdown_timeout: float,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await run_engine_task(fn, self.engine_stop, shutdown_timeout, self.on_engine_task_end,
+                                  self._engine_stuck, task_status=task_status)  # fmt: skip
+        finally:
+            self.engine_done.set()
+
+    def on_engine_task_end(self, error: BaseException | None, starting: float | None = None
+                           ) -> None:  # fmt: skip
+        """The engine task ended by itself (``starting``: seconds into its start)."""
+        self.engine_error = error
+        when = "" if starting is None else f" {starting:.1f} s into its start"
+        if error is None:
+            how = f"the engine task returned{when}"
+        else:
+            how = f"the engine task raised {type(error).__name__}{when}: {error}"
+            log.error("%s", how, exc_info=error)  # the traceback, once
+        if self.engine_dead:
+            # A request that needed the engine saw the death first; the task's
+            # own end is the cause worth reporting.
+            self.engine_death = how
+        self.on_engine_dead(how)
+
+    def _engine_stuck(self) -> None:
+        _on_engine_stuck(_outcome(self))
 
 
 class ServerHandle:
@@ -235,6 +330,7 @@ async def serve_http(
     engine = opts.engine
 
     control = _Control(engine, opts.keep_alive_on_engine_death, opts.shutdown_delay)
+    control.watchdog_interval = opts.watchdog_interval
     error_types = (*ENGINE_ERRORS, *opts.engine_error_types)
     served_app = app
     if is_quart_app(app):
@@ -249,7 +345,11 @@ async def serve_http(
         health=control.health,
         limits=Limits(opts.max_header_count, opts.max_head_size),
     )
-    wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    outer: Any = middleware
+    if opts.engine_task is not None:
+        control.has_engine_task = control.starting = True
+        outer = StartingGate(middleware, lambda: control.starting, opts.health_path)
+    wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
         interval = opts.ssl_refresh_interval if opts.enable_ssl_refresh else math.inf
@@ -260,7 +360,12 @@ async def serve_http(
     ports = tcp_ports(sockets)
     _log_routes(app)
     try:
-        with readable_errors(), control.force, _access_log_filter(config, opts.access_log_exclude):
+        with (
+            readable_errors(),
+            control.force,
+            _access_log_filter(config, opts.access_log_exclude),
+            engine_slot(control.slot),  # current_engine(), for every task started below
+        ):
             async with trio.open_nursery() as nursery:
                 if opts.handle_signals:
                     await nursery.start(
@@ -280,24 +385,56 @@ async def serve_http(
                 urls = await nursery.start(
                     _run_server, wrapped, config, sockets, control, ssl_context, opts.transport
                 )
-                for url in urls:
-                    log.info("serving on %s", url)
-                notify("READY=1", f"STATUS=serving on {' '.join(urls)}")
-                control.ready = True
-                task_status.started(ServerHandle(urls, control))
+                if opts.engine_task is None or await control.start_engine_then_app(
+                    nursery, opts.engine_task, opts, urls
+                ):
+                    for url in urls:
+                        log.info("serving on %s", url)
+                    notify("READY=1", f"STATUS=serving on {' '.join(urls)}")
+                    control.ready = True
+                    task_status.started(ServerHandle(urls, control))
                 await control.served.wait()
+                # The engine stops last: after the drain and the app's lifespan shutdown.
+                control.engine_stop.set()
+                if opts.engine_task is not None:
+                    await control.engine_done.wait()
                 nursery.cancel_scope.cancel()  # the helpers' work is done
     finally:
         sockets.close()
 
     if control.forced_by is not None:
         log_foreign_holders(ports)
-        raise ForcedShutdown(control.forced_by)
+    outcome = _outcome(control)
+    if outcome is not None:
+        raise outcome from control.engine_error
+    log.info("stopped: %s", control.reason.value if control.reason else "server returned")
+
+
+def _outcome(control: _Control) -> LauncherError | None:
+    """What serve_http raises for the way it stopped (None: it returns)."""
+    if control.forced_by is not None:
+        return ForcedShutdown(control.forced_by)
     if control.reason is StopReason.ENGINE_DEAD:
-        raise EngineDeadError(
+        return EngineDeadError(
             f"the engine died ({control.engine_death}); the server drained and stopped"
         )
-    log.info("stopped: %s", control.reason.value if control.reason else "server returned")
+    return None
+
+
+_engine_stuck_hook: Callable[[LauncherError | None], None] | None = None
+
+
+def exit_process_if_engine_stuck(hook: Callable[[LauncherError | None], None] | None) -> None:
+    """For a program that owns the process (the CLI): when the engine task is
+    still running after its shutdown timeout, call ``hook`` with what serve_http
+    would raise (it exits the process: nothing in trio can end such a task)."""
+    global _engine_stuck_hook
+    _engine_stuck_hook = hook
+
+
+def _on_engine_stuck(outcome: LauncherError | None) -> None:
+    if _engine_stuck_hook is not None:
+        _engine_stuck_hook(outcome)
 
 
 async def _run_server(
@@ -319,6 +456,7 @@ async def _run_server(
             ssl_context,
             transport=transport,
             on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
+            app_start=control.app_start if control.has_engine_task else None,
             task_status=task_status,
         )
     finally:
@@ -390,6 +528,8 @@ def readable_errors() -> Iterator[None]:
         leaves = list(_leaves(group))
         real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
         if len(real) == 1 and len(real) == len(leaves):
+            if real[0].__cause__ is not None:  # keep its own cause (EngineDeadError's)
+                raise real[0] from real[0].__cause__
             raise real[0] from group
         raise
 

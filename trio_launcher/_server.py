@@ -68,12 +68,13 @@ async def serve_sockets(
     *,
     transport: str = "lean",
     on_max_requests: Callable[[], None] | None = None,
+    app_start: AppStart | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
 
     Calls ``task_status.started(urls)`` once the app has started and the
-    sockets listen.
+    sockets listen (with ``app_start``: once they listen, see AppStart).
 
     Raises:
         AppStartupError: the app's lifespan startup failed or timed out.
@@ -86,20 +87,11 @@ async def serve_sockets(
         max_requests = config.max_requests + randint(0, config.max_requests_jitter)
     context = WorkerContext(max_requests)
 
+    app_started = False
     async with trio.open_nursery() as lifespan_nursery:
-        await lifespan_nursery.start(lifespan.run)
-        try:
-            await lifespan.wait_for_startup()
-            if lifespan.failure is not None:
-                raise AppStartupError(f"the app's lifespan startup failed: {lifespan.failure}")
-        except trio.ClosedResourceError:
-            # The app returned from the lifespan scope without a word: it
-            # does not do lifespan. Serve without it.
-            lifespan.supported = False
-        except LifespanTimeoutError as exc:
-            raise AppStartupError(
-                f"the app's lifespan startup took longer than {config.startup_timeout} s"
-            ) from exc
+        if app_start is None:
+            await _start_app(lifespan_nursery, lifespan, config)
+            app_started = True
 
         async with trio.open_nursery() as connections:
             listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
@@ -131,6 +123,12 @@ async def serve_sockets(
                     partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
                 )
                 accepting.start_soon(_drain_on_max_requests, context, on_max_requests or drain.set)
+                if app_start is not None:
+                    await app_start.go.wait()
+                    if not app_start.skip:
+                        await _start_app(lifespan_nursery, lifespan, config)
+                        app_started = True
+                        app_start.started.set()
                 await drain.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
             log.info(
@@ -140,10 +138,44 @@ async def serve_sockets(
             drain_all(registry)  # (the lean transport's, at once)
             connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
-        if lifespan.supported:
+        if app_started and lifespan.supported:
             with contextlib.suppress(trio.ClosedResourceError):  # the lifespan task ended
                 await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+async def _start_app(nursery: trio.Nursery, lifespan: _Lifespan, config: Config) -> None:
+    """The app's lifespan startup, in ``nursery``."""
+    await nursery.start(lifespan.run)
+    try:
+        await lifespan.wait_for_startup()
+        if lifespan.failure is not None:
+            raise AppStartupError(f"the app's lifespan startup failed: {lifespan.failure}")
+    except trio.ClosedResourceError:
+        # The app returned from the lifespan scope without a word: it
+        # does not do lifespan. Serve without it.
+        lifespan.supported = False
+    except LifespanTimeoutError as exc:
+        raise AppStartupError(
+            f"the app's lifespan startup took longer than {config.startup_timeout} s"
+        ) from exc
+
+
+class AppStart:
+    """``serve_sockets(app_start=...)``: accept first, start the app when told.
+
+    The listeners accept and ``task_status.started(urls)`` is called at once
+    (the app wrapper answers 503 meanwhile); the app's lifespan startup
+    waits for ``go``, and ``started`` is set after it. ``skip`` set before
+    ``go`` means the server stopped before the app was started: no lifespan
+    startup, no lifespan shutdown. serve_http uses this to start the engine
+    task between binding and the app's startup.
+    """
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+        self.skip = False
+        self.started = trio.Event()
 
 
 class _Lifespan(Lifespan):
