@@ -8,6 +8,7 @@ events in stderr; in-process tests read :data:`events` instead.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
@@ -67,6 +68,13 @@ async def cut_cleanup(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_I
         with engine_cleanup_scope():
             record("cleanup hangs")
             await trio.sleep_forever()
+
+
+async def blocking_load(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A load in a thread, which no cancellation can stop."""
+    record("loading in a thread")
+    await trio.to_thread.run_sync(time.sleep, 60)
+    task_status.started()
 
 
 async def returns_at_once(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -413,6 +413,30 @@ async def test_cli_cleanup_that_ignores_cancellation_exits_after_the_timeout() -
     assert "did not finish within 0.5 s of its cancellation" in errors[0]
 
 
+async def test_cli_sigterm_during_the_engine_start_cancels_it_and_exits_0() -> None:
+    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:slow_start", "--bind", "127.0.0.1:0"]
+    async with launch(args, wait_serving=False) as proc:
+        await proc.wait_for_line("starting the engine task")
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0, proc.stderr
+    assert any("its start was cancelled" in line for line in proc.lines)
+    assert not any("event: lifespan" in line for line in proc.lines)  # the app never started
+    assert not any("serving on" in line for line in proc.lines)
+
+
+async def test_cli_sigterm_during_a_load_that_ignores_cancellation_exits_after_the_timeout(
+) -> None:  # fmt: skip
+    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:blocking_load", "--bind", "127.0.0.1:0",
+            "--engine-shutdown-timeout", "0.5"]  # fmt: skip
+    async with launch(args, wait_serving=False) as proc:
+        await proc.wait_for_line("event: loading in a thread")
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=10) == 0, proc.stderr
+    errors = [line for line in proc.lines if "[ERROR]" in line]
+    assert len(errors) == 1
+    assert "did not finish within 0.5 s of its cancellation" in errors[0]
+
+
 async def test_cli_second_signal_exits_130() -> None:
     args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:cut_cleanup", "--bind", "127.0.0.1:0",
             "--graceful-timeout", "30"]  # fmt: skip

@@ -1,9 +1,19 @@
 """serve_http: one nursery that owns the server and everything that can stop it.
 
 Rule 1: only this module opens the nursery of sibling tasks. The HTTP server,
-the signal listener, the engine watchdog and the certificate refresher are
-task functions exported by their own modules; they run side by side in
-serve_http's nursery and never hold handles to each other.
+the signal listener, the engine watchdog, the engine task and the certificate
+refresher are task functions exported by their own modules; they run side by
+side in serve_http's nursery and never hold handles to each other.
+
+With an engine task (``engine_task=fn``) the order is nested, so that the
+app's lifespan runs while the engine does, at both ends::
+
+    bind -> accept (503) -> engine task started -> app startup -> serve
+    stop -> drain -> app shutdown -> engine task cancelled (bounded cleanup)
+
+The listeners accept before the engine has started, so a client gets a 503
+instead of a hang while a model loads; the app is started only after the
+engine, so its startup can use it (``current_engine()``).
 
 Shutdown is carried by two things, never by a stored task handle:
 
@@ -13,6 +23,9 @@ Shutdown is carried by two things, never by a stored task handle:
   the first to do so records *why* the server stopped.
 * ``_Control.force``, a ``trio.CancelScope`` around the nursery, is the
   emergency stop for a second signal: cancelling it ends every task at once.
+* ``_Control.engine_starting`` (a cancel scope: a stop while the engine task
+  starts cancels its start) and ``_Control.engine_stop`` (an event set once
+  the server has returned: the engine task is cancelled then).
 
 When the server task returns (the drain is over and lifespan shutdown ran),
 the body of the nursery cancels the nursery's own scope to end the helpers,

@@ -313,7 +313,14 @@ async def _stop_when_asked(stop: trio.Event, ending: _Ending, on_stuck: Callable
     try:
         await stop.wait()
     except trio.Cancelled:
-        ending.cut()  # the runner is cancelled (a second signal): no more cleanup
+        # Cancelled from outside: a stop while the task starts, or a second
+        # signal. No more cleanup; a task that still runs on (a load in a
+        # thread that ignores cancellation) is reported stuck after the timeout.
+        ending.cut()
+        with trio.CancelScope(shield=True), trio.move_on_after(ending.timeout) as waited:
+            await ending.done.wait()
+        if waited.cancelled_caught:
+            _report_stuck(ending, on_stuck)
         raise
     ending.begin()
     ending.scope.cancel()
@@ -325,6 +332,10 @@ async def _stop_when_asked(stop: trio.Event, ending: _Ending, on_stuck: Callable
         log.error("the engine task's cleanup did not finish within %g s: it was cut short",
                   ending.timeout)  # fmt: skip
         return
+    _report_stuck(ending, on_stuck)
+
+
+def _report_stuck(ending: _Ending, on_stuck: Callable[[], None]) -> None:
     log.error("the engine task did not finish within %g s of its cancellation (it ignores "
               "cancellation): exiting without it", ending.timeout)  # fmt: skip
     on_stuck()
