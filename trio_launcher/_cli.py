@@ -39,6 +39,7 @@ from ._errors import (
     BindError,
     ConfigError,
     EngineDeadError,
+    ExitCode,
     ForcedShutdown,
     LauncherError,
     OptionError,
@@ -54,7 +55,6 @@ from ._workers import child_argv, run_workers, watch_lifeline
 log = logging.getLogger("trio_launcher")
 
 PROG = "trio-launcher"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ENGINE_DEAD, EXIT_BIND = 0, 1, 2, 3, 4
 DEFAULT_BACKLOG = 2048
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -248,7 +248,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         opts = parser.parse_args(argv)
     except _UsageError as exc:
-        return _fail(f"{exc} (see {PROG} --help)", EXIT_USAGE)
+        return _fail(f"{exc} (see {PROG} --help)", ExitCode.USAGE)
     debug = opts.log_level == "debug"
     _setup_logging(opts.log_level)
     try:
@@ -265,23 +265,23 @@ def _main(argv: Sequence[str] | None) -> int:
         options = options_from_args(opts, engine, task)
         trio.run(partial(serve_http, app, config, options=options))
     except OptionError as exc:
-        return _fail(exc.with_name(flag_for(exc.option)), EXIT_USAGE, debug)
+        return _fail(exc.with_name(flag_for(exc.option)), ExitCode.USAGE, debug)
     except ConfigError as exc:
-        return _fail(str(exc), EXIT_USAGE, debug)
+        return _fail(str(exc), ExitCode.USAGE, debug)
     except BindError as exc:
-        return _fail(str(exc), EXIT_BIND, debug)
+        return _fail(str(exc), ExitCode.BIND, debug)
     except EngineDeadError as exc:
-        return _fail(str(exc), EXIT_ENGINE_DEAD, debug)
+        return _fail(str(exc), ExitCode.ENGINE_DEAD, debug)
     except ForcedShutdown as exc:
         _fail(str(exc), 0, debug)
         return 128 + exc.signum
     except AppStartupError as exc:
-        return _fail(str(exc), EXIT_ERROR, debug)
+        return _fail(str(exc), ExitCode.ERROR, debug)
     except KeyboardInterrupt:
         return _fail("interrupted", 128 + signal.SIGINT, debug)
     except Exception as exc:
-        return _fail(f"unexpected {_describe(exc)}", EXIT_ERROR, debug)
-    return EXIT_OK
+        return _fail(f"unexpected {_describe(exc)}", ExitCode.ERROR, debug)
+    return ExitCode.OK
 
 
 KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
@@ -332,11 +332,11 @@ def _run_workers(opts: argparse.Namespace, config: Config, argv: list[str]) -> i
 def _exit_now(outcome: LauncherError | None) -> None:
     """The engine task outlived its shutdown timeout: exit without it, with the
     code the stop would have given (nothing in trio can end such a task)."""
-    code = EXIT_OK
+    code: int = ExitCode.OK
     if isinstance(outcome, ForcedShutdown):
         code = 128 + outcome.signum
     elif isinstance(outcome, EngineDeadError):
-        code = _fail(str(outcome), EXIT_ENGINE_DEAD)
+        code = _fail(str(outcome), ExitCode.ENGINE_DEAD)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()

@@ -46,11 +46,17 @@ from contextlib import contextmanager
 from typing import Any, Unpack
 
 import trio
-from hypercorn.config import Config
-from hypercorn.utils import wrap_app
 
 from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, StartingGate, describe_routes
-from ._errors import ConfigError, EngineDeadError, ForcedShutdown, LauncherError, OptionError
+from ._errors import (
+    ConfigError,
+    EngineDeadError,
+    ForcedShutdown,
+    LauncherError,
+    OptionError,
+    readable_errors,
+)
+from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import AppStart, serve_sockets
@@ -526,30 +532,3 @@ def _access_log_filter(config: Config, paths: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(exclude)
-
-
-@contextmanager
-def readable_errors() -> Iterator[None]:
-    """Unwrap an exception group where exactly one real error is inside.
-
-    Cancellation is never swallowed: ``trio.Cancelled`` stays in the group that
-    is re-raised.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1 and len(real) == len(leaves):
-            if real[0].__cause__ is not None:  # keep its own cause (EngineDeadError's)
-                raise real[0] from real[0].__cause__
-            raise real[0] from group
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc

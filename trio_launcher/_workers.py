@@ -38,14 +38,15 @@ from dataclasses import dataclass
 
 import trio
 
+from ._errors import ExitCode
 from ._ports import BoundSockets
 from ._signals import watch_signals
 from ._systemd import notify
 
 log = logging.getLogger("trio_launcher")
 
-EXIT_USAGE = 2
-EXIT_ENGINE_DEAD = 3
+EXIT_USAGE = ExitCode.USAGE
+EXIT_ENGINE_DEAD = ExitCode.ENGINE_DEAD
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class _Supervisor:
             if len(crashes) > self.policy.max_restarts:
                 log.error("worker %d crashed %d times in %g s (last: %s); giving up",
                           slot, len(crashes), self.policy.window, how)  # fmt: skip
-                self.stop(code=1)
+                self.stop(code=ExitCode.ERROR)
                 return
             log.warning("worker %d (PID %d) crashed (%s); restarting in %.1f s",
                         slot, proc.pid, how, backoff)  # fmt: skip
