@@ -128,6 +128,38 @@ async def test_a_task_that_ignores_cancellation_is_reported_stuck(
     assert "it ignores cancellation" in caplog.text
 
 
+@pytest.mark.parametrize("second_signal", [False, True])
+async def test_outside_cancellation_leaves_a_bounded_cleanup_unless_cut(
+    autojump_clock: trio.testing.MockClock, second_signal: bool
+) -> None:
+    ends, cut = Ends(), trio.Event()
+    with trio.move_on_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_engine_task, engine_tasks.cut_cleanup, trio.Event(),
+                                        10.0, ends.on_end, ends.on_stuck, cut=cut))  # fmt: skip
+            if second_signal:
+                cut.set()
+            await trio.sleep_forever()
+    # A second signal ends the cleanup at once; else it has its 10 s.
+    assert trio.current_time() == (5 if second_signal else 15)
+    assert ends.ends == []
+    assert ends.stuck_at == []
+
+
+async def test_second_signal_cuts_a_cleanup_in_progress(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ends, stop, cut = Ends(), trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_engine_task, engine_tasks.cut_cleanup, stop, 10.0,
+                                    ends.on_end, ends.on_stuck, cut=cut))  # fmt: skip
+        stop.set()
+        await trio.sleep(3)  # the cleanup runs...
+        cut.set()  # ...a second signal
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() == 3
+
+
 async def test_start_progress_is_logged_every_10_s(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -118,6 +118,7 @@ class _Control:
         self.app_start = AppStart()
         self.engine_starting = trio.CancelScope()  # cancelled by a stop during the start
         self.engine_stop = trio.Event()
+        self.engine_cut = trio.Event()
         self.engine_done = trio.Event()
         self.engine_error: BaseException | None = None
         self.watchdog_interval = math.inf
@@ -166,6 +167,7 @@ class _Control:
 
     def on_force_signal(self, signum: int) -> None:
         self.forced_by = signum
+        self.engine_cut.set()  # (before the cancel: the engine's cleanup is cut too)
         self.force.cancel()
 
     def on_reload_signal(self) -> None:
@@ -246,7 +248,8 @@ class _Control:
     ) -> None:
         try:
             await run_engine_task(fn, self.engine_stop, shutdown_timeout, self.on_engine_task_end,
-                                  self._engine_stuck, task_status=task_status)  # fmt: skip
+                                  self._engine_stuck, cut=self.engine_cut,
+                                  task_status=task_status)  # fmt: skip
         finally:
             self.engine_done.set()
 

@@ -234,6 +234,7 @@ async def run_engine_task(
     on_end: Callable[[BaseException | None], None],
     on_stuck: Callable[[], None],
     *,
+    cut: trio.Event | None = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the engine task ``fn`` until it ends or ``stop`` is set; see above.
@@ -246,6 +247,7 @@ async def run_engine_task(
         on_end: called once, with the exception or None (it returned), when
             ``fn`` ends by itself after ``started``: the engine died.
         on_stuck: called when ``fn`` is still running after the deadline.
+        cut: set by the runner on a second signal: the cleanup ends at once.
         task_status: receives the value ``fn`` passed to ``started``.
 
     Raises:
@@ -256,7 +258,9 @@ async def run_engine_task(
     _ENDING.set(ending)  # this task's context: fn, started below, inherits it
     outcome = _Outcome()
     async with trio.open_nursery() as guard:
-        guard.start_soon(_stop_when_asked, stop, ending, on_stuck)
+        guard.start_soon(
+            _stop_when_asked, stop, cut if cut is not None else trio.Event(), ending, on_stuck
+        )
         try:
             with ending.scope:
                 async with trio.open_nursery() as nursery:
@@ -309,21 +313,36 @@ async def _guarded(
         task_status.started(_NOT_STARTED)
 
 
-async def _stop_when_asked(stop: trio.Event, ending: _Ending, on_stuck: Callable[[], None]) -> None:
+async def _stop_when_asked(
+    stop: trio.Event, cut: trio.Event, ending: _Ending, on_stuck: Callable[[], None]
+) -> None:
     try:
         await stop.wait()
+        ending.begin()
+        ending.scope.cancel()
+        await _await_end(ending, on_stuck)
     except trio.Cancelled:
-        # Cancelled from outside: a stop while the task starts, or a second
-        # signal. No more cleanup; a task that still runs on (a load in a
-        # thread that ignores cancellation) is reported stuck after the timeout.
-        ending.cut()
-        with trio.CancelScope(shield=True), trio.move_on_after(ending.timeout) as waited:
-            await ending.done.wait()
-        if waited.cancelled_caught:
-            _report_stuck(ending, on_stuck)
+        # Cancelled from outside (or the task is done: nothing left to wait
+        # for). A second signal (``cut``) ends the cleanup at once; any other
+        # outside cancellation (a stop while the task starts, a failing app
+        # startup, an embedding program) leaves it its bounded cleanup.
+        if ending.done.is_set():
+            raise
+        if not ending.stopping:
+            ending.begin()
+        if cut.is_set():
+            ending.cut()
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cut_when_set, cut, ending)
+                await _await_end(ending, on_stuck)
+                nursery.cancel_scope.cancel()
         raise
-    ending.begin()
-    ending.scope.cancel()
+
+
+async def _await_end(ending: _Ending, on_stuck: Callable[[], None]) -> None:
+    """Wait for the cancelled task until its deadline; report a cut cleanup or
+    a task that runs on (a shield of its own, a thread that ignores cancellation)."""
     with trio.move_on_at(ending.deadline):
         await ending.done.wait()
         return
@@ -333,6 +352,11 @@ async def _stop_when_asked(stop: trio.Event, ending: _Ending, on_stuck: Callable
                   ending.timeout)  # fmt: skip
         return
     _report_stuck(ending, on_stuck)
+
+
+async def _cut_when_set(cut: trio.Event, ending: _Ending) -> None:
+    await cut.wait()
+    ending.cut()
 
 
 def _report_stuck(ending: _Ending, on_stuck: Callable[[], None]) -> None:
