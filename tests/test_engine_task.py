@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 from functools import partial
+from typing import Any
 
 import httpx
 import pytest
@@ -20,9 +21,17 @@ import trio
 import trio.testing
 
 from examples.engine_task import engine_task as example_engine_task
-from trio_launcher import EngineDeadError, OptionError, current_engine, serve_http
+from trio_launcher import (
+    AppStartupError,
+    EngineDeadError,
+    OptionError,
+    ServerHandle,
+    current_engine,
+    serve_http,
+)
+from trio_launcher._options import Transport
 from trio_launcher._watchdog import run_engine_task
-from trio_launcher.testing import FakeEngine, running_server
+from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import engine_tasks
 from .engine_tasks import App, recorded_engine
@@ -283,7 +292,8 @@ async def test_engine_crashing_while_loading_is_a_death_and_the_app_never_starts
     assert engine_tasks.events == []
 
 
-async def test_503_while_the_engine_starts_then_serving() -> None:
+@pytest.mark.parametrize("transport", ["lean", "hypercorn"])
+async def test_503_while_the_engine_starts_then_serving(transport: Transport) -> None:
     """Port bound at once; health 503 "starting", other requests 503 + Retry-After."""
     release = trio.Event()
 
@@ -293,6 +303,7 @@ async def test_503_while_the_engine_starts_then_serving() -> None:
 
     bound = socket.socket()
     bound.bind(("127.0.0.1", 0))
+    bound.listen()
     url = f"http://127.0.0.1:{bound.getsockname()[1]}"
     async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=url) as client:
         ready: list[object] = []
@@ -300,21 +311,17 @@ async def test_503_while_the_engine_starts_then_serving() -> None:
         async def serve() -> None:
             ready.append(await nursery.start(partial(
                 serve_http, App(), engine_task=gated, sock=bound, handle_signals=False,
-                health_path="/health")))  # fmt: skip
+                health_path="/health", transport=transport)))  # fmt: skip
 
         nursery.start_soon(serve)
-        with trio.fail_after(10):
-            while True:  # the listener comes up at once; the engine waits for us
-                try:
-                    health = await client.get("/health")
-                    break
-                except httpx.ConnectError:
-                    await trio.sleep(0.01)
+        with trio.fail_after(10):  # (a client may even connect before the runner runs)
+            health = await client.get("/health")
         assert (health.status_code, health.json()) == (503, {"status": "starting"})
         refused = await client.get("/ask?q=x")
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert refused.headers["connection"] == "close"
+        assert refused.json()["error"]["type"] == "Starting"
         assert engine_tasks.events == []  # neither the engine nor the app has started
         release.set()
         with trio.fail_after(10):
@@ -323,6 +330,92 @@ async def test_503_while_the_engine_starts_then_serving() -> None:
         assert (await get_ok(client, "/ask?q=x")).text == "X"
         assert (await get_ok(client, "/health")).json()["status"] == "serving"
         ready[0].shutdown()  # type: ignore[attr-defined]
+
+
+class StateApp:
+    """Puts ``model`` into the lifespan state; GET / answers it from the request's state."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                scope["state"]["model"] = "loaded"
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = str(scope.get("state", {}).get("model")).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_an_http2_connection_opened_while_starting_sees_the_lifespan_state(
+    tls_files: TLSFiles,
+) -> None:
+    """HTTP/2 keeps the connection it opened during the start (no Connection:
+    close there); its later requests still see the app's lifespan state."""
+    release = trio.Event()
+
+    async def gated(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await release.wait()
+        task_status.started()
+        await trio.sleep_forever()
+
+    bound = socket.socket()
+    bound.bind(("127.0.0.1", 0))
+    bound.listen()
+    url = f"https://127.0.0.1:{bound.getsockname()[1]}"
+    context = tls_files.client_context(http2=True)
+    async with (
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(base_url=url, verify=context, http2=True) as client,
+    ):
+        ready: list[ServerHandle] = []
+
+        async def serve() -> None:
+            ready.append(await nursery.start(partial(
+                serve_http, StateApp(), tls_files.config(), engine_task=gated, sock=bound,
+                handle_signals=False)))  # fmt: skip
+
+        nursery.start_soon(serve)
+        with trio.fail_after(10):
+            first = await client.get("/")
+        assert (first.status_code, first.http_version) == (503, "HTTP/2")
+        release.set()
+        with trio.fail_after(10):
+            while not ready:
+                await trio.sleep(0.01)
+        second = await client.get("/")  # the same connection
+        assert (second.status_code, second.http_version, second.text) == (200, "HTTP/2", "loaded")
+        ready[0].shutdown()
+
+
+async def test_current_engine_is_the_engine_object_too() -> None:
+    engine = FakeEngine()
+    seen: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            seen.append(current_engine())
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    async with running_server(app, engine=engine) as server:
+        await server.client.get("/")
+    assert seen == [engine]
+
+
+async def test_a_failing_app_startup_still_gives_the_engine_its_cleanup() -> None:
+    class FailingApp(App):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                await receive()
+                await send({"type": "lifespan.startup.failed", "message": "no config"})
+                return
+            await super().__call__(scope, receive, send)
+
+    with pytest.raises(AppStartupError, match="no config"):
+        async with running_server(FailingApp(), engine_task=recorded_engine):
+            pass
+    assert engine_tasks.events == ["engine started", "engine cleanup done"]
 
 
 async def test_shutdown_during_the_engine_start_cancels_it_and_skips_the_app() -> None:
@@ -485,14 +578,25 @@ async def test_cli_second_signal_exits_130() -> None:
         assert await proc.wait(timeout=5) == 130, proc.stderr
 
 
-def test_cli_engine_and_engine_task_are_exclusive() -> None:
-    result = run_cli([f"{ENGINE}:app", "--engine", "tests.apps:engine", "--engine-task",
-                      f"{ENGINE}:engine_task"])  # fmt: skip
-    assert result.returncode == 2
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--engine", "tests.apps:engine", "--engine-task", f"{ENGINE}:engine_task"],
+         ["argument --engine-task: not allowed with argument --engine"]),
+        (["--engine-task", f"{ENGINE}:nope"], ["engine task", "has no attribute 'nope'"]),
+        (["--engine-task", f"{ENGINE}:engine_task", "--engine-shutdown-timeout", "0"],
+         ["--engine-shutdown-timeout", "must be > 0"]),
+    ],
+)  # fmt: skip
+def test_cli_bad_engine_task_usage_exits_2_with_one_line(
+    args: list[str], needles: list[str]
+) -> None:
+    result = run_cli([f"{ENGINE}:app", *args])
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "--engine-task" in lines[0]
-    assert "--engine" in lines[0].replace("--engine-task", "")
+    for needle in needles:
+        assert needle in lines[0]
 
 
 async def test_cli_workers_each_run_their_engine_task() -> None:
@@ -503,5 +607,8 @@ async def test_cli_workers_each_run_their_engine_task() -> None:
         started = [line for line in proc.lines if "the engine task started" in line]
         assert len({line.split("[")[1] for line in started}) == 2  # two PIDs
         assert len(started) == 2
+        url = next(line for line in proc.lines if "serving on" in line).split("serving on ")[1]
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            assert (await get_ok(client, "/ask?q=w")).text == "W"
         proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=20) == 0, proc.stderr
