@@ -329,7 +329,10 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
                 await trio.sleep(0.01)
         assert (await get_ok(client, "/ask?q=x")).text == "X"
         assert (await get_ok(client, "/health")).json()["status"] == "serving"
-        ready[0].shutdown()  # type: ignore[attr-defined]
+        handle = ready[0]
+        assert isinstance(handle, ServerHandle)
+        assert handle.engine.is_running  # the task's started() value
+        handle.shutdown()
 
 
 class StateApp:

@@ -334,6 +334,7 @@ def _exit_now(outcome: LauncherError | None) -> None:
     code the stop would have given (nothing in trio can end such a task)."""
     code: int = ExitCode.OK
     if isinstance(outcome, ForcedShutdown):
+        _fail(str(outcome), 0)
         code = 128 + outcome.signum
     elif isinstance(outcome, EngineDeadError):
         code = _fail(str(outcome), ExitCode.ENGINE_DEAD)

@@ -294,6 +294,11 @@ class ServerHandle:
         return self._control.stopping.is_set()
 
     @property
+    def engine(self) -> Any:
+        """The engine: the ``engine=`` object or the engine task's ``started`` value."""
+        return self._control.slot.engine
+
+    @property
     def engine_alive(self) -> bool:
         """False once the engine was found dead."""
         return not self._control.engine_dead
@@ -427,8 +432,10 @@ async def serve_http(
     if control.forced_by is not None:
         log_foreign_holders(ports)
     outcome = _outcome(control)
+    if isinstance(outcome, EngineDeadError):
+        raise outcome from control.engine_error  # the engine task's own exception, if any
     if outcome is not None:
-        raise outcome from control.engine_error
+        raise outcome
     log.info("stopped: %s", control.reason.value if control.reason else "server returned")
 
 
