@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+from examples import engine_task as example
 from examples.engine_task import engine_task as example_engine_task
 from trio_launcher import (
     AppStartupError,
@@ -440,6 +441,22 @@ async def test_shutdown_during_the_engine_start_cancels_it_and_skips_the_app() -
             await started_loading.wait()
             nursery.cancel_scope.cancel()
     assert engine_tasks.events == ["load cancelled"]
+
+
+async def test_the_example_as_documented(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    task = partial(example_engine_task, load_seconds=0)
+    with pytest.raises(EngineDeadError, match="the model crashed"):
+        async with running_server(example.app, engine_task=task, health_path="/health") as server:
+            assert (await get_ok(server.client, "/health")).json()["engine"] == "alive"
+            assert (await get_ok(server.client, "/ask?q=hello")).json() == {"answer": "HELLO"}
+            crashed = await server.client.get("/ask?q=crash")
+            assert crashed.status_code == 500
+    lines = [r.getMessage() for r in caplog.records if r.name == "examples.engine_task"]
+    # (the crashed engine's cleanup and the drain run side by side)
+    assert lines[0] == "lifespan startup; the engine is running"
+    assert sorted(lines[1:]) == ["engine task: cleanup done",
+                                 "lifespan shutdown; the engine is stopped"]  # fmt: skip
 
 
 async def test_current_engine_outside_serve_http() -> None:

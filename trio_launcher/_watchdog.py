@@ -244,8 +244,10 @@ async def run_engine_task(
         stop: set by the runner when the engine must stop (cancel, then
             ``shutdown_timeout`` seconds for cleanup).
         shutdown_timeout: seconds the cancelled task has to finish.
-        on_end: called once, with the exception or None (it returned), when
-            ``fn`` ends by itself after ``started``: the engine died.
+        on_end: called once when ``fn`` ends after ``started`` other than by
+            the runner's cancellation: with its exception (also one raised
+            while it was being stopped: a crash already under way when the
+            stop came looks just like that), or with None when it returned.
         on_stuck: called when ``fn`` is still running after the deadline.
         cut: set by the runner on a second signal: the cleanup ends at once.
         task_status: receives the value ``fn`` passed to ``started``.
@@ -257,29 +259,32 @@ async def run_engine_task(
     ending = _Ending(shutdown_timeout)
     _ENDING.set(ending)  # this task's context: fn, started below, inherits it
     outcome = _Outcome()
-    async with trio.open_nursery() as guard:
-        guard.start_soon(
-            _stop_when_asked, stop, cut if cut is not None else trio.Event(), ending, on_stuck
-        )
-        try:
-            with ending.scope:
-                async with trio.open_nursery() as nursery:
-                    began = trio.current_time()
-                    async with _start_progress(began):
-                        value = await nursery.start(_guarded, fn, outcome)
-                    if not outcome.failed_to_start:
-                        log.info("the engine task started in %.1f s", trio.current_time() - began)
-                        task_status.started(value)
-        finally:
-            ending.done.set()
-            guard.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as guard:
+            guard.start_soon(
+                _stop_when_asked, stop, cut if cut is not None else trio.Event(), ending, on_stuck
+            )
+            try:
+                with ending.scope:
+                    async with trio.open_nursery() as nursery:
+                        began = trio.current_time()
+                        async with _start_progress(began):
+                            value = await nursery.start(_guarded, fn, outcome)
+                        if not outcome.failed_to_start:
+                            log.info("the engine task started in %.1f s",
+                                     trio.current_time() - began)  # fmt: skip
+                            task_status.started(value)
+            finally:
+                ending.done.set()
+                guard.cancel_scope.cancel()
+    finally:  # (also when cancelled from outside: an error is never lost)
+        if outcome.error is not None and not outcome.failed_to_start:
+            on_end(outcome.error)
     if outcome.failed_to_start:
         assert outcome.error is not None
         raise outcome.error
-    if not ending.stopping:
-        on_end(outcome.error)
-    elif outcome.error is not None:
-        log.error("the engine task raised while stopping", exc_info=outcome.error)
+    if outcome.error is None and not ending.stopping:
+        on_end(None)
 
 
 class _Outcome:
