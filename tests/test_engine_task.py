@@ -36,8 +36,8 @@ from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import engine_tasks
 from .engine_tasks import App, recorded_engine
+from .net import aborted
 from .proc import launch, run_cli
-from .test_cli_process import aborted
 
 ENGINE = "tests.engine_tasks"
 
