@@ -105,12 +105,16 @@ async def _await_death(
 #   and raises EngineDeadError from it. Before ``started`` an exception
 #   propagates to the runner's ``nursery.start``, which treats it the same way.
 # * The runner stops the engine last (``stop`` is set after the drain and the
-#   app's lifespan shutdown): ``fn`` is cancelled and has ``timeout`` seconds
-#   to clean up. Cleanup that must await runs under engine_cleanup_scope(), a
-#   shielded scope whose deadline is that moment. A task still running after
-#   the deadline (an unbounded shield, a thread that ignores cancellation) is
-#   reported with an ERROR line and ``on_stuck`` is called; the CLI then exits
-#   the process without it. In-process nothing can end such a task.
+#   app's lifespan shutdown): ``fn`` is cancelled and has ``shutdown_timeout``
+#   seconds to clean up. Cleanup that must await runs under
+#   engine_cleanup_scope(), a shielded scope whose deadline is that moment.
+#   Any other cancellation from outside (a stop while the task starts, a
+#   failing app startup) leaves it the same bounded cleanup; a second signal
+#   (``cut``) ends the cleanup at once. A task still running after the
+#   deadline (an unbounded shield of its own, a thread that ignores
+#   cancellation) is reported with an ERROR line and ``on_stuck`` is called;
+#   the CLI then exits the process without it. In-process nothing can end
+#   such a task.
 
 DEFAULT_ENGINE_SHUTDOWN_TIMEOUT = 10.0
 START_PROGRESS_INTERVAL = 10.0
