@@ -92,11 +92,14 @@ class App:
     """GET /ask?q=   the engine's answer
     GET /slow?s=     sleeps s seconds, 200 "slept" (needs no engine)
     GET /slow-ask?s=&q=   sleeps s seconds, then asks the engine
+    GET /wait-ask?q=      waits for ``release``, then asks the engine
     Lifespan events and answered requests are recorded.
     """
 
     def __init__(self) -> None:
         self.slow_started = trio.Event()
+        self.waiting = trio.Event()  # a /wait-ask request is waiting for ``release``
+        self.release = trio.Event()
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -116,7 +119,10 @@ class App:
             self.slow_started.set()
             log.info("slow request started")
             await trio.sleep(float(query.get("s", "1")))
-        if path in ("/ask", "/slow-ask"):
+        if path == "/wait-ask":
+            self.waiting.set()
+            await self.release.wait()
+        if path in ("/ask", "/slow-ask", "/wait-ask"):
             engine: Engine = current_engine()
             body = (await engine.ask(query.get("q", "hi"))).encode()
         elif path == "/slow":

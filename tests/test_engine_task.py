@@ -257,16 +257,18 @@ async def test_engine_crash_drains_in_flight_and_raises_from_the_tasks_error(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(call, "slow", "/slow?s=0.5")  # needs no engine
-                nursery.start_soon(call, "slow-ask", "/slow-ask?s=0.5&q=x")  # needs it later
+                nursery.start_soon(call, "wait-ask", "/wait-ask?q=x")  # needs it later
                 await app.slow_started.wait()
+                await app.waiting.wait()
                 await call("crash", "/ask?q=crash")
+                app.release.set()
     assert isinstance(info.value.__cause__, RuntimeError)
     assert results["crash"].status_code == 500
     assert results["crash"].json()["error"]["type"] == "EngineDeadError"
     assert results["slow"].status_code == 200
     assert results["slow"].text == "slept"
-    assert results["slow-ask"].status_code == 500
-    assert results["slow-ask"].json()["error"]["type"] == "EngineDeadError"
+    assert results["wait-ask"].status_code == 500
+    assert results["wait-ask"].json()["error"]["type"] == "EngineDeadError"
     tracebacks = [r for r in caplog.records if r.exc_info and r.name == "trio_launcher"]
     assert len(tracebacks) == 1
     assert isinstance(tracebacks[0].exc_info[1], RuntimeError)  # type: ignore[index]
