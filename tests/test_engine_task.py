@@ -24,12 +24,14 @@ from examples import engine_task as example
 from examples.engine_task import engine_task as example_engine_task
 from trio_launcher import (
     AppStartupError,
+    BindError,
     EngineDeadError,
     OptionError,
     ServerHandle,
     current_engine,
     serve_http,
 )
+from trio_launcher._hypercorn import Config
 from trio_launcher._options import Transport
 from trio_launcher._watchdog import run_engine_task
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
@@ -459,6 +461,17 @@ async def test_the_example_as_documented(caplog: pytest.LogCaptureFixture) -> No
     assert lines[0] == "lifespan startup; the engine is running"
     assert sorted(lines[1:]) == ["engine task: cleanup done",
                                  "lifespan shutdown; the engine is stopped"]  # fmt: skip
+
+
+async def test_a_busy_port_fails_before_the_engine_starts() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    config = Config()
+    config.bind = [f"127.0.0.1:{holder.getsockname()[1]}"]
+    with holder, pytest.raises(BindError):
+        await serve_http(App(), config, engine_task=recorded_engine, handle_signals=False)
+    assert engine_tasks.events == []
 
 
 async def test_current_engine_outside_serve_http() -> None:
