@@ -28,6 +28,7 @@ from trio_launcher import (
     EngineDeadError,
     OptionError,
     ServerHandle,
+    StopReason,
     current_engine,
     serve_http,
 )
@@ -472,6 +473,31 @@ async def test_a_busy_port_fails_before_the_engine_starts() -> None:
     with holder, pytest.raises(BindError):
         await serve_http(App(), config, engine_task=recorded_engine, handle_signals=False)
     assert engine_tasks.events == []
+
+
+async def test_a_signal_during_the_engine_start_still_ends_the_start_with_a_handle() -> None:
+    """nursery.start(serve_http, ...) returns (a stopping handle), not RuntimeError."""
+    loading = trio.Event()
+
+    async def never_ready(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        loading.set()
+        await trio.sleep_forever()
+
+    bound = socket.socket()
+    bound.bind(("127.0.0.1", 0))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def raise_sigterm() -> None:
+                await loading.wait()  # serve_http owns SIGTERM by now
+                signal.raise_signal(signal.SIGTERM)
+
+            nursery.start_soon(raise_sigterm)
+            handle = await nursery.start(partial(serve_http, App(), engine_task=never_ready,
+                                                 sock=bound))  # fmt: skip
+    assert handle.stopping
+    assert handle.stop_reason is StopReason.SIGNAL
+    assert engine_tasks.events == []  # the app never started
 
 
 async def test_current_engine_outside_serve_http() -> None:

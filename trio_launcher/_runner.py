@@ -331,7 +331,8 @@ async def serve_http(
         config: hypercorn configuration; default binds 127.0.0.1:8000. It is
             copied, never changed.
         options: a :class:`ServeOptions`; keyword arguments override its fields.
-        task_status: receives a :class:`ServerHandle` once serving.
+        task_status: receives a :class:`ServerHandle` once serving (stopped
+            while an engine task started: a stopping handle, as it returns).
         **kwargs: the fields of :class:`ServeOptions` (``engine``,
             ``health_path``, ``shutdown_delay``...), documented there.
 
@@ -437,6 +438,10 @@ async def serve_http(
     if outcome is not None:
         raise outcome
     log.info("stopped: %s", control.reason.value if control.reason else "server returned")
+    if not control.ready:
+        # Stopped while the engine task started (a signal): the start is over
+        # all the same; a caller's nursery.start gets a handle that says so.
+        task_status.started(ServerHandle(urls, control))
 
 
 def _outcome(control: _Control) -> LauncherError | None:
