@@ -230,6 +230,7 @@ class _Control:
         if the server stopped first (the app is then never started)."""
         for url in urls:
             log.info("accepting on %s; 503 until the engine task has started", url)
+        notify("STATUS=starting the engine task")
         await self.start_engine_task(nursery, fn, opts)
         self.app_start.skip = self.stopping.is_set()
         self.app_start.go.set()
