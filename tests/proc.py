@@ -102,8 +102,13 @@ async def launch(
     wait_serving: bool = True,
     timeout: float = 20.0,
     preexec_fn: Callable[[], None] | None = None,
+    new_session: bool = False,
 ) -> AsyncIterator[Launched]:
-    """Start ``python -m trio_launcher ARGS``; on exit, kill it if still running."""
+    """Start ``python -m trio_launcher ARGS``; on exit, kill it if still running.
+
+    ``new_session``: in a session (and process group) of its own, as a shell
+    starts a foreground job, so that a test can signal the whole group.
+    """
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_launcher", *args],
         stdin=subprocess.DEVNULL,
@@ -113,6 +118,7 @@ async def launch(
         env=cli_env(env),
         pass_fds=pass_fds,
         preexec_fn=preexec_fn,
+        start_new_session=new_session,
     )
     launched = Launched(process)
     async with trio.open_nursery() as nursery:

@@ -102,6 +102,10 @@ class ServeOptions:
     """``lean``: trio_launcher's own connection layer; ``hypercorn``: hypercorn's
     stock trio connection."""
 
+    on_max_requests: Callable[[], None] | None = field(default=None, metadata=_flag(None))
+    """Called instead of draining when ``config.max_requests`` is reached (a
+    worker of ``--workers`` asks its supervisor for a replacement)."""
+
     def __post_init__(self) -> None:
         # Lists are welcome at the door; the frozen object keeps tuples.
         for name in ("access_log_exclude", "engine_error_types"):
@@ -160,6 +164,7 @@ class ServeKwargs(TypedDict, total=False):
     max_head_size: int | None
     access_log_exclude: tuple[str, ...] | list[str]
     transport: Transport
+    on_max_requests: Callable[[], None] | None
 
 
 def build_options(base: ServeOptions | None, changes: Mapping[str, Any]) -> ServeOptions:

@@ -412,7 +412,14 @@ async def serve_http(
                         watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
                     )
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context, opts.transport
+                    _run_server,
+                    wrapped,
+                    config,
+                    sockets,
+                    control,
+                    ssl_context,
+                    opts.transport,
+                    opts.on_max_requests,
                 )
                 if opts.engine_task is None or await control.start_engine_then_app(
                     nursery, opts.engine_task, opts, urls
@@ -479,9 +486,12 @@ async def _run_server(
     control: _Control,
     ssl_context: SwitchableContext | None,
     transport: Transport,
+    on_max_requests: Callable[[], None] | None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if on_max_requests is None:
+        on_max_requests = lambda: control.stop(StopReason.MAX_REQUESTS)  # noqa: E731
     try:
         await serve_sockets(
             app,
@@ -490,7 +500,7 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
-            on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
+            on_max_requests=on_max_requests,
             app_start=control.app_start if control.has_engine_task else None,
             task_status=task_status,
         )

@@ -20,7 +20,12 @@ replaces that transport:
   slip in between the decision and the close (hypercorn's timer task can:
   the chaos suite caught it answering 200 and then closing without a body).
   A busy connection closes after its response, because hypercorn's protocol
-  sees ``context.terminated`` when the request cycle ends.
+  sees ``context.terminated`` when the request cycle ends. A connection that
+  has received nothing yet is not idle but *fresh*: it was accepted just
+  before the drain and its client has sent, or is about to send, a request.
+  Closing it would lose that request (a rolling restart drains a worker
+  while clients keep connecting), so it gets ``FRESH_GRACE`` seconds to
+  bring it in.
 * **Sends without a shield, and mostly without the scheduler.** On plain TCP
   a response is written straight to the non-blocking socket; only a write
   the kernel does not take whole goes through trio's ``send_all`` (under a
@@ -73,6 +78,7 @@ from ._hypercorn import (
 log = logging.getLogger("trio_launcher")
 
 MAX_RECV = 2**16
+FRESH_GRACE = 0.5  # s: how long a fresh connection may take to send its request in a drain
 
 
 class Connection:
@@ -94,6 +100,7 @@ class Connection:
         self.stream = stream
         self.registry = registry
         self.idle = True
+        self.fresh = True  # nothing received yet
         self.closed = False
         self.scope = trio.CancelScope()
         self.send_lock = trio.Lock()
@@ -161,6 +168,7 @@ class Connection:
                     data = await self.stream.receive_some(MAX_RECV)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
+                self.fresh = False
                 await self.protocol.handle(RawData(bytes(data)))
                 if not data:
                     break
@@ -171,7 +179,7 @@ class Connection:
         self.idle = idle
         if idle:
             if self.context.terminated.is_set():
-                self.scope.cancel()
+                self.drain()
             else:
                 self.scope.deadline = trio.current_time() + self._keep_alive
         else:
@@ -179,7 +187,9 @@ class Connection:
 
     def drain(self) -> None:
         """The server is draining: close now if idle (no checkpoint between check and close)."""
-        if self.idle:
+        if self.idle and self.fresh:
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + FRESH_GRACE)
+        elif self.idle:
             self.scope.cancel()
 
     async def _protocol_send(self, event: Event) -> None:
