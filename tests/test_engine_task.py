@@ -313,11 +313,13 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
     url = f"http://127.0.0.1:{bound.getsockname()[1]}"
     async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=url) as client:
         ready: list[object] = []
+        is_ready = trio.Event()
 
         async def serve() -> None:
             ready.append(await nursery.start(partial(
                 serve_http, App(), engine_task=gated, sock=bound, handle_signals=False,
                 health_path="/health", transport=transport)))  # fmt: skip
+            is_ready.set()
 
         nursery.start_soon(serve)
         with trio.fail_after(10):  # (a client may even connect before the runner runs)
@@ -331,8 +333,7 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         assert engine_tasks.events == []  # neither the engine nor the app has started
         release.set()
         with trio.fail_after(10):
-            while not ready:
-                await trio.sleep(0.01)
+            await is_ready.wait()
         assert (await get_ok(client, "/ask?q=x")).text == "X"
         assert (await get_ok(client, "/health")).json()["status"] == "serving"
         handle = ready[0]
@@ -378,11 +379,13 @@ async def test_an_http2_connection_opened_while_starting_sees_the_lifespan_state
         httpx.AsyncClient(base_url=url, verify=context, http2=True) as client,
     ):
         ready: list[ServerHandle] = []
+        is_ready = trio.Event()
 
         async def serve() -> None:
             ready.append(await nursery.start(partial(
                 serve_http, StateApp(), tls_files.config(), engine_task=gated, sock=bound,
                 handle_signals=False)))  # fmt: skip
+            is_ready.set()
 
         nursery.start_soon(serve)
         with trio.fail_after(10):
@@ -390,8 +393,7 @@ async def test_an_http2_connection_opened_while_starting_sees_the_lifespan_state
         assert (first.status_code, first.http_version) == (503, "HTTP/2")
         release.set()
         with trio.fail_after(10):
-            while not ready:
-                await trio.sleep(0.01)
+            await is_ready.wait()
         second = await client.get("/")  # the same connection
         assert (second.status_code, second.http_version, second.text) == (200, "HTTP/2", "loaded")
         ready[0].shutdown()
