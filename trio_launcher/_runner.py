@@ -296,6 +296,10 @@ async def serve_http(
         from .quart import install
 
         served_app = install(app, control.on_app_error, error_types)
+    elif is_starlette_app(app):
+        from .starlette import install as install_starlette
+
+        served_app = install_starlette(app, control.on_app_error, error_types)
     middleware = RunnerMiddleware(
         served_app,
         control.on_app_error,
@@ -313,7 +317,7 @@ async def serve_http(
 
     sockets = bind_sockets(config, sock)
     ports = tcp_ports(sockets)
-    _log_routes(app)
+    _log_routes(app, health_path)
     try:
         with readable_errors(), control.force, _access_log_filter(config, access_log_exclude):
             async with trio.open_nursery() as nursery:
@@ -389,13 +393,17 @@ def _prepare_config(config: Config | None) -> Config:
     return config
 
 
-def _log_routes(app: object) -> None:
+def _log_routes(app: object, health_path: str | None = None) -> None:
     routes = describe_routes(app)
+    health = [f"{health_path} [GET, HEAD] (answered by the runner)"] if health_path else []
     if routes is None:
         log.info(
             "routes: %s is a bare ASGI callable; its routes cannot be listed", type(app).__name__
         )
+        for line in health:
+            log.info("  %s", line)
         return
+    routes = [*health, *routes]
     log.info("routes (%d):", len(routes))
     for line in routes:
         log.info("  %s", line)
@@ -404,6 +412,11 @@ def _log_routes(app: object) -> None:
 def is_quart_app(app: object) -> bool:
     """A Quart app, recognised without importing quart."""
     return any(cls.__module__.split(".")[0] == "quart" for cls in type(app).__mro__)
+
+
+def is_starlette_app(app: object) -> bool:
+    """A Starlette or FastAPI app, recognised without importing either."""
+    return any(cls.__module__.split(".")[0] == "starlette" for cls in type(app).__mro__)
 
 
 class _ExcludePaths(logging.Filter):
