@@ -262,7 +262,7 @@ async def serve_http(
 
     sockets = bind_sockets(config, opts.sock)
     ports = tcp_ports(sockets)
-    _log_routes(app, health_path)
+    _log_routes(app, opts.health_path)
     try:
         with readable_errors(), control.force, _access_log_filter(config, opts.access_log_exclude):
             async with trio.open_nursery() as nursery:
