@@ -151,8 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="lean",
         help="connection layer: lean (trio_launcher's own, default) or hypercorn's stock one",
     )
-    add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
-    add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
+    add(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.lower,
+        help="runner and server log level (default: loglevel from --config, else info); "
+        "debug also prints tracebacks after errors",
+    )
+    add(
+        "--config",
+        metavar="FILE.toml",
+        help="hypercorn TOML config (loglevel included); flags override it",
+    )
+    add("--version", action="version", version=f"%(prog)s {_version()}")
     serving = parser.add_argument_group("serving")
     serving.add_argument(
         "--health-path",
@@ -189,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave PATH out of the access log (repeatable)",
     )
     tls = parser.add_argument_group("TLS")
-    tls.add_argument("--certfile", metavar="F")
-    tls.add_argument("--keyfile", metavar="F")
+    tls.add_argument("--certfile", metavar="F", help="server certificate chain (PEM); turns TLS on")
+    tls.add_argument("--keyfile", metavar="F", help="private key of --certfile (PEM)")
     tls.add_argument("--ca-certs", metavar="F", help="CA bundle for client certificates")
     tls.add_argument(
         "--verify-mode",
@@ -232,14 +243,24 @@ def _main(argv: Sequence[str] | None) -> int:
         opts = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(f"{exc} (see {PROG} --help)", EXIT_USAGE)
+    try:
+        base = load_toml_config(opts.config) if opts.config else Config()
+        opts.log_level = _log_level(opts.log_level, base, opts.config)
+    except ConfigError as exc:
+        _setup_logging("info")
+        return _fail(str(exc), EXIT_USAGE, opts.log_level == "debug")
     debug = opts.log_level == "debug"
     _setup_logging(opts.log_level)
     try:
-        config = build_config(opts)
+        config = build_config(opts, base)
         if opts.workers > 1:
             return _run_workers(opts, config, list(argv if argv is not None else sys.argv[1:]))
         sys.path.insert(0, os.getcwd())
         app = import_from_string(opts.app, "app")
+        if not callable(app):
+            raise ConfigError(
+                f"app {opts.app!r} is not an ASGI callable (it is a {type(app).__name__})"
+            )
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
         absorb_signals_for_process()
         watch_lifeline()  # a worker of --workers: drain when the parent dies
@@ -329,9 +350,31 @@ def _setup_logging(level: str) -> None:
 VERIFY_MODES = {"none": "CERT_NONE", "optional": "CERT_OPTIONAL", "required": "CERT_REQUIRED"}
 
 
-def build_config(opts: argparse.Namespace) -> Config:
-    """hypercorn Config from ``--config`` (if any) with the flags laid over it."""
-    config = load_toml_config(opts.config) if opts.config else Config()
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trio-launcher")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _log_level(flag: str | None, config: Config, path: str | None) -> str:
+    """``--log-level``, else the TOML file's ``loglevel``, else info."""
+    if flag is not None:
+        return flag
+    level = str(config.loglevel or "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"config file {path}: loglevel {config.loglevel!r} is not one of "
+                          f"{', '.join(LOG_LEVELS)}")  # fmt: skip
+    return level
+
+
+def build_config(opts: argparse.Namespace, config: Config | None = None) -> Config:
+    """hypercorn Config from ``--config`` (or ``config``, read from it) with the flags
+    laid over it."""
+    if config is None:
+        config = load_toml_config(opts.config) if opts.config else Config()
     if config.backlog == Config.backlog:
         # hypercorn's 100 overflows when a thousand clients connect at once
         # (a client then waits for SYN retries): the kernel caps it anyway.
@@ -352,6 +395,8 @@ def build_config(opts: argparse.Namespace) -> Config:
     if (config.certfile is None) != (config.keyfile is None):
         missing = "--keyfile" if config.keyfile is None else "--certfile"
         raise ConfigError(f"TLS needs both --certfile and --keyfile: {missing} is missing")
+    if opts.ssl_refresh and not config.ssl_enabled:
+        raise ConfigError("--ssl-refresh needs --certfile and --keyfile")
     if opts.access_log is not None:
         if opts.access_log != "-":
             try:
@@ -359,7 +404,7 @@ def build_config(opts: argparse.Namespace) -> Config:
             except OSError as exc:
                 raise ConfigError(f"access log {opts.access_log}: {exc.strerror or exc}") from None
         config.accesslog = opts.access_log
-    config.loglevel = opts.log_level.upper()
+    config.loglevel = (opts.log_level or "info").upper()
     # hypercorn's error log propagates to ours instead of printing twice.
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
