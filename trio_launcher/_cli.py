@@ -44,6 +44,7 @@ from ._errors import (
 )
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
+from ._proxy import DEFAULT_FORWARDED_ALLOW_IPS, parse_trusted
 from ._runner import serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit
 from ._systemd import listen_fds
@@ -93,6 +94,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in 0-65535")
+    return value
+
+
+def _address_list(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        parse_trusted(values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return values
+
+
+def _ciphers(text: str) -> str:
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).set_ciphers(text)
+    except ssl.SSLError:
+        raise argparse.ArgumentTypeError(f"{text!r} selects no cipher OpenSSL knows") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -116,6 +144,63 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="HOST:PORT, [V6]:PORT, unix:PATH or fd://N; repeatable (default: the sockets "
         "systemd passed, else 127.0.0.1:8000)",
+    )
+    uvicorn = parser.add_argument_group(
+        "uvicorn-style", "the flags of uvicorn that mean the same here (see docs/cli.md)"
+    )
+    uvicorn.add_argument(
+        "--host",
+        metavar="HOST",
+        help="listen on HOST (with --port; default 127.0.0.1): one --bind HOST:PORT; "
+        "not together with --bind",
+    )
+    uvicorn.add_argument(
+        "--port",
+        type=_port,
+        metavar="PORT",
+        help="listen on PORT (with --host; default 8000); 0 picks a free port",
+    )
+    uvicorn.add_argument(
+        "--uds",
+        metavar="PATH",
+        help="listen on the Unix socket PATH (the same as --bind unix:PATH)",
+    )
+    uvicorn.add_argument(
+        "--root-path",
+        metavar="PATH",
+        help="the app is mounted at PATH behind a proxy (the ASGI root_path)",
+    )
+    uvicorn.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="believe X-Forwarded-For/-Proto/-Host from --forwarded-allow-ips peers "
+        "(client address, scheme, host)",
+    )
+    uvicorn.add_argument(
+        "--forwarded-allow-ips",
+        type=_address_list,
+        metavar="IPS",
+        help="comma-separated addresses or networks of trusted proxies, * for any "
+        "(default 127.0.0.1)",
+    )
+    uvicorn.add_argument(
+        "--timeout-keep-alive",
+        type=_positive_seconds,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default 5)",
+    )
+    uvicorn.add_argument(
+        "--reload",
+        action="store_true",
+        help="development only: restart the server when a .py file changes "
+        "(needs the reload extra: pip install 'trio-launcher[reload]')",
+    )
+    uvicorn.add_argument(
+        "--reload-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory watched by --reload (repeatable; default the current directory)",
     )
     add(
         "--graceful-timeout",
@@ -200,9 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave PATH out of the access log (repeatable)",
     )
     tls = parser.add_argument_group("TLS")
-    tls.add_argument("--certfile", metavar="F", help="server certificate chain (PEM); turns TLS on")
-    tls.add_argument("--keyfile", metavar="F", help="private key of --certfile (PEM)")
-    tls.add_argument("--ca-certs", metavar="F", help="CA bundle for client certificates")
+    tls.add_argument(
+        "--certfile",
+        "--ssl-certfile",
+        metavar="F",
+        help="server certificate chain (PEM); turns TLS on",
+    )
+    tls.add_argument("--keyfile", "--ssl-keyfile", metavar="F", help="private key of --certfile")
+    tls.add_argument(
+        "--ssl-keyfile-password", metavar="PASSWORD", help="password of an encrypted --keyfile"
+    )
+    tls.add_argument(
+        "--ssl-ciphers",
+        type=_ciphers,
+        metavar="CIPHERS",
+        help="OpenSSL cipher list for TLS 1.2 (default ECDHE+AESGCM)",
+    )
+    tls.add_argument(
+        "--ca-certs", "--ssl-ca-certs", metavar="F", help="CA bundle for client certificates"
+    )
     tls.add_argument(
         "--verify-mode",
         choices=("none", "optional", "required"),
@@ -253,6 +354,12 @@ def _main(argv: Sequence[str] | None) -> int:
     _setup_logging(opts.log_level)
     try:
         config = build_config(opts, base)
+        if opts.reload:
+            if opts.workers > 1:
+                raise ConfigError("--reload and --workers do not mix: --reload is for development")
+            from ._reload import run_reloading
+
+            return run_reloading(list(argv if argv is not None else sys.argv[1:]), opts.reload_dir)
         if opts.workers > 1:
             return _run_workers(opts, config, list(argv if argv is not None else sys.argv[1:]))
         sys.path.insert(0, os.getcwd())
@@ -306,6 +413,8 @@ def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeO
         max_head_size=opts.max_head_size,
         access_log_exclude=tuple(opts.access_log_exclude),
         transport=opts.transport,
+        proxy_headers=opts.proxy_headers,
+        forwarded_allow_ips=opts.forwarded_allow_ips or DEFAULT_FORWARDED_ALLOW_IPS,
     )
 
 
@@ -350,6 +459,20 @@ def _setup_logging(level: str) -> None:
 VERIFY_MODES = {"none": "CERT_NONE", "optional": "CERT_OPTIONAL", "required": "CERT_REQUIRED"}
 
 
+def listen_addresses(opts: argparse.Namespace) -> list[str]:
+    """``--bind`` addresses, or the one that ``--host``/``--port`` describe, plus ``--uds``."""
+    binds = list(opts.bind or [])
+    if opts.host is not None or opts.port is not None:
+        if binds:
+            raise ConfigError("--host/--port and --bind both say where to listen: use one")
+        host = opts.host if opts.host is not None else "127.0.0.1"
+        port = opts.port if opts.port is not None else 8000
+        binds.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if opts.uds is not None:
+        binds.append(f"unix:{opts.uds}")
+    return binds
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -379,8 +502,9 @@ def build_config(opts: argparse.Namespace, config: Config | None = None) -> Conf
         # hypercorn's 100 overflows when a thousand clients connect at once
         # (a client then waits for SYN retries): the kernel caps it anyway.
         config.backlog = DEFAULT_BACKLOG
-    if opts.bind:
-        config.bind = opts.bind
+    binds = listen_addresses(opts)
+    if binds:
+        config.bind = binds
     elif activated := listen_fds():
         log.info("systemd socket activation: serving descriptors %s", activated)
         config.bind = [f"fd://{fd}" for fd in activated]
@@ -390,6 +514,14 @@ def build_config(opts: argparse.Namespace, config: Config | None = None) -> Conf
         value = getattr(opts, name)
         if value is not None:
             setattr(config, name, value)
+    if opts.root_path is not None:
+        config.root_path = opts.root_path
+    if opts.timeout_keep_alive is not None:
+        config.keep_alive_timeout = opts.timeout_keep_alive
+    if opts.ssl_keyfile_password is not None:
+        config.keyfile_password = opts.ssl_keyfile_password
+    if opts.ssl_ciphers is not None:
+        config.ciphers = opts.ssl_ciphers
     if opts.verify_mode is not None:
         config.verify_mode = getattr(ssl.VerifyMode, VERIFY_MODES[opts.verify_mode])
     if (config.certfile is None) != (config.keyfile is None):

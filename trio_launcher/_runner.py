@@ -40,6 +40,7 @@ from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
+from ._proxy import ProxyHeadersMiddleware
 from ._server import serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
@@ -253,7 +254,10 @@ async def serve_http(
         health=control.health,
         limits=Limits(opts.max_header_count, opts.max_head_size),
     )
-    wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    outer: Any = middleware
+    if opts.proxy_headers:
+        outer = ProxyHeadersMiddleware(middleware, opts.forwarded_allow_ips)
+    wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
         interval = opts.ssl_refresh_interval if opts.enable_ssl_refresh else math.inf

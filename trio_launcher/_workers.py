@@ -236,17 +236,18 @@ async def run_workers(
 
 
 def child_argv(executable: str, argv: Sequence[str], sockets: BoundSockets) -> list[str]:
-    """The worker's command line: ours without --workers/--bind, plus the inherited fds."""
+    """The worker's command line: ours without --workers and the addresses (--bind,
+    --host, --port, --uds), plus the inherited fds."""
     kept: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg in ("--workers", "--bind", "-b"):
+        if arg in ("--workers", "--bind", "-b", "--host", "--port", "--uds"):
             skip = True
             continue
-        if arg.startswith(("--workers=", "--bind=")):
+        if arg.startswith(("--workers=", "--bind=", "--host=", "--port=", "--uds=")):
             continue
         kept.append(arg)
     binds = [f"--bind=fd://{sock.fileno()}" for sock in sockets.all()]
