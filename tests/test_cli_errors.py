@@ -90,3 +90,13 @@ async def test_ordinary_handler_error_is_logged_as_one_traceback() -> None:
     assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr
     assert "ExceptionGroup" not in proc.stderr
     assert "ValueError: a bug in a handler" in proc.stderr
+
+
+def test_docs_cli_names_every_flag() -> None:
+    from .proc import ROOT
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                assert f"`{flag}" in text, f"docs/cli.md does not mention {flag}"
