@@ -46,6 +46,8 @@ async def test_host_and_port_are_one_bind() -> None:
         (["--forwarded-allow-ips", "10.0.0.300"], "argument --forwarded-allow-ips:"),
         (["--ssl-ciphers", "NO-SUCH-CIPHER"], "argument --ssl-ciphers: 'NO-SUCH-CIPHER'"),
         (["--timeout-keep-alive", "0"], "argument --timeout-keep-alive: '0' must be > 0"),
+        (["--forwarded-allow-ips", "*"], "--forwarded-allow-ips needs --proxy-headers"),
+        (["--reload-dir", "."], "--reload-dir needs --reload"),
     ],
 )  # fmt: skip
 def test_bad_uvicorn_flags_exit_2_naming_the_flag(args: list[str], line: str) -> None:

@@ -514,6 +514,10 @@ def build_config(opts: argparse.Namespace, config: Config | None = None) -> Conf
         value = getattr(opts, name)
         if value is not None:
             setattr(config, name, value)
+    if opts.forwarded_allow_ips is not None and not opts.proxy_headers:
+        raise ConfigError("--forwarded-allow-ips needs --proxy-headers")
+    if opts.reload_dir and not opts.reload:
+        raise ConfigError("--reload-dir needs --reload")
     if opts.root_path is not None:
         config.root_path = opts.root_path
     if opts.timeout_keep_alive is not None:
