@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -197,3 +198,23 @@ def test_reload_without_watchfiles_exits_2_naming_the_extra(tmp_path: Path) -> N
     assert result.stderr.strip().splitlines() == [
         "trio-launcher: error: --reload needs watchfiles: pip install 'trio-launcher[reload]'"
     ]
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_reload_child_drains_when_the_parent_is_killed(tmp_path: Path) -> None:
+    sock = tmp_path / "reload.sock"
+    args = [ECHO, "--uds", str(sock), "--reload", "--reload-dir", str(tmp_path)]
+    async with launch(args) as proc:
+        (child,) = psutil.Process(proc.process.pid).children()
+        proc.signal(signal.SIGKILL)  # the parent we started
+        await proc.wait()
+        with trio.fail_after(15):
+            while not gone(child):
+                await trio.sleep(0.05)
+    assert not sock.exists()  # the child drained and removed its socket file

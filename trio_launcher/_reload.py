@@ -8,7 +8,9 @@ starts a new one. A new process, not a re-import, because modules keep state
 (an engine, a thread) that no reload can undo.
 
 SIGINT/SIGTERM to the parent stop the child and the parent; the exit code is
-the child's. watchfiles is an optional extra; without it ``--reload`` is a
+the child's. The child runs in its own session (a terminal's Ctrl-C reaches
+only the parent, which sends one SIGTERM) and holds the workers' lifeline, so
+it drains if the parent is killed. watchfiles is an optional extra; without it ``--reload`` is a
 usage error (exit 2) that names the extra.
 """
 
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 import trio
 
 from ._errors import ConfigError
+from ._workers import LIFELINE_ENV
 
 log = logging.getLogger("trio_launcher")
 
@@ -72,6 +75,8 @@ class _Supervisor:
         self.stopping = False
         self.changed = False
         self.wake = trio.Event()
+        # The workers' lifeline: the child drains when we die, even by SIGKILL.
+        self.lifeline_read, self.lifeline_write = os.pipe()
 
     def _wake(self) -> None:
         self.wake.set()
@@ -107,7 +112,11 @@ class _Supervisor:
                 # Its own session: a terminal's Ctrl-C reaches only us, and the
                 # child gets exactly one SIGTERM from us (not a second signal).
                 process = await trio.lowlevel.open_process(
-                    self.child, stdin=subprocess.DEVNULL, start_new_session=True
+                    self.child,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    pass_fds=[self.lifeline_read],
+                    env={**os.environ, LIFELINE_ENV: str(self.lifeline_read)},
                 )
                 async with trio.open_nursery() as waiting:
 
