@@ -26,11 +26,11 @@ import pytest
 import trio
 import yaml
 
-from trio_launcher._cli import EXIT_ENGINE_DEAD, EXIT_OK, EXIT_USAGE
+from trio_launcher._errors import ExitCode
 from trio_launcher.testing import TLSFiles
 
+from .net import wait_refused
 from .proc import ROOT, launch
-from .test_cli_process import wait_refused
 
 MANIFEST = ROOT / "examples" / "kubernetes" / "deployment.yaml"
 UNIT = ROOT / "examples" / "systemd" / "trio-launcher-example.service"
@@ -148,7 +148,7 @@ async def test_kubernetes_pod_life(tmp_path: Path) -> None:
         await wait_refused(proc.port, timeout=delay + 5)
         assert trio.current_time() - stop_started >= delay - 0.5  # the delay was kept
         code = await proc.wait(timeout=pod["terminationGracePeriodSeconds"])
-        assert code == EXIT_OK, proc.stderr
+        assert code == ExitCode.OK, proc.stderr
         assert trio.current_time() - stop_started < delay + graceful + MARGIN
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
@@ -217,8 +217,7 @@ def test_unit_exit_codes_and_stop_budget() -> None:
     _, service = unit_argv()
     assert service["Type"] == "notify"
     assert service["Restart"] == "on-failure"  # exit 3 (engine died) and 1 restart
-    assert service["RestartPreventExitStatus"].split() == [str(EXIT_USAGE)]
-    assert EXIT_ENGINE_DEAD != EXIT_USAGE
+    assert service["RestartPreventExitStatus"].split() == [str(ExitCode.USAGE)]
     assert service.get("KillMode", "control-group") == "control-group"
     graceful = float(flags_from(shlex.split(service["ExecStart"]))["--graceful-timeout"])
     assert graceful + MARGIN <= float(service["TimeoutStopSec"])
@@ -284,7 +283,7 @@ async def test_systemd_unit_life(tmp_path: Path) -> None:
             proc.send_signal(kill_signal)
         with trio.fail_after(float(service["TimeoutStopSec"])):
             assert (await notify_sock.recv(4096)).decode() == "STOPPING=1"
-            assert await process.wait() == EXIT_OK
+            assert await process.wait() == ExitCode.OK
     finally:
         if process.returncode is None:
             process.kill()
@@ -300,7 +299,7 @@ async def test_systemd_unit_engine_death_is_a_failure_to_restart(tmp_path: Path)
             assert (await client.post("/admin/kill")).status_code == 202
         with trio.fail_after(float(service["TimeoutStopSec"])):
             code = await process.wait()
-        assert code == EXIT_ENGINE_DEAD
+        assert code == ExitCode.ENGINE_DEAD
         assert str(code) not in service["RestartPreventExitStatus"].split()
     finally:
         if process.returncode is None:

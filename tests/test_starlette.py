@@ -18,8 +18,8 @@ from trio_launcher import EngineDeadError
 from trio_launcher.testing import FakePollingEngine, running_server
 
 from . import fastapi_apps
+from .net import get
 from .proc import ROOT, cli_env, launch
-from .test_cli_process import get
 
 
 @pytest.mark.parametrize("path", ["/dead", "/dead-in-group"])

@@ -14,7 +14,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from trio_launcher._workers import child_argv
+from trio_launcher._workers import worker_argv
 from trio_launcher.testing import TLSFiles, running_server
 
 from . import echo_app
@@ -143,11 +143,16 @@ async def test_encrypted_key_with_password_and_ciphers(tmp_path: Path) -> None:
 
 
 def test_workers_get_fds_instead_of_host_port_and_uds() -> None:
+    from trio_launcher._cli import build_parser
     from trio_launcher._ports import BoundSockets
 
-    argv = [ECHO, "--host", "0.0.0.0", "--port=8000", "--uds", "/run/x.sock", "--workers", "2"]
-    assert child_argv(sys.executable, argv, BoundSockets()) == [
-        sys.executable, "-m", "trio_launcher", ECHO,
+    parser = build_parser()
+    argv = [ECHO, "--host", "0.0.0.0", "--port=8000", "--uds", "/run/x.sock", "--workers", "2",
+            "--forwarded-allow-ips", "10.0.0.0/8,127.0.0.1", "--proxy-headers"]  # fmt: skip
+    opts = parser.parse_args(argv)
+    assert worker_argv(parser, opts, BoundSockets(), sys.executable) == [
+        sys.executable, "-m", "trio_launcher", "--proxy-headers",
+        "--forwarded-allow-ips=10.0.0.0/8,127.0.0.1", "--", ECHO,
     ]  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
@@ -99,6 +99,9 @@ class ServeOptions:
         default=("127.0.0.1",), metadata=_flag("--forwarded-allow-ips")
     )
     """Addresses or networks of trusted proxies for ``proxy_headers``; ``*``: any peer."""
+    on_max_requests: Callable[[], None] | None = field(default=None, metadata=_flag(None))
+    """Called instead of draining when ``config.max_requests`` is reached (a
+    worker of ``--workers`` asks its supervisor for a replacement)."""
 
     def __post_init__(self) -> None:
         # Lists are welcome at the door; the frozen object keeps tuples.
@@ -154,6 +157,7 @@ class ServeKwargs(TypedDict, total=False):
     transport: Transport
     proxy_headers: bool
     forwarded_allow_ips: tuple[str, ...] | list[str]
+    on_max_requests: Callable[[], None] | None
 
 
 def build_options(base: ServeOptions | None, changes: Mapping[str, Any]) -> ServeOptions:

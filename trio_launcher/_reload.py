@@ -21,14 +21,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 import trio
 
 from ._errors import ConfigError
-from ._workers import LIFELINE_ENV
 
 log = logging.getLogger("trio_launcher")
+
+LIFELINE_ENV = "TRIO_LAUNCHER_RELOAD_LIFELINE"
+"""In the child: the read end of a pipe whose write end only the parent holds."""
 
 STOP_TIMEOUT = 10.0
 """Longest wait for a child to drain after SIGTERM before it is killed."""
@@ -48,6 +51,30 @@ def run_reloading(argv: Sequence[str], directories: Sequence[str]) -> int:
         if not os.path.isdir(directory):
             raise ConfigError(f"--reload-dir {directory}: not a directory")
     return trio.run(_Supervisor(child, watched).run)
+
+
+def watch_lifeline() -> None:
+    """In a child of ``--reload``: drain (SIGTERM to ourselves) when the parent dies.
+
+    The parent never writes to the pipe; whatever ends it, SIGKILL included,
+    the kernel closes the write end and the read returns.
+    """
+    value = os.environ.pop(LIFELINE_ENV, None)
+    if value is None:
+        return
+    fd = int(value)
+    os.set_inheritable(fd, False)
+
+    def wait_for_parent() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        log.warning("reload: the parent process is gone: draining")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait_for_parent, name="trio-launcher-reload", daemon=True).start()
 
 
 def without_reload(argv: Sequence[str]) -> list[str]:
@@ -75,7 +102,7 @@ class _Supervisor:
         self.stopping = False
         self.changed = False
         self.wake = trio.Event()
-        # The workers' lifeline: the child drains when we die, even by SIGKILL.
+        # A lifeline: the child drains when we die, even by SIGKILL.
         self.lifeline_read, self.lifeline_write = os.pipe()
 
     def _wake(self) -> None:

@@ -28,16 +28,15 @@ import enum
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Unpack
 
 import trio
-from hypercorn.config import Config
-from hypercorn.utils import wrap_app
 
 from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
-from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
+from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError, readable_errors
+from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._proxy import ProxyHeadersMiddleware
@@ -286,7 +285,14 @@ async def serve_http(
                         watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
                     )
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context, opts.transport
+                    _run_server,
+                    wrapped,
+                    config,
+                    sockets,
+                    control,
+                    ssl_context,
+                    opts.transport,
+                    opts.on_max_requests,
                 )
                 for url in urls:
                     log.info("serving on %s", url)
@@ -315,9 +321,12 @@ async def _run_server(
     control: _Control,
     ssl_context: SwitchableContext | None,
     transport: Transport,
+    on_max_requests: Callable[[], None] | None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if on_max_requests is None:
+        on_max_requests = lambda: control.stop(StopReason.MAX_REQUESTS)  # noqa: E731
     try:
         await serve_sockets(
             app,
@@ -326,7 +335,7 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
-            on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
+            on_max_requests=on_max_requests,
             task_status=task_status,
         )
     finally:
@@ -392,28 +401,3 @@ def _access_log_filter(config: Config, paths: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(exclude)
-
-
-@contextmanager
-def readable_errors() -> Iterator[None]:
-    """Unwrap an exception group where exactly one real error is inside.
-
-    Cancellation is never swallowed: ``trio.Cancelled`` stays in the group that
-    is re-raised.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1 and len(real) == len(leaves):
-            raise real[0] from group
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc

@@ -20,7 +20,12 @@ replaces that transport:
   slip in between the decision and the close (hypercorn's timer task can:
   the chaos suite caught it answering 200 and then closing without a body).
   A busy connection closes after its response, because hypercorn's protocol
-  sees ``context.terminated`` when the request cycle ends.
+  sees ``context.terminated`` when the request cycle ends. A connection that
+  has received nothing yet is not idle but *fresh*: it was accepted just
+  before the drain and its client has sent, or is about to send, a request.
+  Closing it would lose that request (a rolling restart drains a worker
+  while clients keep connecting), so it gets ``FRESH_GRACE`` seconds to
+  bring it in.
 * **Sends without a shield, and mostly without the scheduler.** On plain TCP
   a response is written straight to the non-blocking socket; only a write
   the kernel does not take whole goes through trio's ``send_all`` (under a
@@ -38,8 +43,8 @@ replaces that transport:
 
 hypercorn's ``TaskGroup`` is kept in spirit (a task per request, which ASGI
 needs) with a lighter bounded inbox in place of its memory channel. QUIC stays
-on hypercorn's own path. This relies on hypercorn internals, which is why
-pyproject pins hypercorn's minor version.
+on hypercorn's own path. The hypercorn internals this relies on are reached
+through ``_hypercorn``, which a contract test checks.
 """
 
 from __future__ import annotations
@@ -53,17 +58,27 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol import ProtocolWrapper
-from hypercorn.trio.task_group import _handle
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
-from hypercorn.utils import parse_socket_addr
+
+from ._hypercorn import (
+    AppWrapper,
+    Closed,
+    Config,
+    ConnectionState,
+    Event,
+    LifespanState,
+    ProtocolWrapper,
+    RawData,
+    Updated,
+    WorkerContext,
+    new_protocol,
+    parse_socket_addr,
+    run_app,
+)
 
 log = logging.getLogger("trio_launcher")
 
 MAX_RECV = 2**16
+FRESH_GRACE = 0.5  # s: how long a fresh connection may take to send its request in a drain
 
 
 class Connection:
@@ -85,6 +100,7 @@ class Connection:
         self.stream = stream
         self.registry = registry
         self.idle = True
+        self.fresh = True  # nothing received yet
         self.closed = False
         self.scope = trio.CancelScope()
         self.send_lock = trio.Lock()
@@ -124,11 +140,18 @@ class Connection:
             return  # the client is already gone
         async with trio.open_nursery() as nursery:
             task_group = LeanTaskGroup(nursery)
-            self.protocol = ProtocolWrapper(
-                self.app, self.config, self.context, task_group,  # type: ignore[arg-type]
-                ConnectionState(self.state.copy()), ssl, client, server, self._protocol_send,
-                alpn,
-            )  # fmt: skip
+            self.protocol = new_protocol(
+                self.app,
+                self.config,
+                self.context,
+                task_group,
+                ConnectionState(self.state.copy()),
+                ssl=ssl,
+                client=client,
+                server=server,
+                send=self._protocol_send,
+                alpn=alpn,
+            )
             await self.protocol.initiate()
             self._set_idle(True)
             await self._read_loop()
@@ -145,6 +168,7 @@ class Connection:
                     data = await self.stream.receive_some(MAX_RECV)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
+                self.fresh = False
                 await self.protocol.handle(RawData(bytes(data)))
                 if not data:
                     break
@@ -155,7 +179,7 @@ class Connection:
         self.idle = idle
         if idle:
             if self.context.terminated.is_set():
-                self.scope.cancel()
+                self.drain()
             else:
                 self.scope.deadline = trio.current_time() + self._keep_alive
         else:
@@ -163,7 +187,9 @@ class Connection:
 
     def drain(self) -> None:
         """The server is draining: close now if idle (no checkpoint between check and close)."""
-        if self.idle:
+        if self.idle and self.fresh:
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + FRESH_GRACE)
+        elif self.idle:
             self.scope.cancel()
 
     async def _protocol_send(self, event: Event) -> None:
@@ -285,10 +311,7 @@ class LeanTaskGroup:
         self, app: AppWrapper, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
     ) -> Callable[[Any], Awaitable[None]]:
         inbox = _Inbox(config.max_app_queue_size)
-        self._nursery.start_soon(
-            _handle, app, config, scope, inbox.get, send, trio.to_thread.run_sync,
-            trio.from_thread.run,
-        )  # fmt: skip
+        self._nursery.start_soon(run_app, app, config, scope, inbox.get, send)
         return inbox.put
 
     def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
