@@ -68,6 +68,7 @@ from ._errors import (
 from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
+from ._proxy import ProxyHeadersMiddleware
 from ._server import AppStart, serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
@@ -412,6 +413,10 @@ async def serve_http(
         from .quart import install
 
         served_app = install(app, control.on_app_error, error_types)
+    elif is_starlette_app(app):
+        from .starlette import install as install_starlette
+
+        served_app = install_starlette(app, control.on_app_error, error_types)
     middleware = RunnerMiddleware(
         served_app,
         control.on_app_error,
@@ -423,9 +428,11 @@ async def serve_http(
         in_flight=control.in_flight,
     )
     outer: Any = middleware
+    if opts.proxy_headers:
+        outer = ProxyHeadersMiddleware(outer, opts.forwarded_allow_ips)
     if opts.engine_task is not None:
         control.has_engine_task = control.starting = True
-        outer = StartingGate(middleware, lambda: control.starting, opts.health_path)
+        outer = StartingGate(outer, lambda: control.starting, opts.health_path)
     wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
@@ -435,7 +442,7 @@ async def serve_http(
 
     sockets = bind_sockets(config, opts.sock)
     ports = tcp_ports(sockets)
-    _log_routes(app)
+    _log_routes(app, opts.health_path)
     try:
         with (
             readable_errors(),
@@ -585,13 +592,17 @@ def _prepare_config(config: Config | None) -> Config:
     return copy.copy(config)
 
 
-def _log_routes(app: object) -> None:
+def _log_routes(app: object, health_path: str | None = None) -> None:
     routes = describe_routes(app)
+    health = [f"{health_path} [GET, HEAD] (answered by the runner)"] if health_path else []
     if routes is None:
         log.info(
             "routes: %s is a bare ASGI callable; its routes cannot be listed", type(app).__name__
         )
+        for line in health:
+            log.info("  %s", line)
         return
+    routes = [*health, *routes]
     log.info("routes (%d):", len(routes))
     for line in routes:
         log.info("  %s", line)
@@ -600,6 +611,11 @@ def _log_routes(app: object) -> None:
 def is_quart_app(app: object) -> bool:
     """A Quart app, recognised without importing quart."""
     return any(cls.__module__.split(".")[0] == "quart" for cls in type(app).__mro__)
+
+
+def is_starlette_app(app: object) -> bool:
+    """A Starlette or FastAPI app, recognised without importing either."""
+    return any(cls.__module__.split(".")[0] == "starlette" for cls in type(app).__mro__)
 
 
 class _ExcludePaths(logging.Filter):
