@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import trio
 from hypercorn.config import Config
 
+from . import _logging
 from ._errors import (
     AppStartupError,
     BindError,
@@ -41,6 +42,7 @@ from ._errors import (
     EngineDeadError,
     ForcedShutdown,
 )
+from ._metrics import run_with_metrics_listener, supervisor_metrics
 from ._ports import bind_sockets
 from ._runner import serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit
@@ -150,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="connection layer: lean (trio_launcher's own, default) or hypercorn's stock one",
     )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
+    add(
+        "--log-format",
+        choices=_logging.LOG_FORMATS,
+        default="text",
+        help="runner and access lines as text or one JSON object per line; ISO 8601 UTC "
+        "times (default text)",
+    )
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
     serving = parser.add_argument_group("serving")
     serving.add_argument(
@@ -185,6 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH",
         help="leave PATH out of the access log (repeatable)",
+    )
+    seen = parser.add_argument_group("observability (docs/observability.md)")
+    seen.add_argument(
+        "--metrics-path",
+        metavar="PATH",
+        help="answer GET PATH with the Prometheus scrape on the main listener",
+    )
+    seen.add_argument(
+        "--metrics-bind",
+        metavar="ADDR",
+        help="serve the Prometheus scrape on a separate plain-HTTP listener (HOST:PORT)",
+    )
+    seen.add_argument(
+        "--no-request-id",
+        dest="request_ids",
+        action="store_false",
+        help="do not add X-Request-Id to responses (default: keep or make one)",
     )
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--certfile", metavar="F")
@@ -231,7 +257,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except _UsageError as exc:
         return _fail(f"{exc} (see {PROG} --help)", EXIT_USAGE)
     debug = opts.log_level == "debug"
-    _setup_logging(opts.log_level)
+    _setup_logging(opts.log_level, opts.log_format)
     try:
         config = build_config(opts)
         if opts.workers > 1:
@@ -257,6 +283,9 @@ def _main(argv: Sequence[str] | None) -> int:
                 max_head_size=opts.max_head_size,
                 access_log_exclude=opts.access_log_exclude,
                 transport=opts.transport,
+                metrics_path=opts.metrics_path,
+                metrics_bind=opts.metrics_bind,
+                request_ids=opts.request_ids,
             )
         )
     except ConfigError as exc:
@@ -284,7 +313,11 @@ def _run_workers(opts: argparse.Namespace, config: Config, argv: list[str]) -> i
         sock.set_inheritable(True)
     child = child_argv(sys.executable, argv, sockets)
     absorb_signals_for_process()
-    return trio.run(run_workers, child, opts.workers, sockets)
+    if opts.metrics_path is None and opts.metrics_bind is None:
+        return trio.run(run_workers, child, opts.workers, sockets)
+    with supervisor_metrics():  # the workers' multiprocess directory
+        return trio.run(partial(run_with_metrics_listener, run_workers, child, opts.workers,
+                                sockets, bind=opts.metrics_bind))  # fmt: skip
 
 
 def _describe(exc: BaseException) -> str:
@@ -302,12 +335,8 @@ def _fail(message: str, code: int, debug: bool = False) -> int:
     return code
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: _logging.LogFormat = "text") -> None:
+    _logging.configure(level, log_format)
 
 
 VERIFY_MODES = {"none": "CERT_NONE", "optional": "CERT_OPTIONAL", "required": "CERT_REQUIRED"}
@@ -346,6 +375,7 @@ def build_config(opts: argparse.Namespace) -> Config:
     config.loglevel = opts.log_level.upper()
     # hypercorn's error log propagates to ours instead of printing twice.
     config.errorlog = logging.getLogger("hypercorn.error")
+    _logging.format_access_log(config, getattr(opts, "log_format", "text"))
     return config
 
 

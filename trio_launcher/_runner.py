@@ -39,6 +39,7 @@ from hypercorn.utils import wrap_app
 
 from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown
+from ._metrics import Observed, bind_metrics, recorder, serve_metrics, server_metrics, using
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
 from ._signals import watch_signals
@@ -86,6 +87,7 @@ class _Control:
         self.engine_death: str | None = None
         self.refresher: CertificateRefresher | None = None
         self.ready = False
+        self.metrics_url: str | None = None
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -141,6 +143,7 @@ class _Control:
             return
         self.engine_dead = True
         self.engine_death = how
+        recorder().engine_up(False)
         if self.keep_alive_on_engine_death:
             log.error(
                 "the engine died (%s); still serving because keep-alive on engine death is on", how
@@ -183,6 +186,11 @@ class ServerHandle:
         return not self._control.engine_dead
 
     @property
+    def metrics_url(self) -> str | None:
+        """The ``metrics_bind`` listener's URL, like ``http://127.0.0.1:9100``."""
+        return self._control.metrics_url
+
+    @property
     def stop_reason(self) -> StopReason | None:
         return self._control.reason
 
@@ -213,6 +221,9 @@ async def serve_http(
     max_head_size: int | None = None,
     access_log_exclude: Sequence[str] = (),
     transport: Literal["lean", "hypercorn"] = "lean",
+    metrics_path: str | None = None,
+    metrics_bind: str | None = None,
+    request_ids: bool = True,
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
@@ -248,6 +259,13 @@ async def serve_http(
         transport: ``lean``, trio_launcher's own connection layer driving
             hypercorn's protocols (faster; see BENCHMARKS.md), or
             ``hypercorn``, hypercorn's stock trio connection.
+        metrics_path: a path (e.g. ``/metrics``) answered with the Prometheus
+            scrape for GET/HEAD, before the app (docs/observability.md).
+        metrics_bind: an address (``HOST:PORT``) for a separate plain-HTTP
+            listener that answers every GET with the scrape.
+        request_ids: keep a valid incoming ``X-Request-Id`` or make one, echo
+            it in the response and give it to the app as
+            ``scope["state"]["request_id"]``.
         task_status: receives a :class:`ServerHandle` once serving.
 
     Returns:
@@ -282,6 +300,10 @@ async def serve_http(
         raise ConfigError(f"shutdown_delay must be >= 0, got {shutdown_delay!r}")
     if health_path is not None and not health_path.startswith("/"):
         raise ConfigError(f"health_path must start with '/', got {health_path!r}")
+    if metrics_path is not None and not metrics_path.startswith("/"):
+        raise ConfigError(f"metrics_path must start with '/', got {metrics_path!r}")
+    if metrics_path is not None and metrics_path == health_path:
+        raise ConfigError(f"metrics_path and health_path are both {metrics_path!r}")
     for name, limit in (("max_header_count", max_header_count), ("max_head_size", max_head_size)):
         if limit is not None and limit < 1:
             raise ConfigError(f"{name} must be >= 1, got {limit!r}")
@@ -304,7 +326,12 @@ async def serve_http(
         health=control.health,
         limits=Limits(max_header_count, max_head_size),
     )
-    wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    metrics = server_metrics(metrics_path, metrics_bind)
+    observed = middleware if metrics is None and not request_ids else Observed(
+        middleware, metrics, metrics_path=metrics_path, request_ids=request_ids,
+        draining=control.drain.is_set,
+    )  # fmt: skip
+    wrapped = wrap_app(observed, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
         interval = ssl_refresh_interval if enable_ssl_refresh else math.inf
@@ -315,7 +342,13 @@ async def serve_http(
     ports = tcp_ports(sockets)
     _log_routes(app)
     try:
-        with readable_errors(), control.force, _access_log_filter(config, access_log_exclude):
+        metrics_listener = bind_metrics(metrics_bind) if metrics_bind is not None else None
+    except BaseException:
+        sockets.close()
+        raise
+    try:
+        with readable_errors(), control.force, _access_log_filter(config, access_log_exclude), \
+                using(metrics):  # fmt: skip
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(
@@ -324,11 +357,17 @@ async def serve_http(
                         control.on_force_signal,
                         control.on_reload_signal,
                     )
+                if metrics is not None and metrics_listener is not None:
+                    control.metrics_url = await nursery.start(
+                        serve_metrics, metrics, metrics_listener
+                    )
                 if control.refresher is not None:
                     await nursery.start(control.refresher.run)
+                    await nursery.start(control.refresher.watch_expiry)
                 if shutdown_delay > 0:
                     nursery.start_soon(control.drain_after_delay)
                 if engine is not None:
+                    recorder().engine_up(True)
                     nursery.start_soon(
                         watch_engine, engine, watchdog_interval, control.on_engine_dead
                     )
@@ -344,6 +383,8 @@ async def serve_http(
                 nursery.cancel_scope.cancel()  # the helpers' work is done
     finally:
         sockets.close()
+        if metrics_listener is not None:
+            metrics_listener.socket.close()
 
     if control.forced_by is not None:
         log_foreign_holders(ports)

@@ -40,6 +40,7 @@ from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, repr_socket_addr
 
 from ._errors import AppStartupError
+from ._metrics import recorder
 from ._ports import BoundSockets
 from ._transport import Connection, contained, drain_all, serve_connection
 
@@ -125,14 +126,16 @@ async def serve_sockets(
                 handler = partial(serve_connection, app, config, context, lifespan_state, registry)
             else:
                 handler = partial(_serve_connection, app, config, context, lifespan_state)
+            counted = recorder().connection_handler(handler)
             task_status.started(urls)
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(
-                    partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
+                    partial(trio.serve_listeners, counted, listeners, handler_nursery=connections)
                 )
                 accepting.start_soon(_drain_on_max_requests, context, on_max_requests or drain.set)
                 await drain.wait()
                 accepting.cancel_scope.cancel()  # closes the listeners
+            recorder().drain_started()
             log.info(
                 "draining: listeners closed, in-flight requests have %s s", config.graceful_timeout
             )

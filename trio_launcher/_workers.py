@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ._metrics import recorder
 from ._ports import BoundSockets
 from ._signals import watch_signals
 from ._systemd import notify
@@ -156,6 +157,7 @@ class _Supervisor:
             log.info("worker %d started (PID %d)", slot, proc.pid)
             code = await proc.wait()
             del self.procs[slot]
+            recorder().worker_exited(proc.pid)
             if self.stopping:
                 if code in (EXIT_USAGE, EXIT_ENGINE_DEAD) and self.exit_code == 0:
                     self.exit_code = code
@@ -172,6 +174,7 @@ class _Supervisor:
                 return
             if code == 0:
                 log.info("worker %d (PID %d) exited; replacing it", slot, proc.pid)
+                recorder().worker_restart("exit")
                 continue
             now = trio.current_time()
             crashes.append(now)
@@ -185,6 +188,7 @@ class _Supervisor:
                 return
             log.warning("worker %d (PID %d) crashed (%s); restarting in %.1f s",
                         slot, proc.pid, how, backoff)  # fmt: skip
+            recorder().worker_restart("crash")
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.policy.max_backoff)
 
@@ -243,10 +247,10 @@ def child_argv(executable: str, argv: Sequence[str], sockets: BoundSockets) -> l
         if skip:
             skip = False
             continue
-        if arg in ("--workers", "--bind", "-b"):
+        if arg in ("--workers", "--bind", "-b", "--metrics-bind"):
             skip = True
             continue
-        if arg.startswith(("--workers=", "--bind=")):
+        if arg.startswith(("--workers=", "--bind=", "--metrics-bind=")):
             continue
         kept.append(arg)
     binds = [f"--bind=fd://{sock.fileno()}" for sock in sockets.all()]
