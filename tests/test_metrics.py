@@ -237,7 +237,7 @@ def test_recorder_off_is_a_no_op() -> None:
 async def test_bad_metrics_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="metrics_path must start with '/'"):
         await serve_http(App(), metrics_path="metrics", handle_signals=False)
-    with pytest.raises(ConfigError, match="metrics_path and health_path"):
+    with pytest.raises(ConfigError, match="metrics_path is the health path too"):
         await serve_http(App(), metrics_path="/h", health_path="/h", handle_signals=False)
 
 

@@ -134,13 +134,16 @@ async def test_keep_alive_on_engine_death_keeps_serving() -> None:
         assert (await server.client.get("/")).text == "hello"
 
 
-async def test_keep_alive_default_comes_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_library_ignores_the_keep_alive_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # vLLM's variable is the CLI's business; serve_http reads no environment.
     monkeypatch.setenv("TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH", "1")
     engine = FakeEngine()
-    async with running_server(App(), engine=engine) as server:
-        engine.kill()
-        await trio.testing.wait_all_tasks_blocked()
-        assert (await server.client.get("/")).status_code == 200
+    with pytest.raises(EngineDeadError):
+        async with running_server(App(), engine=engine) as server:
+            engine.kill()
+            with trio.fail_after(5):
+                while not server.handle.stopping:
+                    await trio.sleep(0.01)
 
 
 @pytest.mark.parametrize("path", ["/raise/generate", "/raise/value"])

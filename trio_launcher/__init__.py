@@ -7,6 +7,8 @@ from ._errors import EngineDeadError as EngineDeadError
 from ._errors import EngineGenerateError as EngineGenerateError
 from ._errors import ForcedShutdown as ForcedShutdown
 from ._errors import LauncherError as LauncherError
+from ._errors import OptionError as OptionError
+from ._options import ServeOptions as ServeOptions
 from ._runner import ServerHandle as ServerHandle
 from ._runner import StopReason as StopReason
 from ._runner import serve_http as serve_http
@@ -23,6 +25,8 @@ __all__ = [
     "EngineGenerateError",
     "ForcedShutdown",
     "LauncherError",
+    "OptionError",
+    "ServeOptions",
     "ServerHandle",
     "StopReason",
     "serve_http",

@@ -41,8 +41,10 @@ from ._errors import (
     ConfigError,
     EngineDeadError,
     ForcedShutdown,
+    OptionError,
 )
 from ._metrics import run_with_metrics_listener, supervisor_metrics
+from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
 from ._runner import serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit
@@ -267,27 +269,9 @@ def _main(argv: Sequence[str] | None) -> int:
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
         absorb_signals_for_process()
         watch_lifeline()  # a worker of --workers: drain when the parent dies
-        trio.run(
-            partial(
-                serve_http,
-                app,
-                config,
-                engine=engine,
-                watchdog_interval=opts.watchdog_interval,
-                keep_alive_on_engine_death=opts.keep_alive_on_engine_death,
-                enable_ssl_refresh=opts.ssl_refresh,
-                ssl_refresh_interval=opts.ssl_refresh_interval,
-                health_path=opts.health_path,
-                shutdown_delay=opts.shutdown_delay,
-                max_header_count=opts.max_header_count,
-                max_head_size=opts.max_head_size,
-                access_log_exclude=opts.access_log_exclude,
-                transport=opts.transport,
-                metrics_path=opts.metrics_path,
-                metrics_bind=opts.metrics_bind,
-                request_ids=opts.request_ids,
-            )
-        )
+        trio.run(partial(serve_http, app, config, options=options_from_args(opts, engine)))
+    except OptionError as exc:
+        return _fail(exc.with_name(flag_for(exc.option)), EXIT_USAGE, debug)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE, debug)
     except BindError as exc:
@@ -304,6 +288,38 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as exc:
         return _fail(f"unexpected {_describe(exc)}", EXIT_ERROR, debug)
     return EXIT_OK
+
+
+KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
+"""vLLM's variable for ``--keep-alive-on-engine-death``; read by the CLI only."""
+
+
+def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeOptions:
+    """The runner's options from the parsed flags (and vLLM's environment variable)."""
+    keep_alive = opts.keep_alive_on_engine_death
+    if keep_alive is None:
+        keep_alive = os.environ.get(KEEP_ALIVE_ENV, "") in ("1", "true", "yes")
+    return ServeOptions(
+        engine=engine,
+        watchdog_interval=opts.watchdog_interval,
+        keep_alive_on_engine_death=keep_alive,
+        enable_ssl_refresh=opts.ssl_refresh,
+        ssl_refresh_interval=opts.ssl_refresh_interval,
+        health_path=opts.health_path,
+        shutdown_delay=opts.shutdown_delay,
+        max_header_count=opts.max_header_count,
+        max_head_size=opts.max_head_size,
+        access_log_exclude=tuple(opts.access_log_exclude),
+        transport=opts.transport,
+        metrics_path=opts.metrics_path,
+        metrics_bind=opts.metrics_bind,
+        request_ids=opts.request_ids,
+    )
+
+
+def flag_for(option: str) -> str:
+    """The CLI flag that sets ``option`` (its own name if it has none)."""
+    return option_flags().get(option) or option
 
 
 def _run_workers(opts: argparse.Namespace, config: Config, argv: list[str]) -> int:

@@ -4,6 +4,7 @@
 
     LauncherError                      base of everything below
     ├── ConfigError                    bad option, file or app path (CLI exit 2)
+    │   └── OptionError                one option of serve_http has a bad value
     ├── BindError (also OSError)       an address could not be bound (CLI exit 4)
     ├── AppStartupError                the app's lifespan startup failed (CLI exit 1)
     ├── ForcedShutdown                 a second signal stopped the drain (CLI exit 128+N)
@@ -26,6 +27,25 @@ class LauncherError(Exception):
 
 class ConfigError(LauncherError):
     """A bad option, config file, app path or certificate: fix the input and retry."""
+
+
+class OptionError(ConfigError):
+    """One option has a bad value.
+
+    Attributes:
+        option: the option's name as ``serve_http`` spells it (``health_path``);
+            the CLI prints its flag instead (``--health-path``).
+        problem: what is wrong with it (``must start with '/'``).
+    """
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option = option
+        self.problem = problem
+        super().__init__(f"{option} {problem}")
+
+    def with_name(self, name: str) -> str:
+        """The message with the option called ``name`` (a CLI flag)."""
+        return f"{name} {self.problem}"
 
 
 class BindError(LauncherError, OSError):

@@ -50,7 +50,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from hypercorn.config import Config
+from ._hypercorn import Config
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")

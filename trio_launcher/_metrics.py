@@ -43,9 +43,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal
 
 import trio
-from hypercorn.config import Config
 
 from ._asgi import ASGIApp, Message, Receive, Scope, Send
+from ._hypercorn import Config
 from ._logging import RequestIds
 from ._ports import bind_one
 

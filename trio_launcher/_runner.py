@@ -23,33 +23,31 @@ signal or a requested shutdown, ``EngineDeadError`` for a dead engine,
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import math
-import os
-import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Unpack
 
 import trio
-from hypercorn.config import Config
-from hypercorn.utils import wrap_app
 
 from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
-from ._errors import ConfigError, EngineDeadError, ForcedShutdown
+from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
+from ._hypercorn import Config, wrap_app
 from ._metrics import Observed, bind_metrics, recorder, serve_metrics, server_metrics, using
+from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
-from ._watchdog import check_engine, engine_is_dead, watch_engine
+from ._watchdog import engine_is_dead, watch_engine
 
 log = logging.getLogger("trio_launcher")
 
-KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
 DEFAULT_BIND = "127.0.0.1:8000"
 
 
@@ -207,66 +205,20 @@ async def serve_http(
     app: Any,
     config: Config | None = None,
     *,
-    engine: object | None = None,
-    sock: socket.socket | None = None,
-    enable_ssl_refresh: bool = False,
-    handle_signals: bool = True,
-    watchdog_interval: float = 5.0,
-    keep_alive_on_engine_death: bool | None = None,
-    engine_error_types: tuple[type[BaseException], ...] = (),
-    ssl_refresh_interval: float = 1.0,
-    health_path: str | None = None,
-    shutdown_delay: float = 0.0,
-    max_header_count: int | None = 256,
-    max_head_size: int | None = None,
-    access_log_exclude: Sequence[str] = (),
-    transport: Literal["lean", "hypercorn"] = "lean",
-    metrics_path: str | None = None,
-    metrics_bind: str | None = None,
-    request_ids: bool = True,
+    options: ServeOptions | None = None,
     task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
+    **kwargs: Unpack[ServeKwargs],
 ) -> None:
     """Serve an ASGI app with hypercorn until a signal, a shutdown request or engine death.
 
     Args:
         app: an ASGI application (Quart-Trio, Starlette, a bare callable...).
-        config: hypercorn configuration; default binds 127.0.0.1:8000.
-        engine: an object with ``errored`` and ``is_running`` (and optionally
-            ``async def wait_dead()``); its death drains and stops the server.
-        sock: a bound TCP or Unix socket to serve on instead of ``config.bind``;
-            the runner takes ownership and closes it.
-        enable_ssl_refresh: reload the certificate files when they change (polled
-            every ``ssl_refresh_interval`` seconds). SIGHUP reloads whenever TLS is on.
-        handle_signals: own SIGINT/SIGTERM (drain, then force) and SIGHUP.
-            Needs the main thread.
-        watchdog_interval: seconds between engine polls (``inf`` disables polling).
-        keep_alive_on_engine_death: keep serving when the engine dies; default
-            from env ``TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH=1``.
-        engine_error_types: more exception types that, raised by a request,
-            are answered with a 500 JSON body and run the dead check.
-        ssl_refresh_interval: seconds between checks of the certificate files.
-        health_path: a path (e.g. ``/health``) the runner answers itself for
-            GET/HEAD: 200 and a JSON state while serving with a live engine,
-            503 from the moment a stop is asked for or the engine is dead.
-        shutdown_delay: after the first stop signal, keep serving this many
-            seconds with readiness at 503 before the listeners close, so a
-            load balancer can stop routing here first.
-        max_header_count: most request headers (HTTP/1.1 and HTTP/2); more get 431.
-        max_head_size: most bytes in a request head; more get 431. Also caps
-            hypercorn's HTTP/1.1 buffer and HTTP/2 header list size.
-        access_log_exclude: request paths left out of the access log
-            (``config.accesslog``), such as ``/health`` and ``/metrics``.
-        transport: ``lean``, trio_launcher's own connection layer driving
-            hypercorn's protocols (faster; see BENCHMARKS.md), or
-            ``hypercorn``, hypercorn's stock trio connection.
-        metrics_path: a path (e.g. ``/metrics``) answered with the Prometheus
-            scrape for GET/HEAD, before the app (docs/observability.md).
-        metrics_bind: an address (``HOST:PORT``) for a separate plain-HTTP
-            listener that answers every GET with the scrape.
-        request_ids: keep a valid incoming ``X-Request-Id`` or make one, echo
-            it in the response and give it to the app as
-            ``scope["state"]["request_id"]``.
+        config: hypercorn configuration; default binds 127.0.0.1:8000. It is
+            copied, never changed.
+        options: a :class:`ServeOptions`; keyword arguments override its fields.
         task_status: receives a :class:`ServerHandle` once serving.
+        **kwargs: the fields of :class:`ServeOptions` (``engine``,
+            ``health_path``, ``shutdown_delay``...), documented there.
 
     Returns:
         After a signal or ``ServerHandle.shutdown()``, once drained.
@@ -276,43 +228,21 @@ async def serve_http(
         ForcedShutdown: a second SIGINT/SIGTERM stopped the server at once.
         BindError: an address could not be bound.
         AppStartupError: the app's lifespan startup failed.
-        ConfigError: a bad argument.
+        ConfigError: a bad argument (``OptionError`` names the option).
     """
+    opts = build_options(options, kwargs)
     config = _prepare_config(config)
-    if engine is not None:
-        try:
-            check_engine(engine)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from None
-    if not watchdog_interval > 0 or math.isnan(watchdog_interval):
-        raise ConfigError(f"watchdog_interval must be > 0, got {watchdog_interval!r}")
-    if keep_alive_on_engine_death is None:
-        keep_alive_on_engine_death = os.environ.get(KEEP_ALIVE_ENV, "") in ("1", "true", "yes")
-    if handle_signals and threading.current_thread() is not threading.main_thread():
-        raise ConfigError("handle_signals=True needs the main thread; pass handle_signals=False")
-    if enable_ssl_refresh and not config.ssl_enabled:
-        raise ConfigError("enable_ssl_refresh needs config.certfile and config.keyfile")
-    if not ssl_refresh_interval > 0:
-        raise ConfigError(f"ssl_refresh_interval must be > 0, got {ssl_refresh_interval!r}")
-    if transport not in ("lean", "hypercorn"):
-        raise ConfigError(f"transport must be 'lean' or 'hypercorn', got {transport!r}")
-    if not shutdown_delay >= 0:
-        raise ConfigError(f"shutdown_delay must be >= 0, got {shutdown_delay!r}")
-    if health_path is not None and not health_path.startswith("/"):
-        raise ConfigError(f"health_path must start with '/', got {health_path!r}")
-    if metrics_path is not None and not metrics_path.startswith("/"):
-        raise ConfigError(f"metrics_path must start with '/', got {metrics_path!r}")
-    if metrics_path is not None and metrics_path == health_path:
-        raise ConfigError(f"metrics_path and health_path are both {metrics_path!r}")
-    for name, limit in (("max_header_count", max_header_count), ("max_head_size", max_head_size)):
-        if limit is not None and limit < 1:
-            raise ConfigError(f"{name} must be >= 1, got {limit!r}")
-    if max_head_size is not None:
-        config.h11_max_incomplete_size = max_head_size
-        config.h2_max_header_list_size = max_head_size
+    if opts.handle_signals and threading.current_thread() is not threading.main_thread():
+        raise OptionError("handle_signals", "needs the main thread; pass handle_signals=False")
+    if opts.enable_ssl_refresh and not config.ssl_enabled:
+        raise OptionError("enable_ssl_refresh", "needs config.certfile and config.keyfile")
+    if opts.max_head_size is not None:
+        config.h11_max_incomplete_size = opts.max_head_size
+        config.h2_max_header_list_size = opts.max_head_size
+    engine = opts.engine
 
-    control = _Control(engine, keep_alive_on_engine_death, shutdown_delay)
-    error_types = (*ENGINE_ERRORS, *engine_error_types)
+    control = _Control(engine, opts.keep_alive_on_engine_death, opts.shutdown_delay)
+    error_types = (*ENGINE_ERRORS, *opts.engine_error_types)
     served_app = app
     if is_quart_app(app):
         from .quart import install
@@ -322,35 +252,36 @@ async def serve_http(
         served_app,
         control.on_app_error,
         error_types,
-        health_path=health_path,
+        health_path=opts.health_path,
         health=control.health,
-        limits=Limits(max_header_count, max_head_size),
+        limits=Limits(opts.max_header_count, opts.max_head_size),
     )
-    metrics = server_metrics(metrics_path, metrics_bind)
-    observed = middleware if metrics is None and not request_ids else Observed(
-        middleware, metrics, metrics_path=metrics_path, request_ids=request_ids,
+    metrics = server_metrics(opts.metrics_path, opts.metrics_bind)
+    observed = middleware if metrics is None and not opts.request_ids else Observed(
+        middleware, metrics, metrics_path=opts.metrics_path, request_ids=opts.request_ids,
         draining=control.drain.is_set,
     )  # fmt: skip
     wrapped = wrap_app(observed, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
-        interval = ssl_refresh_interval if enable_ssl_refresh else math.inf
+        interval = opts.ssl_refresh_interval if opts.enable_ssl_refresh else math.inf
         control.refresher = CertificateRefresher(config, ssl_context, interval,
                                                  control.notify_reloading)  # fmt: skip
 
-    sockets = bind_sockets(config, sock)
+    sockets = bind_sockets(config, opts.sock)
     ports = tcp_ports(sockets)
     _log_routes(app)
     try:
-        metrics_listener = bind_metrics(metrics_bind) if metrics_bind is not None else None
+        bind = opts.metrics_bind
+        metrics_listener = bind_metrics(bind) if metrics is not None and bind is not None else None
     except BaseException:
         sockets.close()
         raise
     try:
-        with readable_errors(), control.force, _access_log_filter(config, access_log_exclude), \
-                using(metrics):  # fmt: skip
+        excluded = _access_log_filter(config, opts.access_log_exclude)
+        with readable_errors(), control.force, excluded, using(metrics):
             async with trio.open_nursery() as nursery:
-                if handle_signals:
+                if opts.handle_signals:
                     await nursery.start(
                         watch_signals,
                         control.on_stop_signal,
@@ -364,15 +295,15 @@ async def serve_http(
                 if control.refresher is not None:
                     await nursery.start(control.refresher.run)
                     await nursery.start(control.refresher.watch_expiry)
-                if shutdown_delay > 0:
+                if opts.shutdown_delay > 0:
                     nursery.start_soon(control.drain_after_delay)
                 if engine is not None:
                     recorder().engine_up(True)
                     nursery.start_soon(
-                        watch_engine, engine, watchdog_interval, control.on_engine_dead
+                        watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
                     )
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context, transport
+                    _run_server, wrapped, config, sockets, control, ssl_context, opts.transport
                 )
                 for url in urls:
                     log.info("serving on %s", url)
@@ -402,7 +333,7 @@ async def _run_server(
     sockets: Any,
     control: _Control,
     ssl_context: SwitchableContext | None,
-    transport: str,
+    transport: Transport,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -422,12 +353,14 @@ async def _run_server(
 
 
 def _prepare_config(config: Config | None) -> Config:
+    """Our own copy of the caller's Config (the runner writes limits into it)."""
     if config is None:
         config = Config()
         config.bind = [DEFAULT_BIND]
+        return config
     if not isinstance(config, Config):
         raise ConfigError(f"config must be a hypercorn.config.Config, got {type(config).__name__}")
-    return config
+    return copy.copy(config)
 
 
 def _log_routes(app: object) -> None:

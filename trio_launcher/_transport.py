@@ -38,8 +38,8 @@ replaces that transport:
 
 hypercorn's ``TaskGroup`` is kept in spirit (a task per request, which ASGI
 needs) with a lighter bounded inbox in place of its memory channel. QUIC stays
-on hypercorn's own path. This relies on hypercorn internals, which is why
-pyproject pins hypercorn's minor version.
+on hypercorn's own path. The hypercorn internals this relies on are reached
+through ``_hypercorn``, which a contract test checks.
 """
 
 from __future__ import annotations
@@ -53,13 +53,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol import ProtocolWrapper
-from hypercorn.trio.task_group import _handle
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
-from hypercorn.utils import parse_socket_addr
+
+from ._hypercorn import (
+    AppWrapper,
+    Closed,
+    Config,
+    ConnectionState,
+    Event,
+    LifespanState,
+    ProtocolWrapper,
+    RawData,
+    Updated,
+    WorkerContext,
+    new_protocol,
+    parse_socket_addr,
+    run_app,
+)
 
 log = logging.getLogger("trio_launcher")
 
@@ -124,11 +133,18 @@ class Connection:
             return  # the client is already gone
         async with trio.open_nursery() as nursery:
             task_group = LeanTaskGroup(nursery)
-            self.protocol = ProtocolWrapper(
-                self.app, self.config, self.context, task_group,  # type: ignore[arg-type]
-                ConnectionState(self.state.copy()), ssl, client, server, self._protocol_send,
-                alpn,
-            )  # fmt: skip
+            self.protocol = new_protocol(
+                self.app,
+                self.config,
+                self.context,
+                task_group,
+                ConnectionState(self.state.copy()),
+                ssl=ssl,
+                client=client,
+                server=server,
+                send=self._protocol_send,
+                alpn=alpn,
+            )
             await self.protocol.initiate()
             self._set_idle(True)
             await self._read_loop()
@@ -285,10 +301,7 @@ class LeanTaskGroup:
         self, app: AppWrapper, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
     ) -> Callable[[Any], Awaitable[None]]:
         inbox = _Inbox(config.max_app_queue_size)
-        self._nursery.start_soon(
-            _handle, app, config, scope, inbox.get, send, trio.to_thread.run_sync,
-            trio.from_thread.run,
-        )  # fmt: skip
+        self._nursery.start_soon(run_app, app, config, scope, inbox.get, send)
         return inbox.put
 
     def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:

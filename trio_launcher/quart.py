@@ -45,6 +45,7 @@ import trio
 from quart import Quart, Response, got_request_exception, request
 
 from ._asgi import ASGIApp, Message, Receive, Scope, Send, error_body
+from ._hypercorn import quart_error_handlers
 
 log = logging.getLogger("trio_launcher")
 
@@ -73,7 +74,7 @@ def install(
         setattr(app, _INSTALLED, True)
         got_request_exception.connect(_dead_check_receiver, app, weak=False)
         app.before_request(_record_route)
-    app_handlers = app.error_handler_spec[None][None]
+    app_handlers = quart_error_handlers(app)
     for error_type in error_types:
         own = app_handlers.get(error_type)
         if own is None:
