@@ -256,7 +256,7 @@ def warn_if_expiring(loaded: LoadedSet, now: datetime.datetime) -> float:
 def _span(delta: datetime.timedelta) -> str:
     hours = delta.seconds // 3600
     if delta.days:
-        return f"{delta.days} days {hours} h"
+        return f"{delta.days} day{'s' if delta.days > 1 else ''} {hours} h"
     return f"{hours} h {delta.seconds % 3600 // 60} min"
 
 
