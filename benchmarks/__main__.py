@@ -1,6 +1,7 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION ...]``.
 
-Sections: throughput, quart, engine, sigterm, certs, cost. Results go to
+Sections: throughput, quart, engine, sigterm, certs, cost, workers, observability.
+Results go to
 ``benchmarks/results.json`` and a markdown report to stdout and
 ``benchmarks/last-run.md``; BENCHMARKS.md records a run of it.
 """
@@ -33,7 +34,8 @@ from benchmarks.harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers")
+SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers",
+            "observability")  # fmt: skip
 
 
 def load(kind: str, port: int, path: str, seconds: float, tls: bool) -> LoadResult:
@@ -182,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             results[section] = lifecycle.cert_change(3 if opts.quick else 7)
         elif section == "workers":
             results[section] = workers(rounds, seconds)
+        elif section == "observability":
+            from benchmarks import observability
+
+            results[section] = observability.side_by_side(2 * rounds, seconds)
         elif section == "cost":
             variants = ("runner", "hypercorn")
             n = 3 if opts.quick else 5
@@ -272,6 +278,10 @@ def render(results: dict[str, Any]) -> str:
                     f"{_fmt(r['p99_ms'][v])} | {p99r} | {r['errors'][v]} | {target} |"
                 )
         out.append("")
+    if "observability" in results:
+        from benchmarks import observability
+
+        out += [*observability.render(results["observability"]), ""]
     if "engine" in results:
         out += [
             "| engine death -> listener closed | median (max, runs) | target |",

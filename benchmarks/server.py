@@ -7,6 +7,8 @@ Variants:
   quart-runner  Quart-Trio app through serve_http
   quart-own     Quart-Trio app through QuartTrio.run_task
   runner-idle   serve_http with an engine (5 s watchdog) and a TLS refresher (1 s)
+  runner-plain  runner without request ids and metrics (the observability baseline)
+  runner-observed  runner with request ids and metrics (--metrics-path /metrics)
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def main(argv: list[str]) -> None:
         )
         trio.run(partial(serve_http, app, config, engine=IdleEngine(), transport=transport,
                          enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
+    elif variant in ("runner-plain", "runner-observed"):
+        from trio_launcher import serve_http
+
+        observed = variant == "runner-observed"
+        trio.run(partial(serve_http, app, config, engine=IdleEngine(), request_ids=observed,
+                         metrics_path="/metrics" if observed else None))  # fmt: skip
     elif variant == "quart-runner":
         from trio_launcher import serve_http
 

@@ -63,23 +63,25 @@ class RequestIds:
     """Keeps a valid incoming ``X-Request-Id`` or makes a new one."""
 
     def __init__(self) -> None:
-        self.prefix = secrets.token_hex(6).encode()
+        self.prefix = secrets.token_hex(6) + "-"
         self._counter = itertools.count(1)
 
     def assign(self, scope: Any) -> tuple[bytes, bytes]:
         """Set ``scope["state"]["request_id"]`` (in a fresh state dict); the header to echo."""
-        request_id = None
-        for name, value in scope["headers"]:
+        value: bytes | None = None
+        for name, incoming in scope["headers"]:
             if name == REQUEST_ID_HEADER:
-                if _VALID_ID.fullmatch(value):
-                    request_id = value
+                if _VALID_ID.fullmatch(incoming):
+                    value = incoming
                 break
-        if request_id is None:
-            request_id = b"%s-%d" % (self.prefix, next(self._counter))
+        if value is None:
+            text = f"{self.prefix}{next(self._counter)}"
+            value = text.encode("ascii")
+        else:
+            text = value.decode("ascii")
         state = scope.get("state")
-        text = request_id.decode("ascii")
         scope["state"] = {**state, "request_id": text} if state else {"request_id": text}
-        return (REQUEST_ID_HEADER, request_id)
+        return (REQUEST_ID_HEADER, value)
 
 
 def iso_time(created: float) -> str:

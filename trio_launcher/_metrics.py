@@ -32,8 +32,10 @@ Three decisions:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import contextvars
+import itertools
 import logging
 import os
 import shutil
@@ -167,7 +169,6 @@ class Metrics(Recorder):
         self._engine_up: Any = None
         self._probe: Any = None
         self._expiry: Any = None
-        self._durations: dict[tuple[str, str, str], Any] = {}
         self.worker_restarts = Counter(
             "trio_launcher_worker_restarts",
             "Worker processes started again, by cause.",
@@ -176,21 +177,12 @@ class Metrics(Recorder):
         )
         if supervisor:
             return
-        self.duration = Histogram(
-            "http_server_request_duration_seconds",
-            "Duration of HTTP server requests.",
-            ["http_request_method", "http_response_status_code", "http_route"],
-            buckets=DURATION_BUCKETS,
-            registry=reg,
-        )
-        self.active = Gauge("http_server_active_requests", "Number of active HTTP server requests.",
-                            registry=reg, multiprocess_mode="livesum")  # fmt: skip
-        self.connections = Gauge(
-            "http_server_open_connections",
-            "Number of open client connections.",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
+        self.requests: LocalRequests | SharedRequests
+        if self.multiprocess:
+            self.requests = SharedRequests(reg)
+        else:
+            self.requests = LocalRequests()
+            reg.register(self.requests)
         self.shed = Counter("trio_launcher_requests_shed", "Requests refused with 503 because "
                             "the server was at its limit.", registry=reg)  # fmt: skip
         self.timed_out = Counter(
@@ -212,13 +204,6 @@ class Metrics(Recorder):
         )
 
     # --- the recording interface ------------------------------------------------
-
-    def observe_request(self, method: str, status: str, route: str, seconds: float) -> None:
-        key = (method, status, route)
-        child = self._durations.get(key)
-        if child is None:
-            child = self._durations[key] = self.duration.labels(*key)
-        child.observe(seconds)
 
     def request_shed(self) -> None:
         self.shed.inc()
@@ -278,14 +263,14 @@ class Metrics(Recorder):
     def connection_handler(
         self, handler: Callable[[trio.abc.Stream], Awaitable[None]]
     ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
-        gauge = self.connections
+        requests = self.requests
 
         async def counted(stream: trio.abc.Stream) -> None:
-            gauge.inc()
+            requests.connection_opened()
             try:
                 await handler(stream)
             finally:
-                gauge.dec()
+                requests.connection_closed()
 
         return counted
 
@@ -302,6 +287,95 @@ class Metrics(Recorder):
             multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
             return generate_latest(merged)
         return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+DURATION = ("http_server_request_duration_seconds", "Duration of HTTP server requests.")
+DURATION_LABELS = ("http_request_method", "http_response_status_code", "http_route")
+ACTIVE = ("http_server_active_requests", "Number of active HTTP server requests.")
+CONNECTIONS = ("http_server_open_connections", "Number of open client connections.")
+_Key = tuple[str, int, str]  # method, status (0: no response), route
+
+
+class LocalRequests:
+    """The per-request numbers of a single process, kept in plain Python.
+
+    Every request changes the active-requests gauge twice and the duration
+    histogram once. Through prometheus_client that is five lock round trips
+    and about 4 us a request on this machine (3 % of a hello-world request's
+    whole cost); the event loop is one thread, so plain ints and a bisect do
+    the same for a tenth of that. They are exported at scrape time as
+    ordinary Prometheus families (a custom collector).
+    """
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.connections = 0
+        self.series: dict[_Key, list[float]] = {}  # bucket counts..., +Inf count, sum
+
+    def started(self) -> None:
+        self.active += 1
+
+    def finished(self, key: _Key, seconds: float) -> None:
+        self.active -= 1
+        counts = self.series.get(key)
+        if counts is None:
+            counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
+        counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+        histogram = HistogramMetricFamily(*DURATION, labels=DURATION_LABELS)
+        bounds = [*(str(b) for b in DURATION_BUCKETS), "+Inf"]
+        for (method, status, route), counts in self.series.items():
+            cumulative = list(itertools.accumulate(counts[:-1]))
+            histogram.add_metric(
+                [method, str(status) if status else "", route],
+                list(zip(bounds, cumulative, strict=True)),
+                counts[-1],
+            )
+        yield histogram
+        yield GaugeMetricFamily(*ACTIVE, value=self.active)
+        yield GaugeMetricFamily(*CONNECTIONS, value=self.connections)
+
+
+class SharedRequests:
+    """The same numbers in prometheus_client's multiprocess files (``--workers``)."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Gauge, Histogram
+
+        self.duration = Histogram(*DURATION, DURATION_LABELS, buckets=DURATION_BUCKETS,
+                                  registry=registry)  # fmt: skip
+        self.active = Gauge(*ACTIVE, registry=registry, multiprocess_mode="livesum")
+        self.connections = Gauge(*CONNECTIONS, registry=registry, multiprocess_mode="livesum")
+        self._children: dict[_Key, Any] = {}
+
+    def started(self) -> None:
+        self.active.inc()
+
+    def finished(self, key: _Key, seconds: float) -> None:
+        self.active.dec()
+        child = self._children.get(key)
+        if child is None:
+            method, status, route = key
+            child = self._children[key] = self.duration.labels(
+                method, str(status) if status else "", route
+            )
+        child.observe(seconds)
+
+    def connection_opened(self) -> None:
+        self.connections.inc()
+
+    def connection_closed(self) -> None:
+        self.connections.dec()
 
 
 def _import_multiprocess_aware() -> None:
@@ -364,7 +438,7 @@ class Observed:
         self.metrics_path = metrics_path if metrics is not None else None
         self.ids = RequestIds() if request_ids else None
         self.draining = draining
-        self.active = metrics.active if metrics is not None else None
+        self.requests = metrics.requests if metrics is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -375,48 +449,50 @@ class Observed:
             assert self.metrics is not None
             await send_metrics(send, self.metrics, head_only=method == "HEAD")
             return
-        status = ""
-        if self.ids is not None:
-            header = self.ids.assign(scope)
-
-            async def observed_send(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = str(message["status"])
-                    message["headers"] = [*message.get("headers", ()), header]
-                await send(message)
-        else:
-
-            async def observed_send(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = str(message["status"])
-                await send(message)
-
-        metrics, active = self.metrics, self.active
-        if metrics is None or active is None:
-            await self.app(scope, receive, observed_send)
+        header = self.ids.assign(scope) if self.ids is not None else None
+        requests = self.requests
+        if requests is None:  # request ids only
+            await self.app(scope, receive, _with_header(send, header))
             return
+        status = 0
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if header is not None:
+                    message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
         start = time.perf_counter()
-        active.inc()
+        requests.started()
         try:
             await self.app(scope, receive, observed_send)
         except BaseException as exc:
             if not status:
                 if _is_cancel(exc):
-                    if self.draining():
-                        metrics.request_cut_by_drain()
+                    if self.draining() and self.metrics is not None:
+                        self.metrics.request_cut_by_drain()
                 else:
-                    status = "500"  # hypercorn answers it
+                    status = 500  # hypercorn answers it
             raise
         finally:
-            active.dec()
-            metrics.observe_request(
-                method if method in KNOWN_METHODS else "_OTHER",
-                status,
-                route_template(scope),
+            requests.finished(
+                (method if method in KNOWN_METHODS else "_OTHER", status, route_template(scope)),
                 time.perf_counter() - start,
             )
+
+
+def _with_header(send: Send, header: tuple[bytes, bytes] | None) -> Send:
+    if header is None:
+        return send
+
+    async def id_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return id_send
 
 
 def route_template(scope: Scope) -> str:
