@@ -130,6 +130,21 @@ async def test_starlette_sees_it_as_request_state() -> None:
     assert response.text == "abc" == response.headers["x-request-id"]
 
 
+async def test_quart_sees_it_in_the_request_scope() -> None:
+    from quart import request
+    from quart_trio import QuartTrio
+
+    app = QuartTrio(__name__)
+
+    @app.route("/")
+    async def show() -> str:
+        return str(request.scope["state"]["request_id"])
+
+    async with running_server(app) as server:
+        response = await server.client.get("/", headers={"x-request-id": "q-1"})
+    assert response.text == "q-1" == response.headers["x-request-id"]
+
+
 # --- formatters ------------------------------------------------------------------------
 
 
