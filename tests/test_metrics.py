@@ -285,11 +285,18 @@ async def test_workers_counts_survive_a_restart_and_are_never_doubled() -> None:
             assert value(samples, "trio_launcher_worker_restarts_total", cause="crash") == 1
             # The dead worker's live gauges are gone: two live workers, no open connections.
             assert value(samples, "http_server_active_requests") == 0
+            # Gauges reach the shared files too (written every half second).
+            async with httpx.AsyncClient() as keep_alive:
+                assert (await keep_alive.get(url + "/")).text == "hello"
+                with trio.fail_after(10):
+                    while not value(await scrape(client, metrics_url, headers=CLOSE),
+                                    "http_server_open_connections"):  # fmt: skip
+                        await trio.sleep(0.05)
             for _ in range(10):
                 assert (
                     await client.get(url + "/", headers={"connection": "close"})
                 ).text == "hello"
             assert value(await scrape(client, metrics_url), DURATION_COUNT,
-                         http_response_status_code="200") == 30  # fmt: skip
+                         http_response_status_code="200") == 31  # fmt: skip
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0, proc.stderr

@@ -100,6 +100,9 @@ class Recorder:
     def certificate_expiry(self, timestamp: float) -> None:
         """The served certificate's ``notAfter``, in seconds since the epoch."""
 
+    async def run(self) -> None:
+        """Task: whatever the recorder does in the background (here: nothing)."""
+
     def worker_restart(self, cause: str) -> None:
         """The supervisor started a replacement worker (``crash``, ``exit``...)."""
 
@@ -251,6 +254,11 @@ class Metrics(Recorder):
             )
         self._expiry.set(timestamp)
 
+    async def run(self) -> None:
+        """Task (with workers): write the gauges to the shared files now and then."""
+        if isinstance(self.requests, SharedRequests):
+            await self.requests.run()
+
     def worker_restart(self, cause: str) -> None:
         self.worker_restarts.labels(cause).inc()
 
@@ -347,22 +355,35 @@ class LocalRequests:
 
 
 class SharedRequests:
-    """The same numbers in prometheus_client's multiprocess files (``--workers``)."""
+    """The same numbers in prometheus_client's multiprocess files (``--workers``).
+
+    Each write to those files takes a lock and checks the PID (about 2 us).
+    The histogram is written at every request (a worker killed at any moment
+    loses nothing); the two gauges are plain ints that :meth:`write_gauges`
+    copies to the files every ``GAUGE_EVERY`` seconds (a task of the runner),
+    so a busy worker does not pay four more writes a request for numbers that
+    are a snapshot anyway.
+    """
+
+    GAUGE_EVERY = 0.5
 
     def __init__(self, registry: Any) -> None:
         from prometheus_client import Gauge, Histogram
 
         self.duration = Histogram(*DURATION, DURATION_LABELS, buckets=DURATION_BUCKETS,
                                   registry=registry)  # fmt: skip
-        self.active = Gauge(*ACTIVE, registry=registry, multiprocess_mode="livesum")
-        self.connections = Gauge(*CONNECTIONS, registry=registry, multiprocess_mode="livesum")
+        self._active = Gauge(*ACTIVE, registry=registry, multiprocess_mode="livesum")
+        self._connections = Gauge(*CONNECTIONS, registry=registry, multiprocess_mode="livesum")
         self._children: dict[_Key, Any] = {}
+        self.active = 0
+        self.connections = 0
+        self._written = (0, 0)
 
     def started(self) -> None:
-        self.active.inc()
+        self.active += 1
 
     def finished(self, key: _Key, seconds: float) -> None:
-        self.active.dec()
+        self.active -= 1
         child = self._children.get(key)
         if child is None:
             method, status, route = key
@@ -372,10 +393,23 @@ class SharedRequests:
         child.observe(seconds)
 
     def connection_opened(self) -> None:
-        self.connections.inc()
+        self.connections += 1
 
     def connection_closed(self) -> None:
-        self.connections.dec()
+        self.connections -= 1
+
+    def write_gauges(self) -> None:
+        now = (self.active, self.connections)
+        if now != self._written:
+            self._written = now
+            self._active.set(self.active)
+            self._connections.set(self.connections)
+
+    async def run(self) -> None:
+        """Task: keep the gauges in the files current."""
+        while True:
+            self.write_gauges()
+            await trio.sleep(self.GAUGE_EVERY)
 
 
 def _import_multiprocess_aware() -> None:

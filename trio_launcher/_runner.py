@@ -288,6 +288,8 @@ async def serve_http(
                         control.on_force_signal,
                         control.on_reload_signal,
                     )
+                if metrics is not None:
+                    nursery.start_soon(metrics.run)
                 if metrics is not None and metrics_listener is not None:
                     control.metrics_url = await nursery.start(
                         serve_metrics, metrics, metrics_listener
