@@ -69,7 +69,8 @@ def pair(variants: list[str], rounds: int, seconds: float) -> dict[str, Any]:
 
 def layer_cost(requests: int = 20000, repeats: int = 5) -> dict[str, float]:
     """Microseconds per request of the observability layer alone (best of ``repeats``)."""
-    from trio_launcher._metrics import Metrics, Observed
+    from trio_launcher._metrics import Metrics
+    from trio_launcher._observe import Observed
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200,

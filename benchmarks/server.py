@@ -9,6 +9,7 @@ Variants:
   runner-idle   serve_http with an engine (5 s watchdog) and a TLS refresher (1 s)
   runner-plain  runner without request ids and metrics (the observability baseline)
   runner-observed  runner with request ids and metrics (--metrics-path /metrics)
+  runner-ids, runner-metrics  one of the two
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ def main(argv: list[str]) -> None:
         )
         trio.run(partial(serve_http, app, config, engine=IdleEngine(), transport=transport,
                          enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
-    elif variant in ("runner-plain", "runner-observed"):
+    elif variant in ("runner-plain", "runner-observed", "runner-ids", "runner-metrics"):
         from trio_launcher import serve_http
 
-        observed = variant == "runner-observed"
-        trio.run(partial(serve_http, app, config, engine=IdleEngine(), request_ids=observed,
-                         metrics_path="/metrics" if observed else None))  # fmt: skip
+        ids = variant in ("runner-observed", "runner-ids")
+        metrics = variant in ("runner-observed", "runner-metrics")
+        trio.run(partial(serve_http, app, config, engine=IdleEngine(), request_ids=ids,
+                         metrics_path="/metrics" if metrics else None))  # fmt: skip
     elif variant == "quart-runner":
         from trio_launcher import serve_http
 

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from quart_trio import QuartTrio
 
 from trio_launcher import ConfigError, serve_http
-from trio_launcher._metrics import Metrics, Observed, Recorder, recorder, route_template
+from trio_launcher._metrics import Metrics, Recorder, recorder
+from trio_launcher._observe import Observed, route_template
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from .apps import App

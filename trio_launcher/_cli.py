@@ -43,7 +43,8 @@ from ._errors import (
     ForcedShutdown,
     OptionError,
 )
-from ._metrics import run_with_metrics_listener, supervisor_metrics
+from ._metrics import supervisor_metrics
+from ._observe import run_with_metrics_listener
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
 from ._runner import serve_http

@@ -37,7 +37,8 @@ import trio
 from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
 from ._hypercorn import Config, wrap_app
-from ._metrics import Observed, bind_metrics, recorder, serve_metrics, server_metrics, using
+from ._metrics import recorder, server_metrics, using
+from ._observe import Observed, bind_metrics, serve_metrics
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
