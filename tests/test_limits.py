@@ -606,3 +606,24 @@ async def test_a_handler_can_shield_a_side_effect_from_a_leaving_client() -> Non
             while not done:
                 await trio.sleep(0.01)
     assert done == ["side effect"]
+
+
+async def test_stock_transport_logs_499_for_a_client_that_left() -> None:
+    """On hypercorn's own connection the handler is not cancelled (the xfail above),
+    but one that reads ``receive()`` sees the disconnect, and the log says 499."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    access = AccessLines()
+    config.accesslog = access.logger
+    app = BoundsApp()
+    async with running_server(app, config, transport="hypercorn") as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nxx")
+        with trio.fail_after(5):
+            await app.entered.wait()
+        await trio.aclose_forcefully(stream)
+        with trio.fail_after(5):
+            while not any("/upload" in line for line in access.lines):
+                await trio.sleep(0.01)
+    line = next(li for li in access.lines if "/upload" in li)
+    assert " 499 " in line
