@@ -1,4 +1,6 @@
-"""Deploying: worker processes, systemd socket activation and notify, a Kubernetes pod's life."""
+"""Deploying: systemd socket activation and notify, a Kubernetes pod's life.
+
+Worker processes have their own file, test_workers.py."""
 
 from __future__ import annotations
 
@@ -10,82 +12,15 @@ import sys
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import trio
 
 from trio_launcher._systemd import listen_fds, notify
 from trio_launcher.testing import TLSFiles
 
+from .net import get, wait_refused
 from .proc import launch
-from .test_cli_process import get, wait_refused
-
-
-def worker_pids(parent_pid: int) -> list[int]:
-    return [
-        child.pid
-        for child in psutil.Process(parent_pid).children()
-        if "trio_launcher" in " ".join(child.cmdline())
-    ]
-
-
-async def wait_workers(
-    parent_pid: int, count: int, exclude: frozenset[int] = frozenset()
-) -> list[int]:
-    with trio.fail_after(15):
-        while True:
-            pids = [p for p in worker_pids(parent_pid) if p not in exclude]
-            if len(pids) >= count:
-                return pids
-            await trio.sleep(0.05)
-
-
-async def wait_gone(pids: list[int], timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-                  for pid in pids):  # fmt: skip
-            await trio.sleep(0.05)
-
-
-WORKERS = ["tests.apps:app", "--workers", "2", "--bind", "127.0.0.1:0"]
-
-
-async def test_two_workers_serve_restart_and_drain() -> None:
-    async with launch([*WORKERS, "--engine", "tests.apps:engine"], wait_serving=False) as proc:
-        await proc.wait_for_line("all 2 workers are serving")
-        await proc.serving.wait()
-        pids = await wait_workers(proc.process.pid, 2)
-        assert len(set(pids)) == 2
-        # Both serve the same port.
-        assert (await get(proc.url)).text == "hello"
-        os.kill(pids[0], signal.SIGKILL)  # a worker we started (through the parent)
-        await proc.wait_for_line(rf"worker \d \(PID {pids[0]}\) crashed \(signal 9\)")
-        # The other keeps serving meanwhile, and a replacement comes up.
-        assert (await get(proc.url)).text == "hello"
-        new = await wait_workers(proc.process.pid, 2, exclude=frozenset({pids[0]}))
-        assert pids[0] not in new
-        proc.signal(signal.SIGTERM)
-        assert await proc.wait() == 0, proc.stderr
-        await wait_gone(new, timeout=5)
-
-
-async def test_engine_death_in_one_worker_stops_all_with_exit_3() -> None:
-    async with launch([*WORKERS, "--engine", "tests.apps:engine"], wait_serving=False) as proc:
-        await proc.wait_for_line("all 2 workers are serving")
-        await proc.serving.wait()
-        pids = await wait_workers(proc.process.pid, 2)
-        async with httpx.AsyncClient() as client:
-            assert (await client.post(f"{proc.url}/kill")).status_code == 202
-        assert await proc.wait() == 3, proc.stderr
-        await wait_gone(pids, timeout=5)
-
-
-async def test_workers_die_with_a_killed_parent() -> None:
-    async with launch(WORKERS, wait_serving=False) as proc:
-        await proc.wait_for_line("all 2 workers are serving")
-        pids = await wait_workers(proc.process.pid, 2)
-        proc.signal(signal.SIGKILL)
-        await wait_gone(pids, timeout=10)
+from .test_workers import wait_gone, worker_pids
 
 
 async def test_socket_activation_and_notify_order(tmp_path: Path) -> None:
@@ -211,16 +146,3 @@ async def test_notify_reloading_around_certificate_reload(tmp_path: Path) -> Non
             proc.signal(signal.SIGTERM)
             assert await next_message() == "STOPPING=1"
             assert await proc.wait() == 0
-
-
-async def test_workers_outlive_the_thread_that_forked_them() -> None:
-    """trio forks from a thread of its cache, which exits after 10 idle seconds; a
-    parent-death signal (PR_SET_PDEATHSIG) would then kill every worker. Not here."""
-    async with launch(WORKERS, wait_serving=False) as proc:
-        await proc.wait_for_line("all 2 workers are serving")
-        pids = await wait_workers(proc.process.pid, 2)
-        await trio.sleep(12)  # wall time must pass: the thread cache's idle timeout
-        assert sorted(worker_pids(proc.process.pid)) == sorted(pids)
-        assert not any("exited; replacing it" in line for line in proc.lines)
-        proc.signal(signal.SIGTERM)
-        assert await proc.wait() == 0

@@ -82,12 +82,17 @@ async def test_rotation_under_handshake_load_loses_nothing(tls_files: TLSFiles) 
             for i in range(5):
                 tls_files.rotate("inplace" if i % 2 else "rename")
                 await wait_served(tls_files, server, INTERVAL + MARGIN)
+                # Handshakes go on across every rotation (however busy the machine).
+                seen = handshaker.ok
+                with trio.fail_after(10):
+                    while handshaker.ok <= seen:
+                        await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         assert server.handle.tls is not None
         assert server.handle.tls.reloads == 5  # one rotation, one reload
         assert server.handle.tls.failures == 0
         assert handshaker.failed == []
-        assert handshaker.ok > 5
+        assert handshaker.ok >= 5
 
 
 async def test_kubernetes_swaps_are_each_picked_up(tmp_path: Path) -> None:

@@ -189,8 +189,11 @@ class RunnerMiddleware:
             log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"),
                         refusal)  # fmt: skip
             if scope["type"] == "http":
-                await send_json(send, 431, {"error": {"type": "HeadersTooLarge",
-                                                      "message": refusal}})  # fmt: skip
+                # HTTP/1.x: the connection closes after a 431 (RFC 9110 15.5.1: the
+                # rest of the head may still be arriving; nobody knows where it ends).
+                close = [(b"connection", b"close")] if _is_http1(scope) else []
+                error = {"error": {"type": "HeadersTooLarge", "message": refusal}}
+                await send_json(send, 431, error, extra_headers=close)
             else:
                 await send({"type": "websocket.close", "code": 1009})
             return

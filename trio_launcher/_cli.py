@@ -39,20 +39,28 @@ from ._errors import (
     BindError,
     ConfigError,
     EngineDeadError,
+    ExitCode,
     ForcedShutdown,
     OptionError,
 )
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
 from ._runner import serve_http
-from ._signals import absorb_signals_for_process, ignore_signals_until_exit
-from ._systemd import listen_fds
-from ._workers import child_argv, run_workers, watch_lifeline
+from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
+from ._systemd import listen_fds, notify_parent_instead
+from ._workers import (
+    Recycling,
+    ask_to_retire,
+    report_cut_requests,
+    run_workers,
+    take_worker_role,
+    worker_argv,
+    worker_max_requests,
+)
 
 log = logging.getLogger("trio_launcher")
 
 PROG = "trio-launcher"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_ENGINE_DEAD, EXIT_BIND = 0, 1, 2, 3, 4
 DEFAULT_BACKLOG = 2048
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -93,9 +101,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _natural_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
+        # An abbreviation (--worker for --workers) is a usage error: flags are
+        # passed on to worker processes by their full names only.
+        allow_abbrev=False,
         description="Serve an ASGI app under trio with hypercorn: drain on SIGTERM, "
         "stop on engine death, honest exit codes.",
         epilog="exit codes: 0 clean, 1 error, 2 usage/config, 3 engine died, "
@@ -141,15 +172,49 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--workers",
         type=_positive_int,
-        default=1,
         metavar="N",
-        help="serve with N worker processes sharing the sockets (default 1)",
+        help="serve with N worker processes sharing the sockets (default 1, or the "
+        "config file's workers); SIGHUP then restarts them one by one",
+    )
+    recycling = parser.add_argument_group(
+        "worker recycling (a worker past a limit is replaced: the new one serves first)"
+    )
+    recycling.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        metavar="N",
+        help="replace a worker after N requests (also the config file's max_requests)",
+    )
+    recycling.add_argument(
+        "--max-requests-jitter",
+        type=_natural_int,
+        metavar="N",
+        help="add 0..N (random, per worker) to --max-requests to spread the replacements",
+    )
+    recycling.add_argument(
+        "--worker-max-rss",
+        type=_positive_number,
+        metavar="MIB",
+        help="replace a worker whose resident memory exceeds MIB mebibytes",
+    )
+    recycling.add_argument(
+        "--worker-lifetime",
+        type=_positive_seconds,
+        metavar="S",
+        help="replace a worker after S seconds (spread over S..1.1 S)",
     )
     add(
         "--transport",
         choices=("lean", "hypercorn"),
         default="lean",
         help="connection layer: lean (trio_launcher's own, default) or hypercorn's stock one",
+    )
+    add(
+        "--http",
+        choices=("auto", "httptools", "h11"),
+        default="auto",
+        help="HTTP/1.1 protocol: httptools (strict and fast), h11 (hypercorn's); "
+        "auto (default) is httptools on the lean transport",
     )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
@@ -179,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="most request headers; more get 431 (default 256)",
+    )
+    serving.add_argument(
+        "--header-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="a request head must arrive within S seconds of its first byte, "
+        "else 408 and close (default 10)",
     )
     serving.add_argument("--access-log", metavar="FILE", help="access log file, - for stdout")
     serving.add_argument(
@@ -277,37 +350,55 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         opts = parser.parse_args(argv)
     except _UsageError as exc:
-        return _fail(f"{exc} (see {PROG} --help)", EXIT_USAGE)
+        return _fail(f"{exc} (see {PROG} --help)", ExitCode.USAGE)
     debug = opts.log_level == "debug"
     _setup_logging(opts.log_level)
+    orders = take_worker_role()
+    if orders is not None and (problem := _not_for_a_worker(opts)):
+        return _fail(f"{problem} (see {PROG} --help)", ExitCode.USAGE)
     try:
         config = build_config(opts)
-        if opts.workers > 1:
-            return _run_workers(opts, config, list(argv if argv is not None else sys.argv[1:]))
+        if orders is None:
+            count = opts.workers if opts.workers is not None else max(config.workers, 1)
+            recycling = _recycling(opts, config)
+            if count > 1 or recycling.active:
+                return _run_workers(parser, opts, config, count, recycling)
+        else:
+            # A worker: the parent owns workers, binding and recycling.
+            config.workers = 1
+            config.max_requests = worker_max_requests()
+            config.max_requests_jitter = 0
+            obey_parent(orders)
+            notify_parent_instead()
         sys.path.insert(0, os.getcwd())
         app = import_from_string(opts.app, "app")
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
         absorb_signals_for_process()
-        watch_lifeline()  # a worker of --workers: drain when the parent dies
-        trio.run(partial(serve_http, app, config, options=options_from_args(opts, engine)))
+        options = options_from_args(opts, engine)
+        if orders is not None:
+            options = options.replace(on_max_requests=ask_to_retire)
+        trio.run(partial(serve_http, app, config, options=options))
+        # The runner's count of requests cut at graceful_timeout goes here.
+        cut_requests = 0
+        report_cut_requests(cut_requests)
     except OptionError as exc:
-        return _fail(exc.with_name(flag_for(exc.option)), EXIT_USAGE, debug)
+        return _fail(exc.with_name(flag_for(exc.option)), ExitCode.USAGE, debug)
     except ConfigError as exc:
-        return _fail(str(exc), EXIT_USAGE, debug)
+        return _fail(str(exc), ExitCode.USAGE, debug)
     except BindError as exc:
-        return _fail(str(exc), EXIT_BIND, debug)
+        return _fail(str(exc), ExitCode.BIND, debug)
     except EngineDeadError as exc:
-        return _fail(str(exc), EXIT_ENGINE_DEAD, debug)
+        return _fail(str(exc), ExitCode.ENGINE_DEAD, debug)
     except ForcedShutdown as exc:
         _fail(str(exc), 0, debug)
         return 128 + exc.signum
     except AppStartupError as exc:
-        return _fail(str(exc), EXIT_ERROR, debug)
+        return _fail(str(exc), ExitCode.ERROR, debug)
     except KeyboardInterrupt:
         return _fail("interrupted", 128 + signal.SIGINT, debug)
     except Exception as exc:
-        return _fail(f"unexpected {_describe(exc)}", EXIT_ERROR, debug)
-    return EXIT_OK
+        return _fail(f"unexpected {_describe(exc)}", ExitCode.ERROR, debug)
+    return ExitCode.OK
 
 
 KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
@@ -332,6 +423,8 @@ def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeO
         access_log_exclude=tuple(opts.access_log_exclude),
         transport=opts.transport,
         **{name: getattr(opts, name) for name in BOUND_OPTIONS},
+        http=opts.http,
+        header_timeout=opts.header_timeout,
     )
 
 
@@ -340,14 +433,44 @@ def flag_for(option: str) -> str:
     return option_flags().get(option) or option
 
 
-def _run_workers(opts: argparse.Namespace, config: Config, argv: list[str]) -> int:
+def _not_for_a_worker(opts: argparse.Namespace) -> str | None:
+    """A worker never starts workers, binds, or recycles: that is the parent's job."""
+    if opts.workers is not None and opts.workers > 1:
+        return "--workers: a worker process cannot start workers of its own"
+    for address in opts.bind or ():
+        if not address.startswith("fd://"):
+            return f"--bind: a worker serves the sockets its parent bound (fd://N), not {address}"
+    for name in ("max_requests", "max_requests_jitter", "worker_max_rss", "worker_lifetime"):
+        if getattr(opts, name) is not None:
+            return f"--{name.replace('_', '-')}: the parent process recycles workers, not a worker"
+    return None
+
+
+def _recycling(opts: argparse.Namespace, config: Config) -> Recycling:
+    """The recycling limits: flags first, then the config file's max_requests."""
+    max_requests = opts.max_requests if opts.max_requests is not None else config.max_requests
+    jitter = opts.max_requests_jitter
+    if jitter is None:
+        jitter = config.max_requests_jitter if max_requests is not None else 0
+    if jitter and max_requests is None:
+        raise ConfigError("--max-requests-jitter needs --max-requests")
+    return Recycling(max_requests, jitter, opts.worker_max_rss, opts.worker_lifetime)
+
+
+def _run_workers(parser: argparse.ArgumentParser, opts: argparse.Namespace, config: Config,
+                 count: int, recycling: Recycling) -> int:  # fmt: skip
     """The parent of ``--workers N``: bind once, supervise; BindError -> exit 4."""
+    if config.ssl_enabled and config.insecure_bind:
+        raise ConfigError("--workers: the config file's insecure_bind beside TLS is not supported")
+    config.workers = 1  # we bind once for all: no SO_REUSEPORT
     sockets = bind_sockets(config)
-    for sock in sockets.all():
-        sock.set_inheritable(True)
-    child = child_argv(sys.executable, argv, sockets)
+    try:
+        argv = worker_argv(parser, opts, sockets, sys.executable)
+    except BaseException:
+        sockets.close()
+        raise
     absorb_signals_for_process()
-    return trio.run(run_workers, child, opts.workers, sockets)
+    return trio.run(partial(run_workers, argv, count, sockets, recycling=recycling))
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,12 +4,16 @@
 
     LauncherError                      base of everything below
     ├── ConfigError                    bad option, file or app path (CLI exit 2)
-    │   └── OptionError                one option of serve_http has a bad value
+    │   ├── OptionError                one option of serve_http has a bad value
+    │   └── CertificateError           a certificate, key or CA file that cannot be used
     ├── BindError (also OSError)       an address could not be bound (CLI exit 4)
     ├── AppStartupError                the app's lifespan startup failed (CLI exit 1)
     ├── ForcedShutdown                 a second signal stopped the drain (CLI exit 128+N)
     ├── EngineDeadError                the engine died; the server drained (CLI exit 3)
     └── EngineGenerateError            one request failed in the engine; never fatal
+
+The CLI's exit codes (:class:`ExitCode`) live here too, next to the errors
+that choose them, so that the CLI and the workers' supervisor agree.
 
 Messages are built from fields, so code that catches an error can read the
 address, the errno or the signal instead of parsing text. OS failures stay
@@ -18,7 +22,22 @@ address, the errno or the signal instead of parsing text. OS failures stay
 
 from __future__ import annotations
 
+import enum
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+
+class ExitCode(enum.IntEnum):
+    """The CLI's exit codes (128+N, a stop forced by a second signal N, is not listed)."""
+
+    OK = 0
+    ERROR = 1  # unexpected error, including a failing app startup
+    USAGE = 2  # bad usage or config: a flag, a file, an app that won't import
+    ENGINE_DEAD = 3
+    BIND = 4  # an address could not be bound
 
 
 class LauncherError(Exception):
@@ -46,6 +65,20 @@ class OptionError(ConfigError):
     def with_name(self, name: str) -> str:
         """The message with the option called ``name`` (a CLI flag)."""
         return f"{name} {self.problem}"
+
+
+class CertificateError(ConfigError):
+    """A certificate, key or CA bundle that cannot be used; names the file.
+
+    Attributes:
+        path: the file at fault.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
 
 
 class BindError(LauncherError, OSError):
@@ -108,3 +141,29 @@ class EngineDeadError(LauncherError):
 
 class EngineGenerateError(LauncherError):
     """One request failed inside the engine; the engine itself is fine."""
+
+
+@contextmanager
+def readable_errors() -> Iterator[None]:
+    """Unwrap an exception group where exactly one real error is inside.
+
+    Used where a person reads the error (the top of ``serve_http``, the
+    testing plugin). Cancellation is never swallowed: ``trio.Cancelled``
+    stays in the group that is re-raised.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1 and len(real) == len(leaves):
+            raise real[0] from group
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

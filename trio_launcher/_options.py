@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
@@ -29,6 +29,8 @@ from ._watchdog import check_engine
 
 Transport = Literal["lean", "hypercorn"]
 TRANSPORTS: tuple[Transport, ...] = ("lean", "hypercorn")
+HTTP1Protocol = Literal["auto", "httptools", "h11"]
+HTTP1_PROTOCOLS: tuple[HTTP1Protocol, ...] = ("auto", "httptools", "h11")
 
 
 def _flag(name: str | None) -> Mapping[str, Any]:
@@ -90,6 +92,18 @@ class ServeOptions:
     """``lean``: trio_launcher's own connection layer; ``hypercorn``: hypercorn's
     stock trio connection."""
 
+    http: HTTP1Protocol = field(default="auto", metadata=_flag("--http"))
+    """HTTP/1.1 protocol: ``httptools`` (trio_launcher's own, strict and fast;
+    docs/http1.md), ``h11`` (hypercorn's), ``auto``: httptools on the lean transport."""
+
+    header_timeout: float = field(default=10.0, metadata=_flag("--header-timeout"))
+    """Seconds a request head may take from its first byte (HTTP/1.1 on
+    httptools); later gets 408 and the connection closes."""
+
+    on_max_requests: Callable[[], None] | None = field(default=None, metadata=_flag(None))
+    """Called instead of draining when ``config.max_requests`` is reached (a
+    worker of ``--workers`` asks its supervisor for a replacement)."""
+
     # --- limits and deadlines (docs/limits.md) ---------------------------------
 
     request_timeout: float | None = field(default=None, metadata=_flag("--request-timeout"))
@@ -128,6 +142,11 @@ class ServeOptions:
         _at_least_zero("shutdown_delay", self.shutdown_delay)
         if self.transport not in TRANSPORTS:
             raise OptionError("transport", f"must be 'lean' or 'hypercorn', got {self.transport!r}")
+        if self.http not in HTTP1_PROTOCOLS:
+            raise OptionError("http", f"must be 'auto', 'httptools' or 'h11', got {self.http!r}")
+        if self.http == "httptools" and self.transport != "lean":
+            raise OptionError("http", "httptools needs the lean transport")
+        _positive("header_timeout", self.header_timeout)
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise OptionError("health_path", f"must start with '/', got {self.health_path!r}")
         for name in ("max_header_count", "max_head_size", "limit_concurrency"):
@@ -144,6 +163,11 @@ class ServeOptions:
                 raise OptionError(
                     "engine_error_types", f"must hold exception types, got {exc_type!r}"
                 )
+
+    @property
+    def http1_protocol(self) -> str:
+        """The HTTP/1.1 protocol in effect: ``httptools`` or ``h11``."""
+        return "httptools" if self.http != "h11" and self.transport == "lean" else "h11"
 
     def replace(self, **changes: Any) -> ServeOptions:
         """A copy with ``changes`` applied (and validated)."""
@@ -167,6 +191,9 @@ class ServeKwargs(TypedDict, total=False):
     max_head_size: int | None
     access_log_exclude: tuple[str, ...] | list[str]
     transport: Transport
+    http: HTTP1Protocol
+    header_timeout: float
+    on_max_requests: Callable[[], None] | None
     request_timeout: float | None
     limit_concurrency: int | None
     body_timeout: float | None

@@ -28,13 +28,11 @@ import enum
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Unpack
 
 import trio
-from hypercorn.config import Config
-from hypercorn.utils import wrap_app
 
 from ._asgi import (
     ENGINE_ERRORS,
@@ -45,7 +43,8 @@ from ._asgi import (
     RunnerMiddleware,
     describe_routes,
 )
-from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError
+from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError, readable_errors
+from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._server import serve_sockets
@@ -324,7 +323,16 @@ async def serve_http(
                 if control.probe is not None:
                     nursery.start_soon(control.probe.run)
                 urls = await nursery.start(
-                    _run_server, wrapped, config, sockets, control, ssl_context, opts.transport
+                    _run_server,
+                    wrapped,
+                    config,
+                    sockets,
+                    control,
+                    ssl_context,
+                    opts.transport,
+                    opts.on_max_requests,
+                    opts.http1_protocol,
+                    opts.header_timeout,
                 )
                 for url in urls:
                     log.info("serving on %s", url)
@@ -353,9 +361,14 @@ async def _run_server(
     control: _Control,
     ssl_context: SwitchableContext | None,
     transport: Transport,
+    on_max_requests: Callable[[], None] | None,
+    http: str,
+    header_timeout: float,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if on_max_requests is None:
+        on_max_requests = lambda: control.stop(StopReason.MAX_REQUESTS)  # noqa: E731
     try:
         await serve_sockets(
             app,
@@ -364,7 +377,9 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
-            on_max_requests=lambda: control.stop(StopReason.MAX_REQUESTS),
+            http=http,
+            header_timeout=header_timeout,
+            on_max_requests=on_max_requests,
             on_drain_deadline=control.on_drain_deadline,
             task_status=task_status,
         )
@@ -446,28 +461,3 @@ def _logger_filter(logger: logging.Logger | None, log_filter: logging.Filter) ->
         yield
     finally:
         logger.removeFilter(log_filter)
-
-
-@contextmanager
-def readable_errors() -> Iterator[None]:
-    """Unwrap an exception group where exactly one real error is inside.
-
-    Cancellation is never swallowed: ``trio.Cancelled`` stays in the group that
-    is re-raised.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1 and len(real) == len(leaves):
-            raise real[0] from group
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc

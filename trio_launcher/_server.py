@@ -23,8 +23,9 @@ Lifespan startup may take as long as ``config.startup_timeout`` (the runner
 makes it unlimited by default: loading a model takes minutes); an INFO line
 every ``STARTUP_PROGRESS_EVERY`` seconds says it is still running.
 
-hypercorn's ``Lifespan``, ``TCPServer`` and ``WorkerContext`` are internal
-API, which is why pyproject pins hypercorn's minor version.
+hypercorn's ``Lifespan`` and ``WorkerContext`` are internal API, reached
+through ``_hypercorn``. The connection layer is chosen once: the lean
+transport (``_transport``) or hypercorn's stock one (``_stock``).
 """
 
 from __future__ import annotations
@@ -32,23 +33,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from random import randint
 from typing import Any, Protocol
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.statsd import StatsdLogger
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
-from hypercorn.utils import LifespanFailureError, LifespanTimeoutError, repr_socket_addr
 
 from ._errors import AppStartupError
+from ._hypercorn import (
+    AppWrapper,
+    Config,
+    Lifespan,
+    LifespanFailureError,
+    LifespanState,
+    LifespanTimeoutError,
+    StatsdLogger,
+    WorkerContext,
+    repr_socket_addr,
+)
+from ._options import Transport
 from ._ports import BoundSockets
-from ._transport import Connection, contained, drain_all, serve_connection
+from ._stock import serve_stock_connection
+from ._transport import DEFAULT_HEADER_TIMEOUT, Connection, drain_all, serve_connection
 
 log = logging.getLogger("trio_launcher")
 
@@ -75,7 +82,9 @@ async def serve_sockets(
     drain: trio.Event,
     ssl_context: TLSContext | None,
     *,
-    transport: str = "lean",
+    transport: Transport = "lean",
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     on_max_requests: Callable[[], None] | None = None,
     on_drain_deadline: Callable[[float], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
@@ -138,18 +147,20 @@ async def serve_sockets(
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
-            if transport == "lean":
-                handler = partial(serve_connection, app, config, context, lifespan_state, registry)
-            else:
-                handler = partial(_serve_connection, app, config, context, lifespan_state)
+            handler = _connection_handler(transport, app, config, context, lifespan_state, registry,
+                                          http, header_timeout)  # fmt: skip
             task_status.started(urls)
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(
-                    partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
-                )
-                accepting.start_soon(_drain_on_max_requests, context, on_max_requests or drain.set)
-                await drain.wait()
-                accepting.cancel_scope.cancel()  # closes the listeners
+            with _one_line_accept_errors():
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=connections
+                        )
+                    )
+                    stop = on_max_requests or drain.set
+                    accepting.start_soon(_drain_on_max_requests, context, stop)
+                    await drain.wait()
+                    accepting.cancel_scope.cancel()  # closes the listeners
             log.info(
                 "draining: listeners closed, in-flight requests have %s s", config.graceful_timeout
             )
@@ -218,44 +229,6 @@ class _Lifespan(Lifespan):
                 log.error("the app's lifespan shutdown failed: %s", group.exceptions[0])
 
 
-class _TCPServer(TCPServer):
-    """hypercorn's connection, minus a race that cut answered requests in the drain.
-
-    When the drain starts, hypercorn wakes every connection's idle timer to
-    close idle keep-alive connections. A request that arrives on such a
-    connection at that very moment is parsed and answered, while the timer,
-    already past its last checkpoint, closes the connection in a shielded
-    scope: the client gets a 200 and then no body (found by the chaos suite's
-    signal storms). Here the timer leaves a busy connection alone (the end of
-    that request re-arms it and hypercorn closes the connection then), and an
-    idle one is closed at the socket *before* any checkpoint, so no request
-    can slip in between the decision and the close: it finds the connection
-    closed and gets no answer at all, never half of one.
-    """
-
-    async def _idle_timeout(self) -> None:
-        with trio.move_on_after(self.config.keep_alive_timeout):
-            await self.context.terminated.wait()
-        with trio.CancelScope(shield=True):
-            if not _is_idle(self.protocol):
-                return
-            transport = getattr(self.stream, "transport_stream", self.stream)
-            sock = getattr(transport, "socket", None)
-            if sock is not None:
-                sock.close()  # synchronous: wakes the reader with ClosedResourceError
-            await self._initiate_server_close()
-
-
-def _is_idle(protocol: Any) -> bool:
-    inner = getattr(protocol, "protocol", None)
-    if inner is None:
-        return True
-    idle = getattr(inner, "idle", None)  # HTTP/2: every stream idle
-    if isinstance(idle, bool):
-        return idle
-    return getattr(inner, "stream", None) is None  # HTTP/1.1: no request in progress
-
-
 class _OneLine(logging.Filter):
     """trio logs every failed accept (EMFILE and friends) with a traceback; one
     line says it all: which error, and that it retries."""
@@ -266,27 +239,36 @@ class _OneLine(logging.Filter):
         return True
 
 
-logging.getLogger("trio.serve_listeners").addFilter(_OneLine())
+@contextlib.contextmanager
+def _one_line_accept_errors() -> Iterator[None]:
+    """The filter above on trio's accept-loop logger, for the server's life only."""
+    logger = logging.getLogger("trio.serve_listeners")
+    one_line = _OneLine()
+    logger.addFilter(one_line)
+    try:
+        yield
+    finally:
+        logger.removeFilter(one_line)
+
+
+def _connection_handler(
+    transport: Transport,
+    app: AppWrapper,
+    config: Config,
+    context: WorkerContext,
+    lifespan_state: LifespanState,
+    registry: set[Connection],
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+) -> Callable[[trio.abc.Stream], Awaitable[None]]:
+    """The connection layer, chosen once: a function of the accepted stream."""
+    if transport == "lean":
+        return partial(serve_connection, app, config, context, lifespan_state, registry, http,
+                       header_timeout)  # fmt: skip
+    return partial(serve_stock_connection, app, config, context, lifespan_state)
 
 
 async def _drain_on_max_requests(context: WorkerContext, stop: Callable[[], None]) -> None:
     await context.terminate.wait()
     log.info("max_requests reached: draining")
     stop()
-
-
-async def _serve_connection(
-    app: AppWrapper,
-    config: Config,
-    context: WorkerContext,
-    lifespan_state: LifespanState,
-    stream: trio.abc.Stream,
-) -> None:
-    async with contained(stream):
-        await _TCPServer(
-            app,
-            config,
-            context,
-            ConnectionState(lifespan_state.copy()),
-            stream,  # type: ignore[arg-type]
-        ).run()

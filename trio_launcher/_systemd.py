@@ -11,6 +11,9 @@ runner sends datagrams there: ``READY=1`` once serving, ``RELOADING=1`` (with
 ``STOPPING=1`` when the drain starts. An address starting with ``@`` is in the
 abstract namespace. Without ``NOTIFY_SOCKET`` every call is a no-op, and a
 failed send is logged, never raised: systemd being away must not stop a server.
+In a worker of ``--workers`` NOTIFY_SOCKET is the parent's private socket
+(see ``_workers.py``); a failed send there means the parent is gone, which
+the worker learns anyway, so it is logged at debug level only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ import time
 log = logging.getLogger("trio_launcher")
 
 SD_LISTEN_FDS_START = 3
+
+_parent_is_listening = False
+
+
+def notify_parent_instead() -> None:
+    """In a worker: NOTIFY_SOCKET is the parent's; failing to reach it is not news."""
+    global _parent_is_listening
+    _parent_is_listening = True
 
 
 def listen_fds(unset: bool = True) -> list[int]:
@@ -51,7 +62,8 @@ def notify(*states: str) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto("\n".join(states).encode(), address)
     except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        level = logging.DEBUG if _parent_is_listening else logging.WARNING
+        log.log(level, "cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
         return False
     return True
 

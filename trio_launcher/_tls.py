@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import trio
 from hypercorn.config import Config
 
-from ._errors import ConfigError
+from ._errors import CertificateError, ConfigError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -48,15 +48,6 @@ log = logging.getLogger("trio_launcher")
 
 EXPIRY_WARNING = datetime.timedelta(days=14)
 FULL_READ_EVERY = 30  # polls between reads even when stat says nothing changed
-
-
-class CertificateError(ConfigError):
-    """A certificate, key or CA bundle that cannot be used; names the file."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass(frozen=True)

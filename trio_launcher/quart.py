@@ -42,6 +42,7 @@ import trio
 from quart import Quart, Response, got_request_exception
 
 from ._asgi import ASGIApp, Message, Receive, Scope, Send, error_body
+from ._hypercorn import quart_error_handlers
 
 log = logging.getLogger("trio_launcher")
 
@@ -69,7 +70,7 @@ def install(
     if not getattr(app, _INSTALLED, False):
         setattr(app, _INSTALLED, True)
         got_request_exception.connect(_dead_check_receiver, app, weak=False)
-    app_handlers = app.error_handler_spec[None][None]
+    app_handlers = quart_error_handlers(app)
     for error_type in error_types:
         own = app_handlers.get(error_type)
         if own is None:

@@ -48,7 +48,8 @@ import trio
 import trustme
 from hypercorn.config import Config
 
-from ._runner import ServerHandle, readable_errors, serve_http
+from ._errors import readable_errors
+from ._runner import ServerHandle, serve_http
 
 __all__ = [
     "FakeEngine",
