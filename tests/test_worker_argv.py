@@ -124,12 +124,12 @@ def test_worker_argv_refuses_a_value_that_does_not_read_back(sockets: BoundSocke
 def test_worker_argv_needs_no_code_for_a_new_flag(sockets: BoundSockets) -> None:
     parser = build_parser()
     parser.add_argument("--root-path", "-r", default="")
-    parser.add_argument("--limit-concurrency", type=int)
+    parser.add_argument("--max-widgets", type=int)
     parser.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True)
-    opts = parser.parse_args(["app:x", "-r/api", "--limit-concurrency=9", "--no-proxy-headers"])
+    opts = parser.parse_args(["app:x", "-r/api", "--max-widgets=9", "--no-proxy-headers"])
     argv = worker_argv(parser, opts, sockets, sys.executable)
     worker = parser.parse_args(argv[3:])
-    assert (worker.root_path, worker.limit_concurrency, worker.proxy_headers) == ("/api", 9, False)
+    assert (worker.root_path, worker.max_widgets, worker.proxy_headers) == ("/api", 9, False)
 
 
 @pytest.mark.parametrize(
