@@ -271,8 +271,8 @@ async def test_systemd_unit_life(tmp_path: Path) -> None:
         with trio.fail_after(20):
             assert (await notify_sock.recv(4096)).decode().startswith("READY=1")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            state = (await client.get(health)).json()
-            assert (state["status"], state["engine"]) == ("serving", "alive")
+            body = (await client.get(health)).json()
+            assert (body["status"], body["engine"]) == ("serving", "alive")
             # ExecReload, as written (SIGHUP; without TLS there is nothing to reload).
             reload = service["ExecReload"].replace("$MAINPID", str(process.pid))
             reloaded = await trio.run_process(shlex.split(reload), check=False)

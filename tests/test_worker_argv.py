@@ -58,6 +58,8 @@ def same_except_supervisor(parent: argparse.Namespace, worker: argparse.Namespac
         ["app:x", "--workers", "2", "--bind", "127.0.0.1:9", "--graceful-timeout", "5"],
         # --flag=value
         ["app:x", "--workers=2", "--bind=127.0.0.1:9", "--log-level=DEBUG", "--engine=e:e"],
+        # the engine task and its shutdown timeout (one engine task per worker)
+        ["app:x", "--workers=2", "--engine-task", "m:task", "--engine-shutdown-timeout", "2.5"],
         # short
         ["app:x", "-b", "127.0.0.1:9", "--workers", "3"],
         # attached short

@@ -27,7 +27,7 @@ import ssl
 import sys
 import threading
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NoReturn
 
@@ -41,15 +41,17 @@ from ._errors import (
     EngineDeadError,
     ExitCode,
     ForcedShutdown,
+    LauncherError,
     OptionError,
 )
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
 from ._proxy import DEFAULT_FORWARDED_ALLOW_IPS, parse_trusted
 from ._reload import watch_lifeline as watch_reload_parent
-from ._runner import serve_http
+from ._runner import exit_process_if_engine_stuck, serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
 from ._systemd import listen_fds, notify_parent_instead
+from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT
 from ._workers import (
     Recycling,
     ask_to_retire,
@@ -162,11 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("app", metavar="MODULE:APP", help="the ASGI app to serve, e.g. myservice.app:app")
-    add(
+    engines = parser.add_mutually_exclusive_group()
+    engines.add_argument(
         "--engine",
         metavar="MODULE:ATTR",
         help="engine object with errored/is_running "
         "(and optionally async wait_dead()); its death stops the server with exit 3",
+    )
+    engines.add_argument(
+        "--engine-task",
+        metavar="MODULE:ATTR",
+        help="async function run as the engine task (trio's start protocol): started "
+        "before the app, 503 until then, stopped after the drain; its end is the "
+        "engine's death (exit 3)",
+    )
+    add(
+        "--engine-shutdown-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_ENGINE_SHUTDOWN_TIMEOUT,
+        metavar="S",
+        help="seconds the cancelled engine task has to clean up (default 10)",
     )
     add(
         "--bind",
@@ -501,9 +518,11 @@ def _main(argv: Sequence[str] | None) -> int:
                 f"app {opts.app!r} is not an ASGI callable (it is a {type(app).__name__})"
             )
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
+        task = import_from_string(opts.engine_task, "engine task") if opts.engine_task else None
+        exit_process_if_engine_stuck(_exit_now if argv is None else None)
         absorb_signals_for_process()
         watch_reload_parent()  # a child of --reload: drain when the parent dies
-        options = options_from_args(opts, engine)
+        options = options_from_args(opts, engine, task)
         if orders is not None:
             options = options.replace(on_max_requests=ask_to_retire)
         trio.run(partial(serve_http, app, config, options=options))
@@ -534,13 +553,19 @@ KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
 """vLLM's variable for ``--keep-alive-on-engine-death``; read by the CLI only."""
 
 
-def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeOptions:
+def options_from_args(
+    opts: argparse.Namespace,
+    engine: object | None,
+    engine_task: Callable[..., Awaitable[object]] | None = None,
+) -> ServeOptions:
     """The runner's options from the parsed flags (and vLLM's environment variable)."""
     keep_alive = opts.keep_alive_on_engine_death
     if keep_alive is None:
         keep_alive = os.environ.get(KEEP_ALIVE_ENV, "") in ("1", "true", "yes")
     return ServeOptions(
         engine=engine,
+        engine_task=engine_task,
+        engine_shutdown_timeout=opts.engine_shutdown_timeout,
         watchdog_interval=opts.watchdog_interval,
         keep_alive_on_engine_death=keep_alive,
         enable_ssl_refresh=opts.ssl_refresh,
@@ -606,6 +631,21 @@ def _run_workers(parser: argparse.ArgumentParser, opts: argparse.Namespace, conf
         raise
     absorb_signals_for_process()
     return trio.run(partial(run_workers, argv, count, sockets, recycling=recycling))
+
+
+def _exit_now(outcome: LauncherError | None) -> None:
+    """The engine task outlived its shutdown timeout: exit without it, with the
+    code the stop would have given (nothing in trio can end such a task)."""
+    code: int = ExitCode.OK
+    if isinstance(outcome, ForcedShutdown):
+        _fail(str(outcome), 0)
+        code = 128 + outcome.signum
+    elif isinstance(outcome, EngineDeadError):
+        code = _fail(str(outcome), ExitCode.ENGINE_DEAD)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _describe(exc: BaseException) -> str:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
 from ._errors import OptionError
 from ._proxy import parse_trusted
-from ._watchdog import check_engine
+from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, check_engine
 
 Transport = Literal["lean", "hypercorn"]
 TRANSPORTS: tuple[Transport, ...] = ("lean", "hypercorn")
@@ -46,6 +46,18 @@ class ServeOptions:
     engine: object | None = field(default=None, metadata=_flag("--engine"))
     """An object with ``errored`` and ``is_running`` (optionally ``async def
     wait_dead()``); its death drains and stops the server."""
+
+    engine_task: Callable[..., Awaitable[object]] | None = field(
+        default=None, metadata=_flag("--engine-task")
+    )
+    """An async function speaking trio's start protocol, run in the runner's
+    nursery: started before the app (503 until then), stopped after the drain;
+    its end is the engine's death. Exclusive with ``engine``. See docs/engine-task.md."""
+
+    engine_shutdown_timeout: float = field(
+        default=DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, metadata=_flag("--engine-shutdown-timeout")
+    )
+    """Seconds the cancelled engine task has to clean up before the runner gives up on it."""
 
     sock: socket.socket | None = field(default=None, metadata=_flag(None))
     """A bound TCP or Unix socket to serve instead of ``config.bind``; the
@@ -147,6 +159,14 @@ class ServeOptions:
                 check_engine(self.engine)
             except TypeError as exc:
                 raise OptionError("engine", str(exc).removeprefix("engine ")) from None
+        if self.engine_task is not None:
+            if self.engine is not None:
+                raise OptionError("engine_task", "and engine are exclusive: give one of them")
+            if not callable(self.engine_task):
+                raise OptionError(
+                    "engine_task", f"must be an async function, got {self.engine_task!r}"
+                )
+        _positive("engine_shutdown_timeout", self.engine_shutdown_timeout)
         _positive("watchdog_interval", self.watchdog_interval, infinite_ok=True)
         _positive("ssl_refresh_interval", self.ssl_refresh_interval)
         _at_least_zero("shutdown_delay", self.shutdown_delay)
@@ -192,6 +212,8 @@ class ServeKwargs(TypedDict, total=False):
     """``serve_http``'s keyword arguments: the fields of :class:`ServeOptions`."""
 
     engine: object | None
+    engine_task: Callable[..., Awaitable[object]] | None
+    engine_shutdown_timeout: float
     sock: socket.socket | None
     handle_signals: bool
     watchdog_interval: float

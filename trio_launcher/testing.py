@@ -37,8 +37,8 @@ import datetime
 import os
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,7 @@ import trio
 import trustme
 from hypercorn.config import Config
 
+from ._errors import readable_errors
 from ._runner import ServerHandle, serve_http
 
 __all__ = [
@@ -317,7 +318,12 @@ async def running_server(
     Yields a :class:`RunningServer` whose ``client`` is an ``httpx.AsyncClient``
     with the server's base URL. On exit the server is shut down gracefully and
     awaited: lifespan shutdown runs, and an error from the server fails the
-    test with that error (one error, not wrapped in exception groups).
+    test with that error (one error, not wrapped in exception groups). Startup
+    and shutdown are bounded.
+
+    ``handle_signals`` defaults to False here: a test process keeps Ctrl-C.
+    With ``engine_task=fn`` the server is yielded once the engine task has
+    started and the app after it; on exit the engine task is stopped last.
     """
     if config is None:
         config = tls.config() if tls is not None else Config()
@@ -330,7 +336,7 @@ async def running_server(
     verify: ssl.SSLContext | bool = (
         tls.client_context(with_cert=client_cert, http2=http2) if tls else False
     )
-    with _one_error():
+    with readable_errors():
         async with trio.open_nursery() as nursery:
             with trio.fail_after(startup_timeout):
                 handle: ServerHandle = await nursery.start(_serve, app, config, serve_options)
@@ -351,30 +357,6 @@ def _client(url: str, verify: ssl.SSLContext | bool, http2: bool) -> httpx.Async
     return httpx.AsyncClient(base_url=url, verify=verify, http2=http2, timeout=30)
 
 
-@contextmanager
-def _one_error() -> Iterator[None]:
-    """Unwrap exception groups around exactly one error, printed once.
-
-    ``raise ... from group`` would print the error twice (inside the group,
-    then as itself); a failing assert in a test reads best alone.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        inner = list(_leaves(group))
-        if len(inner) == 1 and not isinstance(inner[0], trio.Cancelled):
-            raise inner[0] from None
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
-
-
 async def _serve(
     app: Any,
     config: Config,
@@ -392,7 +374,7 @@ async def _serve(
 def pytest_runtest_call(item: pytest.Item) -> Any:
     """pytest-trio runs each test in a nursery, so a failing assert arrives
     wrapped in an ExceptionGroup; report the one error alone."""
-    with _one_error():
+    with readable_errors():
         return (yield)
 
 
