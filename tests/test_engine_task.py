@@ -214,7 +214,7 @@ async def test_engine_starts_before_the_app_and_stops_after_it() -> None:
     async with running_server(App(), engine_task=recorded_engine, health_path="/health") as server:
         assert (await get_ok(server.client, "/ask?q=hi")).text == "HI"
         health = await get_ok(server.client, "/health")
-        assert health.json() == {"status": "serving", "engine": "alive"}
+        assert (health.json()["status"], health.json()["engine"]) == ("serving", "alive")
         assert engine_tasks.events == [
             "engine started",
             "lifespan startup (engine running: True)",
@@ -324,7 +324,7 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         nursery.start_soon(serve)
         with trio.fail_after(10):  # (a client may even connect before the runner runs)
             health = await client.get("/health")
-        assert (health.status_code, health.json()) == (503, {"status": "starting"})
+        assert (health.status_code, health.json()["status"]) == (503, "starting")
         refused = await client.get("/ask?q=x")
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
@@ -502,6 +502,34 @@ async def test_a_signal_during_the_engine_start_still_ends_the_start_with_a_hand
     assert engine_tasks.events == []  # the app never started
 
 
+class Probed:
+    """A started() value with the engine attributes and check_health()."""
+
+    errored = False
+    is_running = True
+
+    def __init__(self) -> None:
+        self.sick = trio.Event()
+
+    async def check_health(self) -> None:
+        if self.sick.is_set():
+            raise RuntimeError("out of GPU memory")
+
+
+async def test_the_started_value_gets_the_health_probe() -> None:
+    probed = Probed()
+
+    async def task(*, task_status: trio.TaskStatus[Probed] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(probed)
+        await trio.sleep_forever()
+
+    with pytest.raises(EngineDeadError, match="out of GPU memory"):
+        async with running_server(App(), engine_task=task, engine_health_interval=0.01):
+            probed.sick.set()
+            with trio.fail_after(10):
+                await trio.sleep_forever()  # until the probe's death drains the server
+
+
 async def test_current_engine_outside_serve_http() -> None:
     with pytest.raises(LookupError, match="no engine"):
         current_engine()
@@ -568,7 +596,7 @@ async def test_cli_slow_engine_start_port_bound_at_once_503_until_ready() -> Non
         statuses: list[int] = []
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             first = await client.get("/health")
-            assert (first.status_code, first.json()) == (503, {"status": "starting"})
+            assert (first.status_code, first.json()["status"]) == (503, "starting")
             assert not any("engine task started" in x for x in proc.lines)  # still loading
             with trio.fail_after(15):
                 while True:  # a client that honours 503 + Retry-After: no request fails

@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="lean",
         help="connection layer: lean (trio_launcher's own, default) or hypercorn's stock one",
     )
+    add(
+        "--http",
+        choices=("auto", "httptools", "h11"),
+        default="auto",
+        help="HTTP/1.1 protocol: httptools (strict and fast), h11 (hypercorn's); "
+        "auto (default) is httptools on the lean transport",
+    )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
     serving = parser.add_argument_group("serving")
@@ -255,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="most request headers; more get 431 (default 256)",
     )
+    serving.add_argument(
+        "--header-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="a request head must arrive within S seconds of its first byte, "
+        "else 408 and close (default 10)",
+    )
     serving.add_argument("--access-log", metavar="FILE", help="access log file, - for stdout")
     serving.add_argument(
         "--access-log-exclude",
@@ -263,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="leave PATH out of the access log (repeatable)",
     )
+    _add_bound_flags(parser)
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--certfile", metavar="F")
     tls.add_argument("--keyfile", metavar="F")
@@ -285,6 +301,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checks of the certificate files (default 1)",
     )
     return parser
+
+
+def _add_bound_flags(parser: argparse.ArgumentParser) -> None:
+    """Limits and deadlines (docs/limits.md); each sets the option of its name."""
+    bounds = parser.add_argument_group("limits and deadlines (see docs/limits.md)")
+    add = bounds.add_argument
+    add(
+        "--request-timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="a response not started within S seconds: 504, handler cancelled (default off)",
+    )
+    add(
+        "--limit-concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="most requests in flight; more get 503 at once (default no limit)",
+    )
+    add(
+        "--body-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="request body allowance: S s plus 1 s per KiB received; slower gets 408 (default 60)",
+    )
+    add(
+        "--startup-timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="most seconds the app's lifespan startup may take (default no limit)",
+    )
+    add(
+        "--engine-health-interval",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds between calls of the engine's check_health(), if any (default 10)",
+    )
+    add("--engine-health-timeout", type=_positive_seconds, default=10.0, metavar="S",
+        help="a check_health() that raises or takes longer means the engine died "
+        "(default 10)")  # fmt: skip
+
+
+BOUND_OPTIONS = ("request_timeout", "limit_concurrency", "body_timeout", "startup_timeout",
+                 "engine_health_interval", "engine_health_timeout")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,6 +447,9 @@ def options_from_args(
         max_head_size=opts.max_head_size,
         access_log_exclude=tuple(opts.access_log_exclude),
         transport=opts.transport,
+        **{name: getattr(opts, name) for name in BOUND_OPTIONS},
+        http=opts.http,
+        header_timeout=opts.header_timeout,
     )
 
 

@@ -29,6 +29,8 @@ from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, check_engine
 
 Transport = Literal["lean", "hypercorn"]
 TRANSPORTS: tuple[Transport, ...] = ("lean", "hypercorn")
+HTTP1Protocol = Literal["auto", "httptools", "h11"]
+HTTP1_PROTOCOLS: tuple[HTTP1Protocol, ...] = ("auto", "httptools", "h11")
 
 
 def _flag(name: str | None) -> Mapping[str, Any]:
@@ -102,9 +104,41 @@ class ServeOptions:
     """``lean``: trio_launcher's own connection layer; ``hypercorn``: hypercorn's
     stock trio connection."""
 
+    http: HTTP1Protocol = field(default="auto", metadata=_flag("--http"))
+    """HTTP/1.1 protocol: ``httptools`` (trio_launcher's own, strict and fast;
+    docs/http1.md), ``h11`` (hypercorn's), ``auto``: httptools on the lean transport."""
+
+    header_timeout: float = field(default=10.0, metadata=_flag("--header-timeout"))
+    """Seconds a request head may take from its first byte (HTTP/1.1 on
+    httptools); later gets 408 and the connection closes."""
+
     on_max_requests: Callable[[], None] | None = field(default=None, metadata=_flag(None))
     """Called instead of draining when ``config.max_requests`` is reached (a
     worker of ``--workers`` asks its supervisor for a replacement)."""
+
+    # --- limits and deadlines (docs/limits.md) ---------------------------------
+
+    request_timeout: float | None = field(default=None, metadata=_flag("--request-timeout"))
+    """Seconds for a response to start; later, the handler is cancelled and
+    the client gets 504. None: no deadline."""
+
+    limit_concurrency: int | None = field(default=None, metadata=_flag("--limit-concurrency"))
+    """Most requests in flight (not connections); more get 503 at once."""
+
+    body_timeout: float | None = field(default=60.0, metadata=_flag("--body-timeout"))
+    """A request body's allowance: the handler may wait this long for body
+    bytes, plus 1 s per KiB received; a slower body gets 408. None: no limit."""
+
+    startup_timeout: float | None = field(default=None, metadata=_flag("--startup-timeout"))
+    """Seconds the app's lifespan startup may take. None: no limit (unless
+    ``config.startup_timeout`` was changed from hypercorn's 60)."""
+
+    engine_health_interval: float = field(default=10.0, metadata=_flag("--engine-health-interval"))
+    """Seconds between calls of the engine's ``check_health()``, if it has one."""
+
+    engine_health_timeout: float = field(default=10.0, metadata=_flag("--engine-health-timeout"))
+    """Seconds a ``check_health()`` call may take; one that raises or takes
+    longer means the engine is dead."""
 
     def __post_init__(self) -> None:
         # Lists are welcome at the door; the frozen object keeps tuples.
@@ -128,17 +162,32 @@ class ServeOptions:
         _at_least_zero("shutdown_delay", self.shutdown_delay)
         if self.transport not in TRANSPORTS:
             raise OptionError("transport", f"must be 'lean' or 'hypercorn', got {self.transport!r}")
+        if self.http not in HTTP1_PROTOCOLS:
+            raise OptionError("http", f"must be 'auto', 'httptools' or 'h11', got {self.http!r}")
+        if self.http == "httptools" and self.transport != "lean":
+            raise OptionError("http", "httptools needs the lean transport")
+        _positive("header_timeout", self.header_timeout)
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise OptionError("health_path", f"must start with '/', got {self.health_path!r}")
-        for name in ("max_header_count", "max_head_size"):
+        for name in ("max_header_count", "max_head_size", "limit_concurrency"):
             limit = getattr(self, name)
             if limit is not None and (not isinstance(limit, int) or limit < 1):
                 raise OptionError(name, f"must be a whole number >= 1, got {limit!r}")
+        for name in ("request_timeout", "body_timeout", "startup_timeout"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), infinite_ok=True)
+        _positive("engine_health_interval", self.engine_health_interval)
+        _positive("engine_health_timeout", self.engine_health_timeout)
         for exc_type in self.engine_error_types:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise OptionError(
                     "engine_error_types", f"must hold exception types, got {exc_type!r}"
                 )
+
+    @property
+    def http1_protocol(self) -> str:
+        """The HTTP/1.1 protocol in effect: ``httptools`` or ``h11``."""
+        return "httptools" if self.http != "h11" and self.transport == "lean" else "h11"
 
     def replace(self, **changes: Any) -> ServeOptions:
         """A copy with ``changes`` applied (and validated)."""
@@ -164,7 +213,15 @@ class ServeKwargs(TypedDict, total=False):
     max_head_size: int | None
     access_log_exclude: tuple[str, ...] | list[str]
     transport: Transport
+    http: HTTP1Protocol
+    header_timeout: float
     on_max_requests: Callable[[], None] | None
+    request_timeout: float | None
+    limit_concurrency: int | None
+    body_timeout: float | None
+    startup_timeout: float | None
+    engine_health_interval: float
+    engine_health_timeout: float
 
 
 def build_options(base: ServeOptions | None, changes: Mapping[str, Any]) -> ServeOptions:

@@ -47,7 +47,16 @@ from typing import Any, Unpack
 
 import trio
 
-from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, StartingGate, describe_routes
+from ._asgi import (
+    ENGINE_ERRORS,
+    Bounds,
+    ClientGoneStatus,
+    InFlight,
+    Limits,
+    RunnerMiddleware,
+    StartingGate,
+    describe_routes,
+)
 from ._errors import (
     ConfigError,
     EngineDeadError,
@@ -65,6 +74,7 @@ from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
 from ._watchdog import (
     EngineSlot,
+    HealthProbe,
     check_engine,
     engine_is_dead,
     engine_slot,
@@ -111,6 +121,10 @@ class _Control:
         self.engine_death: str | None = None
         self.refresher: CertificateRefresher | None = None
         self.ready = False
+        self.in_flight = InFlight()
+        self.probe: HealthProbe | None = None
+        self.cut_requests = 0
+        self.cutting = False  # the drain deadline passed: requests are being cut
         # serve_http(engine_task=...): see start_engine_task.
         self.slot = EngineSlot(engine)
         self.has_engine_task = False
@@ -122,6 +136,7 @@ class _Control:
         self.engine_done = trio.Event()
         self.engine_error: BaseException | None = None
         self.watchdog_interval = math.inf
+        self.probe_interval = self.probe_timeout = math.inf
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -156,10 +171,20 @@ class _Control:
         if self.starting and state == "serving":
             return 503, {"status": "starting"}
         body: dict[str, Any] = {"status": state}
+        overdue = self.probe is not None and self.probe.overdue and not self.engine_dead
         if self.engine is not None or self.has_engine_task:
-            body["engine"] = "dead" if self.engine_dead else "alive"
-        healthy = state == "serving" and not self.engine_dead
+            body["engine"] = "dead" if self.engine_dead else "unresponsive" if overdue else "alive"
+        healthy = state == "serving" and not self.engine_dead and not overdue
         return (200 if healthy else 503), body
+
+    def on_drain_deadline(self, graceful_timeout: float) -> None:
+        """The drain reached graceful_timeout: say what is about to be cut."""
+        self.cutting = True
+        self.cut_requests = len(self.in_flight)
+        if self.cut_requests:
+            log.error("drain: graceful_timeout (%g s) reached with %d request%s still running; "
+                      "cutting them: %s", graceful_timeout, self.cut_requests,
+                      "" if self.cut_requests == 1 else "s", self.in_flight.describe())  # fmt: skip
 
     def on_stop_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -221,6 +246,11 @@ class _Control:
             return  # a value without the engine attributes: the task itself is watched
         self.engine = value
         nursery.start_soon(watch_engine, value, self.watchdog_interval, self.on_engine_dead)
+        check_health = getattr(value, "check_health", None)
+        if check_health is not None:
+            self.probe = HealthProbe(check_health, self.probe_interval, self.probe_timeout,
+                                     self.on_engine_dead)  # fmt: skip
+            nursery.start_soon(self.probe.run)
 
     async def start_engine_then_app(
         self, nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], opts: ServeOptions,
@@ -309,6 +339,16 @@ class ServerHandle:
         return self._control.reason
 
     @property
+    def in_flight(self) -> int:
+        """Requests now in the app (the health path and refused requests excluded)."""
+        return len(self._control.in_flight)
+
+    @property
+    def cut_requests(self) -> int:
+        """Requests still running when the drain reached graceful_timeout (cancelled)."""
+        return self._control.cut_requests
+
+    @property
     def tls(self) -> CertificateRefresher | None:
         """The certificate refresher (``reloads``, ``failures``, ``request_reload()``)."""
         return self._control.refresher
@@ -357,9 +397,16 @@ async def serve_http(
         config.h11_max_incomplete_size = opts.max_head_size
         config.h2_max_header_list_size = opts.max_head_size
     engine = opts.engine
+    config.startup_timeout = _startup_limit(config, opts.startup_timeout)
 
     control = _Control(engine, opts.keep_alive_on_engine_death, opts.shutdown_delay)
     control.watchdog_interval = opts.watchdog_interval
+    control.probe_interval = opts.engine_health_interval
+    control.probe_timeout = opts.engine_health_timeout
+    check_health = getattr(engine, "check_health", None)
+    if check_health is not None:
+        control.probe = HealthProbe(check_health, opts.engine_health_interval,
+                                    opts.engine_health_timeout, control.on_engine_dead)  # fmt: skip
     error_types = (*ENGINE_ERRORS, *opts.engine_error_types)
     served_app = app
     if is_quart_app(app):
@@ -373,6 +420,8 @@ async def serve_http(
         health_path=opts.health_path,
         health=control.health,
         limits=Limits(opts.max_header_count, opts.max_head_size),
+        bounds=Bounds(opts.request_timeout, opts.limit_concurrency, opts.body_timeout),
+        in_flight=control.in_flight,
     )
     outer: Any = middleware
     if opts.engine_task is not None:
@@ -393,6 +442,7 @@ async def serve_http(
             readable_errors(),
             control.force,
             _access_log_filter(config, opts.access_log_exclude),
+            _logger_filter(config.log.access_logger, ClientGoneStatus(lambda: control.cutting)),
             engine_slot(control.slot),  # current_engine(), for every task started below
         ):
             async with trio.open_nursery() as nursery:
@@ -411,6 +461,8 @@ async def serve_http(
                     nursery.start_soon(
                         watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
                     )
+                if control.probe is not None:
+                    nursery.start_soon(control.probe.run)
                 urls = await nursery.start(
                     _run_server,
                     wrapped,
@@ -420,6 +472,8 @@ async def serve_http(
                     ssl_context,
                     opts.transport,
                     opts.on_max_requests,
+                    opts.http1_protocol,
+                    opts.header_timeout,
                 )
                 if opts.engine_task is None or await control.start_engine_then_app(
                     nursery, opts.engine_task, opts, urls
@@ -487,6 +541,8 @@ async def _run_server(
     ssl_context: SwitchableContext | None,
     transport: Transport,
     on_max_requests: Callable[[], None] | None,
+    http: str,
+    header_timeout: float,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -500,12 +556,27 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
+            http=http,
+            header_timeout=header_timeout,
             on_max_requests=on_max_requests,
+            on_drain_deadline=control.on_drain_deadline,
             app_start=control.app_start if control.has_engine_task else None,
             task_status=task_status,
         )
     finally:
         control.served.set()
+
+
+def _startup_limit(config: Config, startup_timeout: float | None) -> float:
+    """The lifespan startup limit: the option, else a changed config value, else none.
+
+    hypercorn's default of 60 s was silent and too short to load a large model.
+    """
+    if startup_timeout is not None:
+        return startup_timeout
+    if config.startup_timeout != Config.startup_timeout:
+        return float(config.startup_timeout)
+    return math.inf
 
 
 def _prepare_config(config: Config | None) -> Config:
@@ -558,3 +629,15 @@ def _access_log_filter(config: Config, paths: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(exclude)
+
+
+@contextmanager
+def _logger_filter(logger: logging.Logger | None, log_filter: logging.Filter) -> Iterator[None]:
+    if logger is None:
+        yield
+        return
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)

@@ -14,7 +14,14 @@ This is the task that serves HTTP. It plays the part of hypercorn's
 The drain, step by step, when ``drain`` is set: the listeners close at once
 (new connects are refused), idle keep-alive connections close, in-flight
 requests run on until ``config.graceful_timeout`` and are cancelled then, and
-only after that does the app's lifespan shutdown run.
+only after that does the app's lifespan shutdown run. The moment the
+deadline is reached, before anything is cancelled, ``on_drain_deadline`` is
+called, so the runner can say what is being cut (the middleware's in-flight
+table knows): a drain that cuts requests is never silent.
+
+Lifespan startup may take as long as ``config.startup_timeout`` (the runner
+makes it unlimited by default: loading a model takes minutes); an INFO line
+every ``STARTUP_PROGRESS_EVERY`` seconds says it is still running.
 
 hypercorn's ``Lifespan`` and ``WorkerContext`` are internal API, reached
 through ``_hypercorn``. The connection layer is chosen once: the lean
@@ -48,9 +55,11 @@ from ._hypercorn import (
 from ._options import Transport
 from ._ports import BoundSockets
 from ._stock import serve_stock_connection
-from ._transport import Connection, drain_all, serve_connection
+from ._transport import DEFAULT_HEADER_TIMEOUT, Connection, drain_all, serve_connection
 
 log = logging.getLogger("trio_launcher")
+
+STARTUP_PROGRESS_EVERY = 10.0
 
 
 class TLSContext(Protocol):
@@ -74,14 +83,19 @@ async def serve_sockets(
     ssl_context: TLSContext | None,
     *,
     transport: Transport = "lean",
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     on_max_requests: Callable[[], None] | None = None,
     app_start: AppStart | None = None,
+    on_drain_deadline: Callable[[float], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
 
     Calls ``task_status.started(urls)`` once the app has started and the
-    sockets listen (with ``app_start``: once they listen, see AppStart).
+    sockets listen (with ``app_start``: once they listen, see AppStart), and
+    ``on_drain_deadline(graceful_timeout)`` if the drain reaches its deadline
+    with connections still open (before cutting them).
 
     Raises:
         AppStartupError: the app's lifespan startup failed or timed out.
@@ -100,6 +114,7 @@ async def serve_sockets(
             await _start_app(lifespan_nursery, lifespan, config)
             app_started = True
 
+        cutter = trio.CancelScope()
         async with trio.open_nursery() as connections:
             listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
             urls = []
@@ -120,7 +135,8 @@ async def serve_sockets(
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
-            handler = _connection_handler(transport, app, config, context, lifespan_state, registry)
+            handler = _connection_handler(transport, app, config, context, lifespan_state, registry,
+                                          http, header_timeout)  # fmt: skip
             task_status.started(urls)
             with _one_line_accept_errors():
                 async with trio.open_nursery() as accepting:
@@ -144,7 +160,11 @@ async def serve_sockets(
             )
             await context.terminated.set()  # closes idle keep-alive connections
             drain_all(registry)  # (the lean transport's, at once)
-            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            deadline = float(config.graceful_timeout)
+            lifespan_nursery.start_soon(
+                _cut_at_deadline, cutter, connections.cancel_scope, deadline, on_drain_deadline
+            )
+        cutter.cancel()  # every connection ended before the deadline
 
         if app_started and lifespan.supported:
             with contextlib.suppress(trio.ClosedResourceError):  # the lifespan task ended
@@ -153,8 +173,11 @@ async def serve_sockets(
 
 
 async def _start_app(nursery: trio.Nursery, lifespan: _Lifespan, config: Config) -> None:
-    """The app's lifespan startup, in ``nursery``."""
+    """The app's lifespan startup, in ``nursery`` (an INFO line every
+    ``STARTUP_PROGRESS_EVERY`` seconds while it runs)."""
     await nursery.start(lifespan.run)
+    ticker = trio.CancelScope()
+    nursery.start_soon(_log_startup_progress, ticker)
     try:
         await lifespan.wait_for_startup()
         if lifespan.failure is not None:
@@ -165,8 +188,11 @@ async def _start_app(nursery: trio.Nursery, lifespan: _Lifespan, config: Config)
         lifespan.supported = False
     except LifespanTimeoutError as exc:
         raise AppStartupError(
-            f"the app's lifespan startup took longer than {config.startup_timeout} s"
+            f"the app's lifespan startup took longer than {config.startup_timeout:g} s "
+            "(the startup timeout)"
         ) from exc
+    finally:
+        ticker.cancel()
 
 
 class AppStart:
@@ -184,6 +210,29 @@ class AppStart:
         self.go = trio.Event()
         self.skip = False
         self.started = trio.Event()
+
+
+async def _cut_at_deadline(
+    cutter: trio.CancelScope,
+    connections: trio.CancelScope,
+    graceful_timeout: float,
+    on_deadline: Callable[[float], None] | None,
+) -> None:
+    """At the drain deadline: report (before anything is cancelled), then cut."""
+    with cutter:
+        await trio.sleep(graceful_timeout)
+        if on_deadline is not None:
+            on_deadline(graceful_timeout)
+        connections.cancel()
+
+
+async def _log_startup_progress(ticker: trio.CancelScope) -> None:
+    """An INFO line every ``STARTUP_PROGRESS_EVERY`` seconds until ``ticker`` is cancelled."""
+    began = trio.current_time()
+    with ticker:
+        while True:
+            await trio.sleep(STARTUP_PROGRESS_EVERY)
+            log.info("app startup still running (%.0f s)", trio.current_time() - began)
 
 
 class _Lifespan(Lifespan):
@@ -243,10 +292,13 @@ def _connection_handler(
     context: WorkerContext,
     lifespan_state: LifespanState,
     registry: set[Connection],
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
     """The connection layer, chosen once: a function of the accepted stream."""
     if transport == "lean":
-        return partial(serve_connection, app, config, context, lifespan_state, registry)
+        return partial(serve_connection, app, config, context, lifespan_state, registry, http,
+                       header_timeout)  # fmt: skip
     return partial(serve_stock_connection, app, config, context, lifespan_state)
 
 
