@@ -46,7 +46,8 @@ as plain ASGI middleware:
   a fake clean end) and the dead check has still run.
 
 Errors raised inside the app's own nurseries arrive as exception groups; they
-are matched with ``except*`` so that ``trio.Cancelled`` is never swallowed.
+are split by type so that ``trio.Cancelled`` is never swallowed, and a plain
+error stays plain (one traceback in the log, not an ExceptionGroup tree).
 
 Frameworks that turn handler exceptions into their own 500 (Quart does) hide
 them from any middleware; ``trio_launcher.quart`` hooks into Quart for that.
@@ -58,7 +59,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,71 +327,41 @@ class RunnerMiddleware:
     ) -> None:
         try:
             await self.app(scope, receive, send)
-        except* self.error_types as group:
-            for exc in group.exceptions:
-                self.on_app_error(exc)
-            if started():
+        except BaseException as exc:
+            # Not ``except*``: it would wrap a plain error in a group, and the
+            # log would show an ExceptionGroup tree for an ordinary bug.
+            errors, _ = split_group(exc, Exception)
+            if errors is None:
+                raise  # trio.Cancelled, KeyboardInterrupt: never swallowed
+            for leaf in leaves(errors):
+                self.on_app_error(leaf)
+            engine_errors, rest = split_group(exc, self.error_types)
+            if engine_errors is None or started():
                 raise
-            first = group.exceptions[0]
+            first = next(leaves(engine_errors))
             log.error("%s in %s %s: %s", type(first).__name__, scope.get("method"),
                       scope.get("path"), first)  # fmt: skip
             await send_json(send, 500, error_body(first))
-        except* Exception as group:
-            for exc in group.exceptions:
-                self.on_app_error(exc)
-            raise
+            if rest is not None:
+                raise rest from None
 
 
-class StartingGate:
-    """503 for every request while the runner is starting (its engine task loads).
-
-    Outermost layer, used with ``serve_http(engine_task=...)`` only: the
-    listeners accept before the engine and the app have started, so that a
-    client gets an answer instead of a hang. The health path goes on to the
-    runner (``{"status": "starting"}``); other requests get 503 with
-    ``Retry-After``, and on HTTP/1.x ``Connection: close``: a connection
-    opened now must not keep the empty lifespan state it copied. An HTTP/2
-    connection can stay open, so the app's lifespan state is copied into each
-    request's state once serving (a few keys, only in this mode).
-    """
-
-    def __init__(self, app: ASGIApp, is_starting: Callable[[], bool],
-                 health_path: str | None) -> None:  # fmt: skip
-        self.app = app
-        self.is_starting = is_starting
-        self.health_path = health_path
-        self.lifespan_state: MutableMapping[str, Any] | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            self.lifespan_state = scope.get("state")
-        elif self.is_starting():
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1013})  # try again later
-                return
-            if scope["path"] != self.health_path:
-                await self._refuse(scope, send)
-                return
-        elif self.lifespan_state and (state := scope.get("state")) is not None:
-            for key, value in self.lifespan_state.items():
-                state.setdefault(key, value)
-        await self.app(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        data = json.dumps({"error": {"type": "Starting", "message":
-                                     "the service is starting; retry later"}}).encode()  # fmt: skip
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode()),
-            (b"retry-after", RETRY_AFTER),
-        ]
-        if scope.get("http_version") in ("1.0", "1.1"):
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
+def split_group(
+    exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]
+) -> tuple[BaseException | None, BaseException | None]:
+    """``(matching, rest)`` of ``exc`` for ``types``; a plain exception is not wrapped."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(types)
+    return (exc, None) if isinstance(exc, types) else (None, exc)
 
 
-RETRY_AFTER = b"1"
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc`` (itself, if it is not a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
 
 
 class ClientGoneStatus(logging.Filter):
@@ -502,6 +473,55 @@ def _has_body(scope: Scope) -> bool:
 
 def _is_http1(scope: Scope) -> bool:
     return str(scope.get("http_version", "1.1")).startswith("1")
+
+
+class StartingGate:
+    """503 for every request while the runner is starting (its engine task loads).
+
+    Outermost layer, used with ``serve_http(engine_task=...)`` only: the
+    listeners accept before the engine and the app have started, so that a
+    client gets an answer instead of a hang. The health path goes on to the
+    runner (``{"status": "starting"}``); other requests get 503 with
+    ``Retry-After``, and on HTTP/1.x ``Connection: close``: a connection
+    opened now must not keep the empty lifespan state it copied. An HTTP/2
+    connection can stay open, so the app's lifespan state is copied into each
+    request's state once serving (a few keys, only in this mode).
+    """
+
+    def __init__(self, app: ASGIApp, is_starting: Callable[[], bool],
+                 health_path: str | None) -> None:  # fmt: skip
+        self.app = app
+        self.is_starting = is_starting
+        self.health_path = health_path
+        self.lifespan_state: MutableMapping[str, Any] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            self.lifespan_state = scope.get("state")
+        elif self.is_starting():
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1013})  # try again later
+                return
+            if scope["path"] != self.health_path:
+                await self._refuse(scope, send)
+                return
+        elif self.lifespan_state and (state := scope.get("state")) is not None:
+            for key, value in self.lifespan_state.items():
+                state.setdefault(key, value)
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        data = json.dumps({"error": {"type": "Starting", "message":
+                                     "the service is starting; retry later"}}).encode()  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            (b"retry-after", RETRY_AFTER),
+        ]
+        if scope.get("http_version") in ("1.0", "1.1"):
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:

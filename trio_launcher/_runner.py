@@ -68,6 +68,7 @@ from ._errors import (
 from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
+from ._proxy import ProxyHeadersMiddleware
 from ._server import AppStart, serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
@@ -136,7 +137,7 @@ class _Control:
         self.engine_done = trio.Event()
         self.engine_error: BaseException | None = None
         self.watchdog_interval = math.inf
-        self.probe_interval = self.probe_timeout = math.inf
+        self.health_probe = (math.inf, math.inf)  # check_health(): interval, timeout
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -245,11 +246,15 @@ class _Control:
         except TypeError:
             return  # a value without the engine attributes: the task itself is watched
         self.engine = value
-        nursery.start_soon(watch_engine, value, self.watchdog_interval, self.on_engine_dead)
-        check_health = getattr(value, "check_health", None)
+        self.watch_engine(nursery, value)
+
+    def watch_engine(self, nursery: trio.Nursery, engine: object) -> None:
+        """The watchdog and, if the engine has ``check_health()``, the health probe."""
+        nursery.start_soon(watch_engine, engine, self.watchdog_interval, self.on_engine_dead)
+        check_health = getattr(engine, "check_health", None)
         if check_health is not None:
-            self.probe = HealthProbe(check_health, self.probe_interval, self.probe_timeout,
-                                     self.on_engine_dead)  # fmt: skip
+            interval, timeout = self.health_probe
+            self.probe = HealthProbe(check_health, interval, timeout, self.on_engine_dead)
             nursery.start_soon(self.probe.run)
 
     async def start_engine_then_app(
@@ -401,18 +406,17 @@ async def serve_http(
 
     control = _Control(engine, opts.keep_alive_on_engine_death, opts.shutdown_delay)
     control.watchdog_interval = opts.watchdog_interval
-    control.probe_interval = opts.engine_health_interval
-    control.probe_timeout = opts.engine_health_timeout
-    check_health = getattr(engine, "check_health", None)
-    if check_health is not None:
-        control.probe = HealthProbe(check_health, opts.engine_health_interval,
-                                    opts.engine_health_timeout, control.on_engine_dead)  # fmt: skip
+    control.health_probe = (opts.engine_health_interval, opts.engine_health_timeout)
     error_types = (*ENGINE_ERRORS, *opts.engine_error_types)
     served_app = app
     if is_quart_app(app):
         from .quart import install
 
         served_app = install(app, control.on_app_error, error_types)
+    elif is_starlette_app(app):
+        from .starlette import install as install_starlette
+
+        served_app = install_starlette(app, control.on_app_error, error_types)
     middleware = RunnerMiddleware(
         served_app,
         control.on_app_error,
@@ -424,9 +428,11 @@ async def serve_http(
         in_flight=control.in_flight,
     )
     outer: Any = middleware
+    if opts.proxy_headers:
+        outer = ProxyHeadersMiddleware(outer, opts.forwarded_allow_ips)
     if opts.engine_task is not None:
         control.has_engine_task = control.starting = True
-        outer = StartingGate(middleware, lambda: control.starting, opts.health_path)
+        outer = StartingGate(outer, lambda: control.starting, opts.health_path)
     wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
@@ -436,7 +442,7 @@ async def serve_http(
 
     sockets = bind_sockets(config, opts.sock)
     ports = tcp_ports(sockets)
-    _log_routes(app)
+    _log_routes(app, opts.health_path)
     try:
         with (
             readable_errors(),
@@ -458,11 +464,7 @@ async def serve_http(
                 if opts.shutdown_delay > 0:
                     nursery.start_soon(control.drain_after_delay)
                 if engine is not None:
-                    nursery.start_soon(
-                        watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
-                    )
-                if control.probe is not None:
-                    nursery.start_soon(control.probe.run)
+                    control.watch_engine(nursery, engine)
                 urls = await nursery.start(
                     _run_server,
                     wrapped,
@@ -590,13 +592,17 @@ def _prepare_config(config: Config | None) -> Config:
     return copy.copy(config)
 
 
-def _log_routes(app: object) -> None:
+def _log_routes(app: object, health_path: str | None = None) -> None:
     routes = describe_routes(app)
+    health = [f"{health_path} [GET, HEAD] (answered by the runner)"] if health_path else []
     if routes is None:
         log.info(
             "routes: %s is a bare ASGI callable; its routes cannot be listed", type(app).__name__
         )
+        for line in health:
+            log.info("  %s", line)
         return
+    routes = [*health, *routes]
     log.info("routes (%d):", len(routes))
     for line in routes:
         log.info("  %s", line)
@@ -605,6 +611,11 @@ def _log_routes(app: object) -> None:
 def is_quart_app(app: object) -> bool:
     """A Quart app, recognised without importing quart."""
     return any(cls.__module__.split(".")[0] == "quart" for cls in type(app).__mro__)
+
+
+def is_starlette_app(app: object) -> bool:
+    """A Starlette or FastAPI app, recognised without importing either."""
+    return any(cls.__module__.split(".")[0] == "starlette" for cls in type(app).__mro__)
 
 
 class _ExcludePaths(logging.Filter):

@@ -86,8 +86,8 @@ async def serve_sockets(
     http: str = "httptools",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     on_max_requests: Callable[[], None] | None = None,
-    app_start: AppStart | None = None,
     on_drain_deadline: Callable[[float], None] | None = None,
+    app_start: AppStart | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
@@ -172,9 +172,31 @@ async def serve_sockets(
         lifespan_nursery.cancel_scope.cancel()
 
 
+async def _cut_at_deadline(
+    cutter: trio.CancelScope,
+    connections: trio.CancelScope,
+    graceful_timeout: float,
+    on_deadline: Callable[[float], None] | None,
+) -> None:
+    """At the drain deadline: report (before anything is cancelled), then cut."""
+    with cutter:
+        await trio.sleep(graceful_timeout)
+        if on_deadline is not None:
+            on_deadline(graceful_timeout)
+        connections.cancel()
+
+
+async def _log_startup_progress(ticker: trio.CancelScope) -> None:
+    """An INFO line every ``STARTUP_PROGRESS_EVERY`` seconds until ``ticker`` is cancelled."""
+    began = trio.current_time()
+    with ticker:
+        while True:
+            await trio.sleep(STARTUP_PROGRESS_EVERY)
+            log.info("app startup still running (%.0f s)", trio.current_time() - began)
+
+
 async def _start_app(nursery: trio.Nursery, lifespan: _Lifespan, config: Config) -> None:
-    """The app's lifespan startup, in ``nursery`` (an INFO line every
-    ``STARTUP_PROGRESS_EVERY`` seconds while it runs)."""
+    """The app's lifespan startup, in ``nursery``, with a progress line every 10 s."""
     await nursery.start(lifespan.run)
     ticker = trio.CancelScope()
     nursery.start_soon(_log_startup_progress, ticker)
@@ -210,29 +232,6 @@ class AppStart:
         self.go = trio.Event()
         self.skip = False
         self.started = trio.Event()
-
-
-async def _cut_at_deadline(
-    cutter: trio.CancelScope,
-    connections: trio.CancelScope,
-    graceful_timeout: float,
-    on_deadline: Callable[[float], None] | None,
-) -> None:
-    """At the drain deadline: report (before anything is cancelled), then cut."""
-    with cutter:
-        await trio.sleep(graceful_timeout)
-        if on_deadline is not None:
-            on_deadline(graceful_timeout)
-        connections.cancel()
-
-
-async def _log_startup_progress(ticker: trio.CancelScope) -> None:
-    """An INFO line every ``STARTUP_PROGRESS_EVERY`` seconds until ``ticker`` is cancelled."""
-    began = trio.current_time()
-    with ticker:
-        while True:
-            await trio.sleep(STARTUP_PROGRESS_EVERY)
-            log.info("app startup still running (%.0f s)", trio.current_time() - began)
 
 
 class _Lifespan(Lifespan):

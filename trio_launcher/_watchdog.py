@@ -100,6 +100,66 @@ async def _await_death(
     scope.cancel()
 
 
+OVERDUE_AFTER = 1.0
+
+
+class HealthProbe:
+    """Calls the engine's ``check_health()`` on a schedule; a task via :meth:`run`.
+
+    Args:
+        check_health: the engine's ``async def check_health()``.
+        interval: seconds from the end of one probe to the start of the next.
+        timeout: seconds a probe may take.
+        on_dead: called once with the reason when a probe fails.
+    """
+
+    def __init__(
+        self,
+        check_health: Callable[[], Awaitable[object]],
+        interval: float,
+        timeout: float,
+        on_dead: Callable[[str], None],
+    ) -> None:
+        self.check_health = check_health
+        self.interval = interval
+        self.timeout = timeout
+        self.on_dead = on_dead
+        self.probes = 0
+        self._running_since: float | None = None
+
+    @property
+    def overdue(self) -> bool:
+        """A probe has run longer than ``OVERDUE_AFTER`` (or its timeout, if shorter)."""
+        since = self._running_since
+        return since is not None and (
+            trio.current_time() - since >= min(OVERDUE_AFTER, self.timeout)
+        )
+
+    async def run(self) -> None:
+        """Probe until a probe fails (then call ``on_dead`` and return)."""
+        while True:
+            await trio.sleep(self.interval)
+            failure = await self.probe()
+            if failure is not None:
+                self.on_dead(failure)
+                return
+
+    async def probe(self) -> str | None:
+        """One probe: None if healthy, else why the engine counts as dead."""
+        self._running_since = trio.current_time()
+        self.probes += 1
+        try:
+            with trio.move_on_after(self.timeout) as waited:
+                await self.check_health()
+        except Exception as exc:
+            return f"check_health() raised {type(exc).__name__}: {exc}"
+        finally:
+            self._running_since = None
+        if waited.cancelled_caught:
+            return f"check_health() timed out after {self.timeout:g} s"
+        return None
+
+
 # --- the engine as a task ------------------------------------------------------
 #
 # An engine is often code that runs (a batching loop, a queue consumer) rather
@@ -400,63 +460,3 @@ async def _log_progress(began: float) -> None:
     while True:
         await trio.sleep(START_PROGRESS_INTERVAL)
         log.info("the engine task is still starting (%.0f s)", trio.current_time() - began)
-
-
-OVERDUE_AFTER = 1.0
-
-
-class HealthProbe:
-    """Calls the engine's ``check_health()`` on a schedule; a task via :meth:`run`.
-
-    Args:
-        check_health: the engine's ``async def check_health()``.
-        interval: seconds from the end of one probe to the start of the next.
-        timeout: seconds a probe may take.
-        on_dead: called once with the reason when a probe fails.
-    """
-
-    def __init__(
-        self,
-        check_health: Callable[[], Awaitable[object]],
-        interval: float,
-        timeout: float,
-        on_dead: Callable[[str], None],
-    ) -> None:
-        self.check_health = check_health
-        self.interval = interval
-        self.timeout = timeout
-        self.on_dead = on_dead
-        self.probes = 0
-        self._running_since: float | None = None
-
-    @property
-    def overdue(self) -> bool:
-        """A probe has run longer than ``OVERDUE_AFTER`` (or its timeout, if shorter)."""
-        since = self._running_since
-        return since is not None and (
-            trio.current_time() - since >= min(OVERDUE_AFTER, self.timeout)
-        )
-
-    async def run(self) -> None:
-        """Probe until a probe fails (then call ``on_dead`` and return)."""
-        while True:
-            await trio.sleep(self.interval)
-            failure = await self.probe()
-            if failure is not None:
-                self.on_dead(failure)
-                return
-
-    async def probe(self) -> str | None:
-        """One probe: None if healthy, else why the engine counts as dead."""
-        self._running_since = trio.current_time()
-        self.probes += 1
-        try:
-            with trio.move_on_after(self.timeout) as waited:
-                await self.check_health()
-        except Exception as exc:
-            return f"check_health() raised {type(exc).__name__}: {exc}"
-        finally:
-            self._running_since = None
-        if waited.cancelled_caught:
-            return f"check_health() timed out after {self.timeout:g} s"
-        return None
