@@ -1,6 +1,7 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION ...]``.
 
-Sections: throughput, quart, engine, sigterm, certs, cost. Results go to
+Sections: throughput, quart, engine, sigterm, certs, cost, workers, overload
+(``benchmarks/overload.py``: 2000 clients against limit_concurrency, beside uvicorn). Results go to
 ``benchmarks/results.json`` and a markdown report to stdout and
 ``benchmarks/last-run.md``; BENCHMARKS.md records a run of it.
 """
@@ -33,7 +34,8 @@ from benchmarks.harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "http1", "quart", "engine", "sigterm", "certs", "cost", "workers")
+SECTIONS = ("throughput", "http1", "quart", "engine", "sigterm", "certs", "cost", "workers",
+            "overload")  # fmt: skip
 HTTP1_VARIANTS = ["uvicorn", "hypercorn", "runner-h11", "runner", "uvicorn-fast"]
 HTTP1_TARGETS = {"hello": 1.5, "10-chunk stream": 1.2}  # x uvicorn (h11), issue 14.5
 
@@ -199,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             results[section] = lifecycle.cert_change(3 if opts.quick else 7)
         elif section == "workers":
             results[section] = workers(rounds, seconds)
+        elif section == "overload":
+            from benchmarks import overload
+
+            results[section] = overload.run(opts.quick)
         elif section == "cost":
             variants = ("runner", "hypercorn")
             n = 3 if opts.quick else 5
@@ -358,6 +364,10 @@ def render(results: dict[str, Any]) -> str:
         names = list(cpu)
         out.append(f"| idle CPU, % of one core | {cpu[names[0]]:.3f} % | {cpu[names[1]]:.3f} % |")
         out.append("")
+    if "overload" in results:
+        from benchmarks import overload
+
+        out += [overload.render(results["overload"]), ""]
     return "\n".join(out)
 
 

@@ -58,6 +58,8 @@ def same_except_supervisor(parent: argparse.Namespace, worker: argparse.Namespac
         ["app:x", "--workers", "2", "--bind", "127.0.0.1:9", "--graceful-timeout", "5"],
         # --flag=value
         ["app:x", "--workers=2", "--bind=127.0.0.1:9", "--log-level=DEBUG", "--engine=e:e"],
+        # the engine task and its shutdown timeout (one engine task per worker)
+        ["app:x", "--workers=2", "--engine-task", "m:task", "--engine-shutdown-timeout", "2.5"],
         # short
         ["app:x", "-b", "127.0.0.1:9", "--workers", "3"],
         # attached short
@@ -123,13 +125,13 @@ def test_worker_argv_refuses_a_value_that_does_not_read_back(sockets: BoundSocke
 
 def test_worker_argv_needs_no_code_for_a_new_flag(sockets: BoundSockets) -> None:
     parser = build_parser()
-    parser.add_argument("--root-path", "-r", default="")
-    parser.add_argument("--limit-concurrency", type=int)
-    parser.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True)
-    opts = parser.parse_args(["app:x", "-r/api", "--limit-concurrency=9", "--no-proxy-headers"])
+    parser.add_argument("--mount-at", "-r", default="")
+    parser.add_argument("--made-up-count", type=int)
+    parser.add_argument("--trust-headers", action=argparse.BooleanOptionalAction, default=True)
+    opts = parser.parse_args(["app:x", "-r/api", "--made-up-count=9", "--no-trust-headers"])
     argv = worker_argv(parser, opts, sockets, sys.executable)
     worker = parser.parse_args(argv[3:])
-    assert (worker.root_path, worker.limit_concurrency, worker.proxy_headers) == ("/api", 9, False)
+    assert (worker.mount_at, worker.made_up_count, worker.trust_headers) == ("/api", 9, False)
 
 
 @pytest.mark.parametrize(

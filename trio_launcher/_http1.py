@@ -521,8 +521,11 @@ class Cycle:
                 self.left = int(value)
             elif lower == b"transfer-encoding":
                 continue  # the framing is ours to choose
-            elif lower == b"connection" and b"close" in value.lower():
-                self.keep_alive = False
+            elif lower == b"connection":
+                # Ours to say, once (below); the app's close is honoured.
+                if b"close" in value.lower():
+                    self.keep_alive = False
+                continue
             lines.append(b"%s: %s\r\n" % (name, value))
         self.head = b"".join(lines)
         self.started = True

@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
 from ._errors import OptionError
-from ._watchdog import check_engine
+from ._proxy import parse_trusted
+from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, check_engine
 
 Transport = Literal["lean", "hypercorn"]
 TRANSPORTS: tuple[Transport, ...] = ("lean", "hypercorn")
@@ -45,6 +46,18 @@ class ServeOptions:
     engine: object | None = field(default=None, metadata=_flag("--engine"))
     """An object with ``errored`` and ``is_running`` (optionally ``async def
     wait_dead()``); its death drains and stops the server."""
+
+    engine_task: Callable[..., Awaitable[object]] | None = field(
+        default=None, metadata=_flag("--engine-task")
+    )
+    """An async function speaking trio's start protocol, run in the runner's
+    nursery: started before the app (503 until then), stopped after the drain;
+    its end is the engine's death. Exclusive with ``engine``. See docs/engine-task.md."""
+
+    engine_shutdown_timeout: float = field(
+        default=DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, metadata=_flag("--engine-shutdown-timeout")
+    )
+    """Seconds the cancelled engine task has to clean up before the runner gives up on it."""
 
     sock: socket.socket | None = field(default=None, metadata=_flag(None))
     """A bound TCP or Unix socket to serve instead of ``config.bind``; the
@@ -92,6 +105,15 @@ class ServeOptions:
     """``lean``: trio_launcher's own connection layer; ``hypercorn``: hypercorn's
     stock trio connection."""
 
+    proxy_headers: bool = field(default=False, metadata=_flag("--proxy-headers"))
+    """Believe ``X-Forwarded-For``/``-Proto``/``-Host`` from trusted proxies: they
+    set the scope's client, scheme and host (see ``trio_launcher._proxy``)."""
+
+    forwarded_allow_ips: tuple[str, ...] = field(
+        default=("127.0.0.1",), metadata=_flag("--forwarded-allow-ips")
+    )
+    """Addresses or networks of trusted proxies for ``proxy_headers``; ``*``: any peer."""
+
     http: HTTP1Protocol = field(default="auto", metadata=_flag("--http"))
     """HTTP/1.1 protocol: ``httptools`` (trio_launcher's own, strict and fast;
     docs/http1.md), ``h11`` (hypercorn's), ``auto``: httptools on the lean transport."""
@@ -104,15 +126,47 @@ class ServeOptions:
     """Called instead of draining when ``config.max_requests`` is reached (a
     worker of ``--workers`` asks its supervisor for a replacement)."""
 
+    # --- limits and deadlines (docs/limits.md) ---------------------------------
+
+    request_timeout: float | None = field(default=None, metadata=_flag("--request-timeout"))
+    """Seconds for a response to start; later, the handler is cancelled and
+    the client gets 504. None: no deadline."""
+
+    limit_concurrency: int | None = field(default=None, metadata=_flag("--limit-concurrency"))
+    """Most requests in flight (not connections); more get 503 at once."""
+
+    body_timeout: float | None = field(default=60.0, metadata=_flag("--body-timeout"))
+    """A request body's allowance: the handler may wait this long for body
+    bytes, plus 1 s per KiB received; a slower body gets 408. None: no limit."""
+
+    startup_timeout: float | None = field(default=None, metadata=_flag("--startup-timeout"))
+    """Seconds the app's lifespan startup may take. None: no limit (unless
+    ``config.startup_timeout`` was changed from hypercorn's 60)."""
+
+    engine_health_interval: float = field(default=10.0, metadata=_flag("--engine-health-interval"))
+    """Seconds between calls of the engine's ``check_health()``, if it has one."""
+
+    engine_health_timeout: float = field(default=10.0, metadata=_flag("--engine-health-timeout"))
+    """Seconds a ``check_health()`` call may take; one that raises or takes
+    longer means the engine is dead."""
+
     def __post_init__(self) -> None:
         # Lists are welcome at the door; the frozen object keeps tuples.
-        for name in ("access_log_exclude", "engine_error_types"):
+        for name in ("access_log_exclude", "engine_error_types", "forwarded_allow_ips"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.engine is not None:
             try:
                 check_engine(self.engine)
             except TypeError as exc:
                 raise OptionError("engine", str(exc).removeprefix("engine ")) from None
+        if self.engine_task is not None:
+            if self.engine is not None:
+                raise OptionError("engine_task", "and engine are exclusive: give one of them")
+            if not callable(self.engine_task):
+                raise OptionError(
+                    "engine_task", f"must be an async function, got {self.engine_task!r}"
+                )
+        _positive("engine_shutdown_timeout", self.engine_shutdown_timeout)
         _positive("watchdog_interval", self.watchdog_interval, infinite_ok=True)
         _positive("ssl_refresh_interval", self.ssl_refresh_interval)
         _at_least_zero("shutdown_delay", self.shutdown_delay)
@@ -125,10 +179,19 @@ class ServeOptions:
         _positive("header_timeout", self.header_timeout)
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise OptionError("health_path", f"must start with '/', got {self.health_path!r}")
-        for name in ("max_header_count", "max_head_size"):
+        for name in ("max_header_count", "max_head_size", "limit_concurrency"):
             limit = getattr(self, name)
             if limit is not None and (not isinstance(limit, int) or limit < 1):
                 raise OptionError(name, f"must be a whole number >= 1, got {limit!r}")
+        try:
+            parse_trusted(self.forwarded_allow_ips)
+        except ValueError as exc:
+            raise OptionError("forwarded_allow_ips", f"has a bad address: {exc}") from None
+        for name in ("request_timeout", "body_timeout", "startup_timeout"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), infinite_ok=True)
+        _positive("engine_health_interval", self.engine_health_interval)
+        _positive("engine_health_timeout", self.engine_health_timeout)
         for exc_type in self.engine_error_types:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise OptionError(
@@ -149,6 +212,8 @@ class ServeKwargs(TypedDict, total=False):
     """``serve_http``'s keyword arguments: the fields of :class:`ServeOptions`."""
 
     engine: object | None
+    engine_task: Callable[..., Awaitable[object]] | None
+    engine_shutdown_timeout: float
     sock: socket.socket | None
     handle_signals: bool
     watchdog_interval: float
@@ -162,9 +227,17 @@ class ServeKwargs(TypedDict, total=False):
     max_head_size: int | None
     access_log_exclude: tuple[str, ...] | list[str]
     transport: Transport
+    proxy_headers: bool
+    forwarded_allow_ips: tuple[str, ...] | list[str]
     http: HTTP1Protocol
     header_timeout: float
     on_max_requests: Callable[[], None] | None
+    request_timeout: float | None
+    limit_concurrency: int | None
+    body_timeout: float | None
+    startup_timeout: float | None
+    engine_health_interval: float
+    engine_health_timeout: float
 
 
 def build_options(base: ServeOptions | None, changes: Mapping[str, Any]) -> ServeOptions:

@@ -14,7 +14,14 @@ This is the task that serves HTTP. It plays the part of hypercorn's
 The drain, step by step, when ``drain`` is set: the listeners close at once
 (new connects are refused), idle keep-alive connections close, in-flight
 requests run on until ``config.graceful_timeout`` and are cancelled then, and
-only after that does the app's lifespan shutdown run.
+only after that does the app's lifespan shutdown run. The moment the
+deadline is reached, before anything is cancelled, ``on_drain_deadline`` is
+called, so the runner can say what is being cut (the middleware's in-flight
+table knows): a drain that cuts requests is never silent.
+
+Lifespan startup may take as long as ``config.startup_timeout`` (the runner
+makes it unlimited by default: loading a model takes minutes); an INFO line
+every ``STARTUP_PROGRESS_EVERY`` seconds says it is still running.
 
 hypercorn's ``Lifespan`` and ``WorkerContext`` are internal API, reached
 through ``_hypercorn``. The connection layer is chosen once: the lean
@@ -52,6 +59,8 @@ from ._transport import DEFAULT_HEADER_TIMEOUT, Connection, drain_all, serve_con
 
 log = logging.getLogger("trio_launcher")
 
+STARTUP_PROGRESS_EVERY = 10.0
+
 
 class TLSContext(Protocol):
     """What trio's SSLStream uses of a context; the runner's switchable context fits."""
@@ -77,12 +86,16 @@ async def serve_sockets(
     http: str = "httptools",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     on_max_requests: Callable[[], None] | None = None,
+    on_drain_deadline: Callable[[float], None] | None = None,
+    app_start: AppStart | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
 
     Calls ``task_status.started(urls)`` once the app has started and the
-    sockets listen.
+    sockets listen (with ``app_start``: once they listen, see AppStart), and
+    ``on_drain_deadline(graceful_timeout)`` if the drain reaches its deadline
+    with connections still open (before cutting them).
 
     Raises:
         AppStartupError: the app's lifespan startup failed or timed out.
@@ -95,21 +108,13 @@ async def serve_sockets(
         max_requests = config.max_requests + randint(0, config.max_requests_jitter)
     context = WorkerContext(max_requests)
 
+    app_started = False
     async with trio.open_nursery() as lifespan_nursery:
-        await lifespan_nursery.start(lifespan.run)
-        try:
-            await lifespan.wait_for_startup()
-            if lifespan.failure is not None:
-                raise AppStartupError(f"the app's lifespan startup failed: {lifespan.failure}")
-        except trio.ClosedResourceError:
-            # The app returned from the lifespan scope without a word: it
-            # does not do lifespan. Serve without it.
-            lifespan.supported = False
-        except LifespanTimeoutError as exc:
-            raise AppStartupError(
-                f"the app's lifespan startup took longer than {config.startup_timeout} s"
-            ) from exc
+        if app_start is None:
+            await _start_app(lifespan_nursery, lifespan, config)
+            app_started = True
 
+        cutter = trio.CancelScope()
         async with trio.open_nursery() as connections:
             listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
             urls = []
@@ -142,6 +147,12 @@ async def serve_sockets(
                     )
                     stop = on_max_requests or drain.set
                     accepting.start_soon(_drain_on_max_requests, context, stop)
+                    if app_start is not None:
+                        await app_start.go.wait()
+                        if not app_start.skip:
+                            await _start_app(lifespan_nursery, lifespan, config)
+                            app_started = True
+                            app_start.started.set()
                     await drain.wait()
                     accepting.cancel_scope.cancel()  # closes the listeners
             log.info(
@@ -149,12 +160,78 @@ async def serve_sockets(
             )
             await context.terminated.set()  # closes idle keep-alive connections
             drain_all(registry)  # (the lean transport's, at once)
-            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            deadline = float(config.graceful_timeout)
+            lifespan_nursery.start_soon(
+                _cut_at_deadline, cutter, connections.cancel_scope, deadline, on_drain_deadline
+            )
+        cutter.cancel()  # every connection ended before the deadline
 
-        if lifespan.supported:
+        if app_started and lifespan.supported:
             with contextlib.suppress(trio.ClosedResourceError):  # the lifespan task ended
                 await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+async def _cut_at_deadline(
+    cutter: trio.CancelScope,
+    connections: trio.CancelScope,
+    graceful_timeout: float,
+    on_deadline: Callable[[float], None] | None,
+) -> None:
+    """At the drain deadline: report (before anything is cancelled), then cut."""
+    with cutter:
+        await trio.sleep(graceful_timeout)
+        if on_deadline is not None:
+            on_deadline(graceful_timeout)
+        connections.cancel()
+
+
+async def _log_startup_progress(ticker: trio.CancelScope) -> None:
+    """An INFO line every ``STARTUP_PROGRESS_EVERY`` seconds until ``ticker`` is cancelled."""
+    began = trio.current_time()
+    with ticker:
+        while True:
+            await trio.sleep(STARTUP_PROGRESS_EVERY)
+            log.info("app startup still running (%.0f s)", trio.current_time() - began)
+
+
+async def _start_app(nursery: trio.Nursery, lifespan: _Lifespan, config: Config) -> None:
+    """The app's lifespan startup, in ``nursery``, with a progress line every 10 s."""
+    await nursery.start(lifespan.run)
+    ticker = trio.CancelScope()
+    nursery.start_soon(_log_startup_progress, ticker)
+    try:
+        await lifespan.wait_for_startup()
+        if lifespan.failure is not None:
+            raise AppStartupError(f"the app's lifespan startup failed: {lifespan.failure}")
+    except trio.ClosedResourceError:
+        # The app returned from the lifespan scope without a word: it
+        # does not do lifespan. Serve without it.
+        lifespan.supported = False
+    except LifespanTimeoutError as exc:
+        raise AppStartupError(
+            f"the app's lifespan startup took longer than {config.startup_timeout:g} s "
+            "(the startup timeout)"
+        ) from exc
+    finally:
+        ticker.cancel()
+
+
+class AppStart:
+    """``serve_sockets(app_start=...)``: accept first, start the app when told.
+
+    The listeners accept and ``task_status.started(urls)`` is called at once
+    (the app wrapper answers 503 meanwhile); the app's lifespan startup
+    waits for ``go``, and ``started`` is set after it. ``skip`` set before
+    ``go`` means the server stopped before the app was started: no lifespan
+    startup, no lifespan shutdown. serve_http uses this to start the engine
+    task between binding and the app's startup.
+    """
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+        self.skip = False
+        self.started = trio.Event()
 
 
 class _Lifespan(Lifespan):
