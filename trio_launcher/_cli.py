@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import trio
 from hypercorn.config import Config
 
+from . import _logging
 from ._errors import (
     AppStartupError,
     BindError,
@@ -44,6 +45,8 @@ from ._errors import (
     LauncherError,
     OptionError,
 )
+from ._metrics import supervisor_metrics
+from ._observe import run_with_metrics_listener
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
 from ._proxy import DEFAULT_FORWARDED_ALLOW_IPS, parse_trusted
@@ -326,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         "debug also prints tracebacks after errors",
     )
     add(
+        "--log-format",
+        choices=_logging.LOG_FORMATS,
+        default="text",
+        help="runner and access lines as text or one JSON object per line; ISO 8601 UTC "
+        "times (default text)",
+    )
+    add(
         "--config",
         metavar="FILE.toml",
         help="hypercorn TOML config (loglevel included); flags override it",
@@ -375,6 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave PATH out of the access log (repeatable)",
     )
     _add_bound_flags(parser)
+    seen = parser.add_argument_group("observability (docs/observability.md)")
+    seen.add_argument(
+        "--metrics-path",
+        metavar="PATH",
+        help="answer GET PATH with the Prometheus scrape on the main listener",
+    )
+    seen.add_argument(
+        "--metrics-bind",
+        metavar="ADDR",
+        help="serve the Prometheus scrape on a separate plain-HTTP listener (HOST:PORT)",
+    )
+    seen.add_argument(
+        "--no-request-id",
+        dest="request_ids",
+        action="store_false",
+        help="do not add X-Request-Id to responses (default: keep or make one)",
+    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
         "--certfile",
@@ -487,7 +514,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _setup_logging("info")
         return _fail(str(exc), ExitCode.USAGE, opts.log_level == "debug")
     debug = opts.log_level == "debug"
-    _setup_logging(opts.log_level)
+    _setup_logging(opts.log_level, opts.log_format)
     orders = take_worker_role()
     if orders is not None and (problem := _not_for_a_worker(opts)):
         return _fail(f"{problem} (see {PROG} --help)", ExitCode.USAGE)
@@ -585,6 +612,9 @@ def options_from_args(
         **{name: getattr(opts, name) for name in BOUND_OPTIONS},
         http=opts.http,
         header_timeout=opts.header_timeout,
+        metrics_path=opts.metrics_path,
+        metrics_bind=opts.metrics_bind,
+        request_ids=opts.request_ids,
     )
 
 
@@ -630,7 +660,11 @@ def _run_workers(parser: argparse.ArgumentParser, opts: argparse.Namespace, conf
         sockets.close()
         raise
     absorb_signals_for_process()
-    return trio.run(partial(run_workers, argv, count, sockets, recycling=recycling))
+    serve = partial(run_workers, argv, count, sockets, recycling=recycling)
+    if opts.metrics_path is None and opts.metrics_bind is None:
+        return trio.run(serve)
+    with supervisor_metrics():  # the workers' multiprocess directory
+        return trio.run(partial(run_with_metrics_listener, serve, bind=opts.metrics_bind))
 
 
 def _exit_now(outcome: LauncherError | None) -> None:
@@ -663,12 +697,8 @@ def _fail(message: str, code: int, debug: bool = False) -> int:
     return code
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: _logging.LogFormat = "text") -> None:
+    _logging.configure(level, log_format)
 
 
 VERIFY_MODES = {"none": "CERT_NONE", "optional": "CERT_OPTIONAL", "required": "CERT_REQUIRED"}
@@ -758,6 +788,7 @@ def build_config(opts: argparse.Namespace, config: Config | None = None) -> Conf
     config.loglevel = (opts.log_level or "info").upper()
     # hypercorn's error log propagates to ours instead of printing twice.
     config.errorlog = logging.getLogger("hypercorn.error")
+    _logging.format_access_log(config, getattr(opts, "log_format", "text"))
     return config
 
 

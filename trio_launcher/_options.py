@@ -150,6 +150,18 @@ class ServeOptions:
     """Seconds a ``check_health()`` call may take; one that raises or takes
     longer means the engine is dead."""
 
+    metrics_path: str | None = field(default=None, metadata=_flag("--metrics-path"))
+    """A GET/HEAD path answered with the Prometheus scrape, before the app
+    (docs/observability.md)."""
+
+    metrics_bind: str | None = field(default=None, metadata=_flag("--metrics-bind"))
+    """An address (``HOST:PORT``) for a separate plain-HTTP listener that
+    answers every GET with the Prometheus scrape."""
+
+    request_ids: bool = field(default=True, metadata=_flag("--no-request-id"))
+    """Keep a valid incoming ``X-Request-Id`` or make one, echo it in the
+    response and give it to the app as ``scope["state"]["request_id"]``."""
+
     def __post_init__(self) -> None:
         # Lists are welcome at the door; the frozen object keeps tuples.
         for name in ("access_log_exclude", "engine_error_types", "forwarded_allow_ips"):
@@ -179,6 +191,12 @@ class ServeOptions:
         _positive("header_timeout", self.header_timeout)
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise OptionError("health_path", f"must start with '/', got {self.health_path!r}")
+        if self.metrics_path is not None and not self.metrics_path.startswith("/"):
+            raise OptionError("metrics_path", f"must start with '/', got {self.metrics_path!r}")
+        if self.metrics_path is not None and self.metrics_path == self.health_path:
+            raise OptionError("metrics_path", f"is the health path too ({self.metrics_path!r})")
+        if self.metrics_bind is not None and not self.metrics_bind:
+            raise OptionError("metrics_bind", "must be an address like 127.0.0.1:9100")
         for name in ("max_header_count", "max_head_size", "limit_concurrency"):
             limit = getattr(self, name)
             if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -238,6 +256,9 @@ class ServeKwargs(TypedDict, total=False):
     startup_timeout: float | None
     engine_health_interval: float
     engine_health_timeout: float
+    metrics_path: str | None
+    metrics_bind: str | None
+    request_ids: bool
 
 
 def build_options(base: ServeOptions | None, changes: Mapping[str, Any]) -> ServeOptions:

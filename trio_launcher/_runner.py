@@ -66,6 +66,8 @@ from ._errors import (
     readable_errors,
 )
 from ._hypercorn import Config, wrap_app
+from ._metrics import recorder, server_metrics, using
+from ._observe import Observed, bind_metrics, serve_metrics
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._proxy import ProxyHeadersMiddleware
@@ -138,6 +140,7 @@ class _Control:
         self.engine_error: BaseException | None = None
         self.watchdog_interval = math.inf
         self.health_probe = (math.inf, math.inf)  # check_health(): interval, timeout
+        self.metrics_url: str | None = None
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -207,6 +210,7 @@ class _Control:
             return
         self.engine_dead = True
         self.engine_death = how
+        recorder().engine_up(False)
         if self.keep_alive_on_engine_death:
             log.error(
                 "the engine died (%s); still serving because keep-alive on engine death is on", how
@@ -250,6 +254,7 @@ class _Control:
 
     def watch_engine(self, nursery: trio.Nursery, engine: object) -> None:
         """The watchdog and, if the engine has ``check_health()``, the health probe."""
+        recorder().engine_up(True)
         nursery.start_soon(watch_engine, engine, self.watchdog_interval, self.on_engine_dead)
         check_health = getattr(engine, "check_health", None)
         if check_health is not None:
@@ -338,6 +343,11 @@ class ServerHandle:
     def engine_alive(self) -> bool:
         """False once the engine was found dead."""
         return not self._control.engine_dead
+
+    @property
+    def metrics_url(self) -> str | None:
+        """The ``metrics_bind`` listener's URL, like ``http://127.0.0.1:9100``."""
+        return self._control.metrics_url
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -433,6 +443,10 @@ async def serve_http(
     if opts.engine_task is not None:
         control.has_engine_task = control.starting = True
         outer = StartingGate(outer, lambda: control.starting, opts.health_path)
+    metrics = server_metrics(opts.metrics_path, opts.metrics_bind)
+    if metrics is not None or opts.request_ids:
+        outer = Observed(outer, metrics, metrics_path=opts.metrics_path,
+                         request_ids=opts.request_ids, draining=control.drain.is_set)  # fmt: skip
     wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
@@ -444,12 +458,19 @@ async def serve_http(
     ports = tcp_ports(sockets)
     _log_routes(app, opts.health_path)
     try:
+        bind = opts.metrics_bind
+        metrics_listener = bind_metrics(bind) if metrics is not None and bind is not None else None
+    except BaseException:
+        sockets.close()
+        raise
+    try:
         with (
             readable_errors(),
             control.force,
             _access_log_filter(config, opts.access_log_exclude),
             _logger_filter(config.log.access_logger, ClientGoneStatus(lambda: control.cutting)),
             engine_slot(control.slot),  # current_engine(), for every task started below
+            using(metrics),
         ):
             async with trio.open_nursery() as nursery:
                 if opts.handle_signals:
@@ -459,8 +480,15 @@ async def serve_http(
                         control.on_force_signal,
                         control.on_reload_signal,
                     )
+                if metrics is not None:
+                    nursery.start_soon(metrics.run)
+                if metrics is not None and metrics_listener is not None:
+                    control.metrics_url = await nursery.start(
+                        serve_metrics, metrics, metrics_listener
+                    )
                 if control.refresher is not None:
                     await nursery.start(control.refresher.run)
+                    await nursery.start(control.refresher.watch_expiry)
                 if opts.shutdown_delay > 0:
                     nursery.start_soon(control.drain_after_delay)
                 if engine is not None:
@@ -493,6 +521,8 @@ async def serve_http(
                 nursery.cancel_scope.cancel()  # the helpers' work is done
     finally:
         sockets.close()
+        if metrics_listener is not None:
+            metrics_listener.socket.close()
 
     if control.forced_by is not None:
         log_foreign_holders(ports)
