@@ -74,7 +74,7 @@ async def test_toml_loglevel_applies_unless_a_flag_overrides(
             assert (await client.get("http://localhost/")).text == "hello"
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0
-    info_lines = [line for line in proc.lines if "[INFO]" in line]
+    info_lines = [line for line in proc.lines if " INFO [" in line]
     if flag:
         assert any("serving on" in line for line in info_lines), proc.stderr
     else:

@@ -248,7 +248,7 @@ async def test_cli_drain_that_cuts_requests_says_so_and_exits_0() -> None:
                     await trio.sleep(0.01)
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
-    errors = [line for line in proc.lines if "[ERROR]" in line]
+    errors = [line for line in proc.lines if " ERROR [" in line]
     assert len(errors) == 1, proc.stderr
     assert "2 requests still running" in errors[0]
     assert "GET /slow" in errors[0]
