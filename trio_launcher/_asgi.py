@@ -66,6 +66,7 @@ from typing import Any
 import trio
 
 from ._errors import EngineDeadError, EngineGenerateError
+from ._metrics import recorder
 
 log = logging.getLogger("trio_launcher")
 
@@ -211,6 +212,7 @@ class RunnerMiddleware:
         limit = self.bounds.limit_concurrency
         if limit is not None and len(in_flight) >= limit:
             in_flight.shed += 1
+            recorder().request_shed()
             await self._shed(scope, send, limit)
             return
         key = in_flight.add(scope["method"], scope["path"])
@@ -310,6 +312,7 @@ class RunnerMiddleware:
         if body is not None and body.timed_out:
             log.warning("408 for %s %s: the request body was too slow (%d bytes in %.1f s); "
                         "handler cancelled", method, path, body.received, body.waited)  # fmt: skip
+            recorder().request_timed_out("body")
             if started:
                 raise BodyTimeoutError("the request body was too slow")
             close = [(b"connection", b"close")] if _is_http1(scope) else []
@@ -319,6 +322,7 @@ class RunnerMiddleware:
             return
         log.warning("504 for %s %s: no response within %s s; handler cancelled", method, path,
                     bounds.request_timeout)  # fmt: skip
+        recorder().request_timed_out("response")
         await send_json(send, 504, {"error": {"type": "RequestTimeout", "message":
                         f"no response within {bounds.request_timeout} s"}})  # fmt: skip
 

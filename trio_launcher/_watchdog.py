@@ -34,6 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 
+from ._metrics import recorder
+
 log = logging.getLogger("trio_launcher")
 
 
@@ -146,7 +148,7 @@ class HealthProbe:
 
     async def probe(self) -> str | None:
         """One probe: None if healthy, else why the engine counts as dead."""
-        self._running_since = trio.current_time()
+        self._running_since = since = trio.current_time()
         self.probes += 1
         try:
             with trio.move_on_after(self.timeout) as waited:
@@ -155,6 +157,7 @@ class HealthProbe:
             return f"check_health() raised {type(exc).__name__}: {exc}"
         finally:
             self._running_since = None
+            recorder().health_probe(trio.current_time() - since)
         if waited.cancelled_caught:
             return f"check_health() timed out after {self.timeout:g} s"
         return None
