@@ -32,9 +32,9 @@ from trio_launcher import (
     current_engine,
     serve_http,
 )
+from trio_launcher._engine_task import run_engine_task
 from trio_launcher._hypercorn import Config
 from trio_launcher._options import Transport
-from trio_launcher._watchdog import run_engine_task
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import engine_tasks
