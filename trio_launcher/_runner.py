@@ -47,16 +47,8 @@ from typing import Any, Unpack
 
 import trio
 
-from ._asgi import (
-    ENGINE_ERRORS,
-    Bounds,
-    ClientGoneStatus,
-    InFlight,
-    Limits,
-    RunnerMiddleware,
-    StartingGate,
-    describe_routes,
-)
+from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, StartingGate, describe_routes
+from ._bounds import Bounds, ClientGoneStatus, InFlight
 from ._engine_task import EngineSlot, engine_slot, run_engine_task
 from ._errors import (
     ConfigError,
