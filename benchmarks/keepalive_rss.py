@@ -57,8 +57,9 @@ def kib_per_connection(variant: str, count: int) -> float:
 
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.keepalive_rss", "--serve", variant, str(port)]
-    proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     conns: list[socket.socket] = []
     try:
         wait_port(port, proc=proc)

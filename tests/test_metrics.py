@@ -65,8 +65,12 @@ async def test_values_move_with_real_requests() -> None:
         get_200 = {"http_request_method": "GET", "http_response_status_code": "200"}
         assert value(after, DURATION_COUNT, **get_200) == 3
         assert value(after, DURATION_COUNT, http_response_status_code="404") == 1
-        assert value(after, DURATION_COUNT, http_request_method="POST",
-                     http_response_status_code="500") == 1  # fmt: skip
+        assert (
+            value(
+                after, DURATION_COUNT, http_request_method="POST", http_response_status_code="500"
+            )
+            == 1
+        )
         # The bare app has no routes: the label is empty, never the raw path.
         assert all(dict(ls).get("http_route") == "" for n, ls in after if n == DURATION_COUNT)
         assert value(after, "http_server_request_duration_seconds_sum") > 0
@@ -131,8 +135,9 @@ def test_route_template_shapes() -> None:
 
 async def test_separate_listener_and_engine_up() -> None:
     engine = FakeEngine()
-    async with running_server(App(), metrics_bind="127.0.0.1:0", engine=engine,
-                              keep_alive_on_engine_death=True) as server:  # fmt: skip
+    async with running_server(
+        App(), metrics_bind="127.0.0.1:0", engine=engine, keep_alive_on_engine_death=True
+    ) as server:
         url = server.handle.metrics_url
         assert url is not None and url.startswith("http://127.0.0.1:")
         assert url != server.handle.urls[0]
@@ -152,8 +157,9 @@ async def test_separate_listener_and_engine_up() -> None:
 
 async def test_tls_reload_counters_and_expiry(tls_files: TLSFiles) -> None:
     options: dict[str, Any] = {"enable_ssl_refresh": True, "ssl_refresh_interval": 0.1}
-    async with running_server(App(), tls_files.config(), tls=tls_files, metrics_path="/metrics",
-                              **options) as server:  # fmt: skip
+    async with running_server(
+        App(), tls_files.config(), tls=tls_files, metrics_path="/metrics", **options
+    ) as server:
         refresher = server.handle.tls
         assert refresher is not None
         samples = await scrape(server.client)
@@ -289,15 +295,23 @@ async def test_workers_counts_survive_a_restart_and_are_never_doubled() -> None:
             async with httpx.AsyncClient() as keep_alive:
                 assert (await keep_alive.get(url + "/")).text == "hello"
                 with trio.fail_after(10):
-                    while not value(await scrape(client, metrics_url, headers=CLOSE),
-                                    "http_server_open_connections"):  # fmt: skip
+                    while not value(
+                        await scrape(client, metrics_url, headers=CLOSE),
+                        "http_server_open_connections",
+                    ):
                         await trio.sleep(0.05)
             for _ in range(10):
                 assert (
                     await client.get(url + "/", headers={"connection": "close"})
                 ).text == "hello"
-            assert value(await scrape(client, metrics_url), DURATION_COUNT,
-                         http_response_status_code="200") == 31  # fmt: skip
+            assert (
+                value(
+                    await scrape(client, metrics_url),
+                    DURATION_COUNT,
+                    http_response_status_code="200",
+                )
+                == 31
+            )
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0, proc.stderr
 
@@ -344,14 +358,16 @@ async def test_health_probe_latency_is_measured() -> None:
     from .bounds_apps import ProbedEngine
 
     engine = ProbedEngine("healthy")
-    async with running_server(App(), engine=engine, engine_health_interval=0.05,
-                              metrics_path="/metrics") as server:  # fmt: skip
+    async with running_server(
+        App(), engine=engine, engine_health_interval=0.05, metrics_path="/metrics"
+    ) as server:
         with trio.fail_after(10):
             while engine.calls < 3:
                 await trio.sleep(0.02)
         samples = await scrape(server.client)
     probes = value(samples, "trio_launcher_engine_health_probe_duration_seconds_count")
     assert probes >= 2
-    assert value(samples, "trio_launcher_engine_health_probe_duration_seconds_bucket",
-                 le="1.0") >= 2  # fmt: skip
+    assert (
+        value(samples, "trio_launcher_engine_health_probe_duration_seconds_bucket", le="1.0") >= 2
+    )
     assert value(samples, "trio_launcher_engine_up") == 1

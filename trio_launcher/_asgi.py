@@ -120,8 +120,7 @@ class RunnerMiddleware:
             return
         refusal = self._over_limit(scope)
         if refusal is not None:
-            log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"),
-                        refusal)  # fmt: skip
+            log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"), refusal)
             if scope["type"] == "http":
                 # HTTP/1.x: the connection closes after a 431 (RFC 9110 15.5.1: the
                 # rest of the head may still be arriving; nobody knows where it ends).
@@ -242,8 +241,14 @@ class RunnerMiddleware:
             return
         method, path = scope.get("method"), scope.get("path")
         if body is not None and body.timed_out:
-            log.warning("408 for %s %s: the request body was too slow (%d bytes in %.1f s); "
-                        "handler cancelled", method, path, body.received, body.waited)  # fmt: skip
+            log.warning(
+                "408 for %s %s: the request body was too slow (%d bytes in %.1f s); "
+                "handler cancelled",
+                method,
+                path,
+                body.received,
+                body.waited,
+            )
             recorder().request_timed_out("body")
             if started:
                 raise BodyTimeoutError("the request body was too slow")
@@ -252,11 +257,23 @@ class RunnerMiddleware:
             error = {"error": {"type": "RequestTimeout", "message": message}}
             await send_json(send, 408, error, extra_headers=close)
             return
-        log.warning("504 for %s %s: no response within %s s; handler cancelled", method, path,
-                    bounds.request_timeout)  # fmt: skip
+        log.warning(
+            "504 for %s %s: no response within %s s; handler cancelled",
+            method,
+            path,
+            bounds.request_timeout,
+        )
         recorder().request_timed_out("response")
-        await send_json(send, 504, {"error": {"type": "RequestTimeout", "message":
-                        f"no response within {bounds.request_timeout} s"}})  # fmt: skip
+        await send_json(
+            send,
+            504,
+            {
+                "error": {
+                    "type": "RequestTimeout",
+                    "message": f"no response within {bounds.request_timeout} s",
+                }
+            },
+        )
 
     async def _call_guarded(
         self, scope: Scope, receive: Receive, send: Send, started: Callable[[], bool]
@@ -275,8 +292,13 @@ class RunnerMiddleware:
             if engine_errors is None or started():
                 raise
             first = next(leaves(engine_errors))
-            log.error("%s in %s %s: %s", type(first).__name__, scope.get("method"),
-                      scope.get("path"), first)  # fmt: skip
+            log.error(
+                "%s in %s %s: %s",
+                type(first).__name__,
+                scope.get("method"),
+                scope.get("path"),
+                first,
+            )
             await send_json(send, 500, error_body(first))
             if rest is not None:
                 raise rest from None
@@ -313,8 +335,9 @@ class StartingGate:
     request's state once serving (a few keys, only in this mode).
     """
 
-    def __init__(self, app: ASGIApp, is_starting: Callable[[], bool],
-                 health_path: str | None) -> None:  # fmt: skip
+    def __init__(
+        self, app: ASGIApp, is_starting: Callable[[], bool], health_path: str | None
+    ) -> None:
         self.app = app
         self.is_starting = is_starting
         self.health_path = health_path
@@ -336,8 +359,9 @@ class StartingGate:
         await self.app(scope, receive, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        data = json.dumps({"error": {"type": "Starting", "message":
-                                     "the service is starting; retry later"}}).encode()  # fmt: skip
+        data = json.dumps(
+            {"error": {"type": "Starting", "message": "the service is starting; retry later"}}
+        ).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(data)).encode()),

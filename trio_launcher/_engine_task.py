@@ -199,8 +199,9 @@ async def run_engine_task(
                         async with _start_progress(began):
                             value = await nursery.start(_guarded, fn, outcome)
                         if not outcome.failed_to_start:
-                            log.info("the engine task started in %.1f s",
-                                     trio.current_time() - began)  # fmt: skip
+                            log.info(
+                                "the engine task started in %.1f s", trio.current_time() - began
+                            )
                             task_status.started(value)
             finally:
                 ending.done.set()
@@ -281,8 +282,9 @@ async def _await_end(ending: _Ending, on_stuck: Callable[[], None]) -> None:
         return
     with trio.move_on_after(STUCK_GRACE):
         await ending.done.wait()
-        log.error("the engine task's cleanup did not finish within %g s: it was cut short",
-                  ending.timeout)  # fmt: skip
+        log.error(
+            "the engine task's cleanup did not finish within %g s: it was cut short", ending.timeout
+        )
         return
     _report_stuck(ending, on_stuck)
 
@@ -293,8 +295,11 @@ async def _cut_when_set(cut: trio.Event, ending: _Ending) -> None:
 
 
 def _report_stuck(ending: _Ending, on_stuck: Callable[[], None]) -> None:
-    log.error("the engine task did not finish within %g s of its cancellation (it ignores "
-              "cancellation): exiting without it", ending.timeout)  # fmt: skip
+    log.error(
+        "the engine task did not finish within %g s of its cancellation (it ignores "
+        "cancellation): exiting without it",
+        ending.timeout,
+    )
     on_stuck()
 
 

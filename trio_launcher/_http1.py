@@ -358,8 +358,13 @@ class HTTP1:
         if self.context.max_requests is not None:
             await self.context.mark_request()
         try:
-            await self.app(cycle.scope, cycle.receive, cycle.send,  # type: ignore[arg-type]
-                           trio.to_thread.run_sync, trio.from_thread.run)  # fmt: skip
+            await self.app(
+                cycle.scope,  # type: ignore[arg-type]
+                cycle.receive,  # type: ignore[arg-type]
+                cycle.send,  # type: ignore[arg-type]
+                trio.to_thread.run_sync,
+                trio.from_thread.run,
+            )
         except trio.Cancelled:
             raise
         except BaseExceptionGroup as group:
@@ -415,8 +420,10 @@ class HTTP1:
         cycle = self.pipeline.pop()
         self.receiving = None
         scope = cycle.scope
-        head = [b"%s %s HTTP/%s\r\n" % (scope["method"].encode(), self._url,
-                                        scope["http_version"].encode())]  # fmt: skip
+        head = [
+            b"%s %s HTTP/%s\r\n"
+            % (scope["method"].encode(), self._url, scope["http_version"].encode())
+        ]
         head += [b"%s: %s\r\n" % header for header in scope["headers"]]
         self.upgrade = b"".join(head) + b"\r\n" + rest
         self._wake()

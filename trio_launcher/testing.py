@@ -113,8 +113,9 @@ class TLSFiles:
 
     # --- what clients use -----------------------------------------------------
 
-    def client_context(self, *, with_cert: bool = True, ca: trustme.CA | None = None,
-                       http2: bool = False) -> ssl.SSLContext:  # fmt: skip
+    def client_context(
+        self, *, with_cert: bool = True, ca: trustme.CA | None = None, http2: bool = False
+    ) -> ssl.SSLContext:
         """An SSLContext that trusts the server's CA and presents the client cert."""
         context = ssl.create_default_context()
         (ca or self.ca).configure_trust(context)
@@ -160,8 +161,9 @@ class TLSFiles:
 
     def write_raw(self, name: Literal["cert", "key", "client_ca"], data: bytes) -> None:
         """Write arbitrary bytes over one file (in place), for bad-write tests."""
-        target = {"cert": self.cert_file, "key": self.key_file,
-                  "client_ca": self.client_ca_file}[name]  # fmt: skip
+        target = {"cert": self.cert_file, "key": self.key_file, "client_ca": self.client_ca_file}[
+            name
+        ]
         target.resolve().write_bytes(data)
 
     async def presented_cert(
@@ -354,8 +356,7 @@ def _client(url: str, verify: ssl.SSLContext | bool, http2: bool) -> httpx.Async
     scheme, _, address = url.partition("://")
     if address.startswith("unix:"):  # hypercorn's http://unix:/path
         transport = httpx.AsyncHTTPTransport(uds=address[5:], verify=verify, http2=http2)
-        return httpx.AsyncClient(base_url=f"{scheme}://localhost", transport=transport,
-                                 timeout=30)  # fmt: skip
+        return httpx.AsyncClient(base_url=f"{scheme}://localhost", transport=transport, timeout=30)
     return httpx.AsyncClient(base_url=url, verify=verify, http2=http2, timeout=30)
 
 
