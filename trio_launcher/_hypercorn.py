@@ -22,6 +22,8 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import h2.errors
+import h2.events
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
@@ -42,6 +44,8 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
+
 __all__ = [
     "CONTRACT",
     "AppWrapper",
@@ -49,6 +53,7 @@ __all__ = [
     "Config",
     "ConnectionState",
     "Event",
+    "H2Flood",
     "H2Protocol",
     "Lifespan",
     "LifespanFailureError",
@@ -62,6 +67,7 @@ __all__ = [
     "Updated",
     "WorkerContext",
     "broken_contract",
+    "guard_h2",
     "new_protocol",
     "parse_socket_addr",
     "protocol_is_idle",
@@ -151,6 +157,46 @@ class StockTCPServer(TCPServer):
         return self.protocol
 
 
+class H2Flood(Exception):
+    """An HTTP/2 peer sent control frames (PING, SETTINGS) faster than the budget.
+
+    Attributes:
+        goaway: the bytes of a GOAWAY (ENHANCE_YOUR_CALM) to send before closing.
+    """
+
+    def __init__(self, goaway: bytes) -> None:
+        super().__init__("HTTP/2 control-frame flood")
+        self.goaway = goaway
+
+
+def guard_h2(wrapper: ProtocolWrapper, allow: Callable[[int], bool]) -> bool:
+    """Count the peer's PING and SETTINGS frames on an HTTP/2 connection.
+
+    Wraps the h2 connection's ``receive_data``: after each chunk, ``allow(n)``
+    is asked about the ``n`` control frames it carried; when it says no, the
+    ACKs queued for them are dropped and :class:`H2Flood` is raised with a
+    GOAWAY (ENHANCE_YOUR_CALM). Returns False if the connection is not (yet)
+    HTTP/2.
+    """
+    inner = wrapper.protocol
+    if not isinstance(inner, H2Protocol):
+        return False
+    connection = inner.connection
+    receive_data = connection.receive_data
+
+    def counted(data: bytes) -> list[Any]:  # (h2 takes any buffer; it gets bytes here)
+        events = receive_data(data)
+        control = sum(isinstance(e, _CONTROL_EVENTS) for e in events)
+        if control and not allow(control):
+            connection.clear_outbound_data_buffer()
+            connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            raise H2Flood(connection.data_to_send())
+        return events
+
+    connection.receive_data = counted  # type: ignore[method-assign,assignment]
+    return True
+
+
 def quart_error_handlers(app: Any) -> dict[type[BaseException], Any]:
     """A Quart app's app-wide error handlers by exception type (blueprint None, code None)."""
     handlers: dict[type[BaseException], Any] = app.error_handler_spec[None][None]
@@ -208,6 +254,10 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         lambda: _params(_handle) == _HANDLE_PARAMS,
     ),
     ("hypercorn.protocol.h2.H2Protocol.idle", lambda: isinstance(H2Protocol.idle, property)),
+    (
+        "hypercorn.protocol.h2.H2Protocol.connection (h2's H2Connection, read in handle)",
+        _assigns(H2Protocol.__init__, "connection"),
+    ),
     ("hypercorn.protocol.h11.H11Protocol.stream", _assigns(H11Protocol.__init__, "stream")),
     ("hypercorn.trio.tcp_server.TCPServer._idle_timeout", _has(TCPServer, "_idle_timeout")),
     (

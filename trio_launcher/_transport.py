@@ -66,11 +66,13 @@ from ._hypercorn import (
     Config,
     ConnectionState,
     Event,
+    H2Flood,
     LifespanState,
     ProtocolWrapper,
     RawData,
     Updated,
     WorkerContext,
+    guard_h2,
     new_protocol,
     parse_socket_addr,
     run_app,
@@ -81,6 +83,8 @@ log = logging.getLogger("trio_launcher")
 MAX_RECV = 2**16
 DEFAULT_HEADER_TIMEOUT = 10.0
 FRESH_GRACE = 0.5  # s: how long a fresh connection may take to send its request in a drain
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+CALM_DOWN_WRITE = 1.0  # s: for the GOAWAY of a flooding peer
 
 
 class Connection:
@@ -284,6 +288,8 @@ class Connection:
         data: bytes,
     ) -> None:
         task_group = LeanTaskGroup(nursery)
+        if data.startswith(H2_PREFACE[: len(data)]) and data:
+            alpn = "h2"  # prior knowledge: HTTP/2 from the first byte (and guarded from it)
         self.protocol = new_protocol(
             self.app,
             self.config,
@@ -299,14 +305,23 @@ class Connection:
         await self.protocol.initiate()
         self.scope = trio.CancelScope()  # (a scope serves one ``with``: after a hand-over)
         self.set_idle(True)
-        if data:
-            await self.protocol.handle(RawData(data))
-        await self._read_loop()
+        await self._read_loop(data)
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, data: bytes | bytearray = b"") -> None:
+        """Feed hypercorn's protocol (``data`` first: bytes handed over) until the end."""
         assert self.protocol is not None
+        budget = ControlFrameBudget()
+        guarded = False
         with self.scope:
             while not self.closed:
+                if not guarded:  # HTTP/2: from the start (ALPN, prior knowledge) or after h2c
+                    guarded = guard_h2(self.protocol, budget.allow)
+                if data:
+                    try:
+                        await self.protocol.handle(RawData(bytes(data)))
+                    except H2Flood as flood:
+                        await self._calm_down(flood.goaway)
+                        break
                 if not self.idle:
                     self.scope.deadline = trio.current_time() + self._read_timeout
                 try:
@@ -314,12 +329,22 @@ class Connection:
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
                 self.fresh = False
-                await self.protocol.handle(RawData(bytes(data)))
                 if not data:
+                    await self.protocol.handle(RawData(b""))
                     break
         if not self.closed:
             await self.protocol.handle(Closed())
         await self._close()
+
+    async def _calm_down(self, goaway: bytes) -> None:
+        """A control-frame flood: GOAWAY (ENHANCE_YOUR_CALM) as far as it gets, then close."""
+        log.warning(
+            "HTTP/2 control-frame flood (PING/SETTINGS) from a client: GOAWAY "
+            "ENHANCE_YOUR_CALM, closing its connection"
+        )
+        with trio.move_on_after(CALM_DOWN_WRITE):
+            await self.write(goaway)  # a peer that reads nothing gets nothing: no wait
+        self.close()
 
     def drain(self) -> None:
         """The server is draining: close now if idle (no checkpoint between check and close)."""
@@ -410,6 +435,32 @@ class Connection:
                 ):  # fmt: skip
                     await self.stream.send_eof()
             await trio.aclose_forcefully(self.stream)
+
+
+class ControlFrameBudget:
+    """A token bucket of HTTP/2 control frames (PING and SETTINGS) a peer may send.
+
+    A client needs a handful; ``BURST`` allows any real one, and the budget
+    refills at ``RATE`` a second. A peer over it floods: each frame makes the
+    server queue an ACK, and one that never reads them ties up the connection
+    (the server's writes block, so it stops reading too). h2 has no such
+    limit and hypercorn sets none.
+    """
+
+    BURST = 1000
+    RATE = 100.0
+
+    __slots__ = ("_at", "_tokens")
+
+    def __init__(self) -> None:
+        self._tokens = float(self.BURST)
+        self._at = trio.current_time()
+
+    def allow(self, frames: int) -> bool:
+        now = trio.current_time()
+        self._tokens = min(self.BURST, self._tokens + (now - self._at) * self.RATE) - frames
+        self._at = now
+        return self._tokens >= 0
 
 
 class _Inbox:
