@@ -16,13 +16,16 @@ import httpx
 import psutil
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 
 from trio_launcher._ports import BoundSockets
 from trio_launcher._workers import RestartPolicy, run_workers
-from trio_launcher.testing import TLSFiles
+from trio_launcher.testing import TLSFiles, running_server
 
+from .apps import App
 from .proc import ROOT, Launched, launch, run_cli
-from .test_cli_process import get
+from .test_cli_process import get, wait_refused
 
 
 def worker_pids(parent_pid: int) -> list[int]:
@@ -476,3 +479,24 @@ async def test_sighup_with_workers_loads_tls_files_afresh(tmp_path: Path) -> Non
             assert await tls.presented_cert(proc.port) == tls.server_fingerprint()
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0, proc.stderr
+
+
+async def test_a_connection_accepted_just_before_the_drain_gets_its_answer() -> None:
+    """What a rolling restart needs from the drain: a worker that is told to drain
+    may have accepted a connection whose request has not arrived yet. Closing
+    it as idle loses that request ('server disconnected without a response')."""
+    async with running_server(App()) as server:
+        fresh = await trio.open_tcp_stream("127.0.0.1", server.port)
+        # Accepted once a later connection is answered (the backlog is FIFO).
+        assert (await server.client.get("/")).text == "hello"
+        server.handle.shutdown()
+        await wait_refused(server.port, timeout=5)  # the drain has begun
+        await trio.testing.wait_all_tasks_blocked()  # and idle connections were closed
+        await fresh.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await fresh.receive_some(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        assert data.endswith(b"hello")
+        await fresh.aclose()
