@@ -1,6 +1,6 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION ...]``.
 
-Sections: throughput, quart, engine, sigterm, certs, cost. Results go to
+Sections: throughput, quart, engine, sigterm, certs, cost, workers, rolling. Results go to
 ``benchmarks/results.json`` and a markdown report to stdout and
 ``benchmarks/last-run.md``; BENCHMARKS.md records a run of it.
 """
@@ -33,7 +33,7 @@ from benchmarks.harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers")
+SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers", "rolling")
 
 
 def load(kind: str, port: int, path: str, seconds: float, tls: bool) -> LoadResult:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    from benchmarks import cost, lifecycle
+    from benchmarks import cost, lifecycle, rolling
 
     for section in opts.only:
         print(f"[{section}]", file=sys.stderr, flush=True)
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             results[section] = lifecycle.cert_change(3 if opts.quick else 7)
         elif section == "workers":
             results[section] = workers(rounds, seconds)
+        elif section == "rolling":
+            results[section] = rolling.run(10.0 if opts.quick else 20.0)
         elif section == "cost":
             variants = ("runner", "hypercorn")
             n = 3 if opts.quick else 5
@@ -302,6 +304,10 @@ def render(results: dict[str, Any]) -> str:
                 "|---|---|"]  # fmt: skip
         out += [f"| {name} | {_fmt(summary)} |" for name, summary in w.items()]
         out.append("")
+    if "rolling" in results:
+        from benchmarks import rolling
+
+        out += [*rolling.render(results["rolling"]), ""]
     if "cost" in results:
         c = results["cost"]
         out += ["| cost of being there | runner | bare hypercorn |", "|---|---|---|"]
