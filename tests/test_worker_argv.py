@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from trio_launcher import _cli, _signals, _systemd, _workers
+from trio_launcher import _cli, _signals, _systemd, _worker
 from trio_launcher._cli import _UsageError, build_parser, main
 from trio_launcher._errors import ConfigError
 from trio_launcher._ports import BoundSockets
-from trio_launcher._workers import SUPERVISOR_ONLY, worker_argv
+from trio_launcher._worker import SUPERVISOR_ONLY, worker_argv
 
 
 @pytest.fixture
@@ -174,10 +174,10 @@ def as_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This process looks like a worker (its order pipe's variable is set); the
     module state and signal handlers a worker sets are put back afterwards."""
     read_end, write_end = os.pipe()
-    monkeypatch.setattr(_workers, "_role", {})
+    monkeypatch.setattr(_worker, "_role", {})
     monkeypatch.setattr(_signals, "_orders_fd", None)
     monkeypatch.setattr(_systemd, "_parent_is_listening", False)
-    monkeypatch.setenv(_workers.ORDERS_ENV, str(read_end))
+    monkeypatch.setenv(_worker.ORDERS_ENV, str(read_end))
     handlers = {sig: signal.getsignal(sig) for sig in _signals.HANDLED_SIGNALS}
 
     def no_supervisor(*args: object) -> int:

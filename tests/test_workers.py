@@ -277,11 +277,11 @@ async def test_a_second_ctrl_c_forces_every_worker_and_exits_130() -> None:
 
 FAKE_WORKER = """
 import os, sys
-from trio_launcher import _workers, _systemd
-fd = _workers.take_worker_role()
+from trio_launcher import _worker, _systemd
+fd = _worker.take_worker_role()
 _systemd.notify("READY=1")
 os.read(fd, 100)  # the parent's order
-_workers.report_cut_requests(3)
+_worker.report_cut_requests(3)
 """
 
 

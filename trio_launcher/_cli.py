@@ -48,15 +48,14 @@ from ._ports import bind_sockets
 from ._runner import serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
 from ._systemd import listen_fds, notify_parent_instead
-from ._workers import (
-    Recycling,
+from ._worker import (
     ask_to_retire,
     report_cut_requests,
-    run_workers,
     take_worker_role,
     worker_argv,
     worker_max_requests,
 )
+from ._workers import Recycling, run_workers
 
 log = logging.getLogger("trio_launcher")
 
