@@ -500,3 +500,20 @@ async def test_a_connection_accepted_just_before_the_drain_gets_its_answer() -> 
         assert data.startswith(b"HTTP/1.1 200")
         assert data.endswith(b"hello")
         await fresh.aclose()
+
+
+async def test_a_response_sent_during_the_drain_says_connection_close() -> None:
+    """Else a keep-alive client sends its next request on a connection that the
+    draining worker closes after this response: wrk counts each as an error."""
+    app = App()
+    async with running_server(app) as server, trio.open_nursery() as nursery:
+        responses: list[httpx.Response] = []
+
+        async def slow() -> None:
+            responses.append(await server.client.get("/slow", params={"s": "0.3"}))
+
+        nursery.start_soon(slow)
+        await app.slow_started.wait()
+        server.handle.shutdown()
+    assert responses[0].text == "slept"
+    assert responses[0].headers["connection"] == "close"
