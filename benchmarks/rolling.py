@@ -14,7 +14,9 @@ both workers), or the workers are recycled by ``--max-requests``. Two clients:
   connection (the server closed it while idle) is retried once on a new
   connection, as browsers, httpx and urllib3 do; anything else is a failure.
 
-Run alone: ``python -m benchmarks.rolling [--seconds 20]``; it is also the
+Run alone: ``python -m benchmarks.rolling [--seconds 20] [--compare]``
+(``--compare``: the same with uvicorn's and gunicorn's workers, if
+installed); it is also the
 ``rolling`` section of ``python -m benchmarks``. Nothing is pinned: the two
 workers need both cores, and so does the load generator.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import re
 import shutil
@@ -34,23 +37,42 @@ import time
 from typing import Any
 
 from benchmarks.apps import HELLO
-from benchmarks.harness import ROOT, env
+from benchmarks.harness import ROOT, env, free_port
 
 URL_RE = re.compile(r"serving on http://127\.0\.0\.1:(\d+)")
 SWAP_RE = re.compile(r"PID \d+ serves, PID \d+ drains")
 
 
 class Server:
-    """``trio-launcher benchmarks.apps:app --workers 2`` with its log read in a thread."""
+    """A server with two workers under test, its log read in a thread.
 
-    def __init__(self, extra: list[str]) -> None:
-        argv = [sys.executable, "-m", "trio_launcher", "benchmarks.apps:app", "--workers", "2",
-                "--bind", "127.0.0.1:0", *extra]  # fmt: skip
+    ``variant``: ``trio-launcher`` (the parent reports when both workers
+    serve), or for comparison ``uvicorn`` (``--workers 2``) and ``gunicorn``
+    (``-w 2 -k uvicorn.workers.UvicornWorker``), ready once both workers
+    finished their lifespan startup. All three restart their workers on SIGHUP.
+    """
+
+    def __init__(self, variant: str, extra: list[str]) -> None:
+        app = "benchmarks.apps:app"
+        if variant == "trio-launcher":
+            argv = [sys.executable, "-m", "trio_launcher", app, "--workers", "2",
+                    "--bind", "127.0.0.1:0", *extra]  # fmt: skip
+            self.port, ready, self.ready_count = 0, "all 2 workers are serving", 1
+        else:
+            self.port, ready, self.ready_count = free_port(), "Application startup complete", 2
+            if variant == "uvicorn":
+                argv = [sys.executable, "-m", "uvicorn", app, "--workers", "2",
+                        "--port", str(self.port), "--no-access-log"]  # fmt: skip
+            else:
+                worker = "uvicorn.workers.UvicornWorker"
+                argv = [sys.executable, "-m", "gunicorn", app, "-w", "2", "-b",
+                        f"127.0.0.1:{self.port}", "-k", worker]  # fmt: skip
+            argv += _translated(variant, extra)
         self.proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)  # fmt: skip
         self.lines: list[str] = []
+        self.ready_line = ready
         self.ready = threading.Event()
-        self.port = 0
         threading.Thread(target=self._read, daemon=True).start()
         if not self.ready.wait(60):
             self.proc.kill()
@@ -58,19 +80,34 @@ class Server:
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
+        seen = 0
         for line in self.proc.stderr:
             self.lines.append(line.rstrip())
             if match := URL_RE.search(line):
                 self.port = int(match.group(1))
-            if "all 2 workers are serving" in line:
-                self.ready.set()
+            if self.ready_line in line:
+                seen += 1
+                if seen == self.ready_count:
+                    self.ready.set()
 
-    def swaps(self) -> int:
+    def swaps(self) -> int | None:
+        if self.ready_count != 1:
+            return None  # (not counted for the others)
         return sum(1 for line in self.lines if SWAP_RE.search(line))
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(60)
+
+
+def _translated(variant: str, extra: list[str]) -> list[str]:
+    """``--max-requests N --max-requests-jitter J`` as uvicorn and gunicorn spell them."""
+    opts = dict(zip(extra[::2], extra[1::2], strict=True))
+    if "--max-requests" not in opts:
+        return []
+    prefix = "--limit-" if variant == "uvicorn" else "--"
+    return [f"{prefix}max-requests", opts["--max-requests"],
+            f"{prefix}max-requests-jitter", opts.get("--max-requests-jitter", "0")]  # fmt: skip
 
 
 def wrk(port: int, seconds: float) -> dict[str, Any]:
@@ -150,8 +187,9 @@ def python_client(port: int, seconds: float, connections: int = 32) -> dict[str,
     return {**totals, "failure_samples": failures[:5]}
 
 
-def scenario(client: str, extra: list[str], sighups: int, seconds: float) -> dict[str, Any]:
-    server = Server(extra)
+def scenario(variant: str, client: str, extra: list[str], sighups: int,
+             seconds: float) -> dict[str, Any]:  # fmt: skip
+    server = Server(variant, extra)
     try:
         result: dict[str, Any] = {}
 
@@ -175,8 +213,11 @@ def scenario(client: str, extra: list[str], sighups: int, seconds: float) -> dic
     return result
 
 
-def run(seconds: float = 20.0) -> dict[str, Any]:
-    """Every scenario once; the figures for BENCHMARKS.md."""
+def run(seconds: float = 20.0, compare: bool = False) -> dict[str, Any]:
+    """Every scenario once; the figures for BENCHMARKS.md.
+
+    ``compare``: also uvicorn and gunicorn (with uvicorn's worker), where installed.
+    """
     scenarios = {
         "3 rolling restarts (SIGHUP)": ([], 3),
         "--max-requests 500 --max-requests-jitter 50": (
@@ -184,25 +225,30 @@ def run(seconds: float = 20.0) -> dict[str, Any]:
             0,
         ),
     }
+    variants = ["trio-launcher"]
+    if compare:
+        variants += [v for v in ("uvicorn", "gunicorn") if importlib.util.find_spec(v)]
     clients = ["wrk", "python"] if shutil.which("wrk") else ["python"]
     results: dict[str, Any] = {"seconds": seconds}
     for name, (extra, sighups) in scenarios.items():
-        for client in clients:
-            print(f"  {name}, {client} ...", file=sys.stderr, flush=True)
-            results[f"{name} / {client}"] = scenario(client, extra, sighups, seconds)
+        for variant in variants:
+            for client in clients:
+                print(f"  {name}, {variant}, {client} ...", file=sys.stderr, flush=True)
+                key = f"{name} / {variant} / {client}"
+                results[key] = scenario(variant, client, extra, sighups, seconds)
     return results
 
 
 def render(results: dict[str, Any]) -> list[str]:
     out = [
-        f"| --workers 2 under load for {results['seconds']:g} s | client | requests (req/s) "
-        "| workers replaced | non-2xx | timeouts | failed (retried) | exit |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| 2 workers under load for {results['seconds']:g} s | server | client "
+        "| requests (req/s) | workers replaced | non-2xx | timeouts | failed (retried) | exit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         if key == "seconds":
             continue
-        name, client = key.rsplit(" / ", 1)
+        name, variant, client = key.split(" / ")
         if client == "wrk":
             errs = r["socket_errors"]
             failed = (f"- (socket errors: connect {errs['connect']}, read {errs['read']}, "
@@ -213,8 +259,9 @@ def render(results: dict[str, Any]) -> list[str]:
             failed = f"{r['failures']} ({r['retries']})"
             non2xx = timeouts = "-"
             label = "Python, 32 keep-alive, bodies checked"
-        out.append(f"| {name} | {label} | {r['requests']} ({r['rps']}) | "
-                   f"{r['workers_replaced']} | {non2xx} | {timeouts} | {failed} | "
+        replaced = "-" if r["workers_replaced"] is None else r["workers_replaced"]
+        out.append(f"| {name} | {variant} | {label} | {r['requests']} ({r['rps']}) | "
+                   f"{replaced} | {non2xx} | {timeouts} | {failed} | "
                    f"{r['exit_code']} |")  # fmt: skip
     return out
 
@@ -222,8 +269,9 @@ def render(results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rolling")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--compare", action="store_true", help="also uvicorn and gunicorn")
     opts = parser.parse_args(argv)
-    results = run(opts.seconds)
+    results = run(opts.seconds, opts.compare)
     print(json.dumps(results, indent=2))
     print("\n".join(render(results)))
     return 0

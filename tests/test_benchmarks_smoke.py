@@ -44,7 +44,6 @@ async def test_rolling_benchmark_client_checks_bodies() -> None:
         result = await trio.to_thread.run_sync(rolling.python_client, server.port, 0.3, 4)
     assert result["failures"] == 0, result
     assert result["requests"] > 0
-    rows = rolling.render(
-        {"seconds": 1, "x / python": {**result, "rps": 1, "workers_replaced": 0, "exit_code": 0}}
-    )
-    assert rows[2].startswith("| x | Python")
+    figures = {**result, "rps": 1, "workers_replaced": 0, "exit_code": 0}
+    rows = rolling.render({"seconds": 1, "x / trio-launcher / python": figures})
+    assert rows[2].startswith("| x | trio-launcher | Python")
