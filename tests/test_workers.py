@@ -517,3 +517,19 @@ async def test_a_response_sent_during_the_drain_says_connection_close() -> None:
         server.handle.shutdown()
     assert responses[0].text == "slept"
     assert responses[0].headers["connection"] == "close"
+
+
+async def test_a_worker_killed_during_the_drain_makes_the_parent_exit_128_plus_n() -> None:
+    async with launch(WORKER_ARGS, wait_serving=False) as proc:
+        pids = await serving(proc)
+
+        async def drain_then_kill_them() -> None:
+            proc.signal(signal.SIGTERM)
+            await proc.wait_for_line("SIGTERM: workers drain")
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)  # (the OOM killer, say)
+
+        bodies = await four_streams_through(proc, drain_then_kill_them)
+        assert await proc.wait() == 128 + signal.SIGKILL, proc.stderr
+    assert STREAM_BODY not in bodies
+    await proc.wait_for_line(r"was forced to stop \(was killed by signal 9\)")

@@ -292,8 +292,12 @@ def _main(argv: Sequence[str] | None) -> int:
     debug = opts.log_level == "debug"
     _setup_logging(opts.log_level)
     orders = take_worker_role()
-    if orders is not None and (problem := _not_for_a_worker(opts)):
-        return _fail(f"{problem} (see {PROG} --help)", ExitCode.USAGE)
+    if orders is not None:
+        if problem := _not_for_a_worker(opts):
+            return _fail(f"{problem} (see {PROG} --help)", ExitCode.USAGE)
+        # A SIGINT/SIGTERM that reaches a starting worker directly (systemd's
+        # control group) must not kill it: the parent's order to drain follows.
+        absorb_signals_for_process()
     try:
         config = build_config(opts)
         if orders is None:

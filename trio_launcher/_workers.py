@@ -196,7 +196,10 @@ class _Supervisor:
         self.forced_by = signum
         self.stop()
         for worker in list(self.by_pid.values()):
-            worker.order(f"force {signum}")
+            if worker.ready.is_set():
+                worker.order(f"force {signum}")
+            else:  # still starting (its orders are read once it serves): nothing to lose
+                worker.process.kill()
 
     def on_reload_signal(self) -> None:
         if self.stopping:
