@@ -7,7 +7,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -101,6 +101,7 @@ async def launch(
     pass_fds: Sequence[int] = (),
     wait_serving: bool = True,
     timeout: float = 20.0,
+    preexec_fn: Callable[[], None] | None = None,
     new_session: bool = False,
 ) -> AsyncIterator[Launched]:
     """Start ``python -m trio_launcher ARGS``; on exit, kill it if still running.
@@ -116,6 +117,7 @@ async def launch(
         cwd=ROOT,
         env=cli_env(env),
         pass_fds=pass_fds,
+        preexec_fn=preexec_fn,
         start_new_session=new_session,
     )
     launched = Launched(process)

@@ -15,8 +15,8 @@ from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import quart_apps
 from .apps import App
+from .net import get, wait_refused
 from .proc import launch
-from .test_cli_process import get, wait_refused
 
 
 def local_config(**settings: object) -> Config:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,41 +14,10 @@ import httpx
 import pytest
 import trio
 
-from .proc import ROOT, launch, run_cli
+from .net import aborted, get, wait_refused
+from .proc import ROOT, cli_env, launch, run_cli
 
 APP = "tests.apps:app"
-
-
-async def get(url: str, timeout: float = 10.0) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=timeout) as client:
-        return await client.get(url)
-
-
-async def aborted(url: str) -> None:
-    """The request must end without a success: a cut connection or a 5xx."""
-    try:
-        response = await get(url)
-    except httpx.HTTPError:
-        return
-    assert response.status_code >= 500, response
-
-
-async def connection_refused(port: int) -> bool:
-    with trio.socket.socket() as sock:
-        try:
-            await sock.connect(("127.0.0.1", port))
-        except ConnectionRefusedError:
-            return True
-        except ConnectionResetError:
-            return False  # the listener closed during this handshake
-    return False
-
-
-async def wait_refused(port: int, timeout: float) -> None:
-    """Return once connecting to ``port`` is refused; fail after ``timeout``."""
-    with trio.fail_after(timeout):
-        while not await connection_refused(port):
-            await trio.sleep(0.002)
 
 
 async def test_sigterm_drains_in_flight_request_and_exits_0() -> None:
@@ -229,12 +200,25 @@ async def test_config_file_is_used_and_flags_override(tmp_path: Path) -> None:
         assert await proc.wait() == 0
 
 
+CONSOLE_SCRIPT = shutil.which("trio-launcher", path=os.path.dirname(sys.executable))
+
+
+@pytest.mark.skipif(CONSOLE_SCRIPT is None, reason="trio-launcher is not installed in this venv")
 def test_module_entry_point_and_console_script_agree() -> None:
-    result = run_cli(["--help"])
-    assert result.returncode == 0
-    assert "exit codes" in result.stdout
-    assert (ROOT / "trio_launcher" / "__main__.py").exists()
-    assert os.access(sys.executable, os.X_OK)
+    assert CONSOLE_SCRIPT is not None
+    module = run_cli(["--help"])
+    script = subprocess.run([CONSOLE_SCRIPT, "--help"], capture_output=True, text=True,
+                            timeout=30, cwd=ROOT)  # fmt: skip
+    assert module.returncode == script.returncode == 0
+    assert module.stdout == script.stdout
+    assert module.stdout.startswith("usage: trio-launcher [-h]")
+    for code in ("0 clean", "2 usage/config", "3 engine died", "4 cannot bind"):
+        assert code in module.stdout
+    bad = run_cli(["tests.nope:app"])
+    bad_script = subprocess.run([CONSOLE_SCRIPT, "tests.nope:app"], capture_output=True,
+                                text=True, timeout=30, cwd=ROOT, env=cli_env())  # fmt: skip
+    assert bad.returncode == bad_script.returncode == 2
+    assert bad.stderr == bad_script.stderr
 
 
 def test_debug_log_level_shows_traceback() -> None:
@@ -243,15 +227,3 @@ def test_debug_log_level_shows_traceback() -> None:
     assert "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr
     assert loud.returncode == quiet.returncode == 2
-
-
-def test_console_script_is_installed_when_package_is() -> None:
-    import shutil
-    import subprocess
-
-    script = shutil.which("trio-launcher", path=os.path.dirname(sys.executable))
-    if script is None:
-        pytest.skip("package not installed in this environment (CI installs it)")
-    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0
-    assert "MODULE:APP" in result.stdout

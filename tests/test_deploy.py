@@ -18,8 +18,8 @@ import trio
 from trio_launcher._systemd import listen_fds, notify
 from trio_launcher.testing import TLSFiles
 
+from .net import get, wait_refused
 from .proc import launch
-from .test_cli_process import get, wait_refused
 from .test_workers import wait_gone, worker_pids
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -80,7 +81,10 @@ async def test_wait_dead_engine_stops_at_once_and_in_flight_request_finishes() -
                 nursery.start_soon(slow)
                 await app.slow_started.wait()
                 engine.kill()
-                with trio.fail_after(0.05):
+                # wait_dead() returns at once and the listener closes (about 1 ms,
+                # BENCHMARKS.md); the bound leaves room for a busy machine and is
+                # still far below the 0.5 s request in flight.
+                with trio.fail_after(0.4):
                     while not await is_refused(server.url):
                         await trio.sleep(0.001)
             assert result["r"].status_code == 200
@@ -92,7 +96,7 @@ async def test_polling_engine_real_time() -> None:
     with pytest.raises(EngineDeadError, match="watchdog"):
         async with running_server(App(), engine=engine, watchdog_interval=0.05) as server:
             engine.kill()
-            with trio.fail_after(0.05 + 0.5):
+            with trio.fail_after(0.05 + 2):  # one interval, plus room for a busy machine
                 while not await is_refused(server.url):
                     await trio.sleep(0.005)
 
@@ -205,7 +209,7 @@ async def test_prebound_unix_socket(tmp_path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(path)
     async with running_server(App(), sock=sock) as server:
-        assert server.url == f"http://unix:{path}" or path in server.url
+        assert server.url == f"http://unix:{path}"
         transport = httpx.AsyncHTTPTransport(uds=path)
         async with httpx.AsyncClient(transport=transport) as client:
             assert (await client.get("http://x/")).text == "hello"
@@ -239,11 +243,30 @@ async def test_bind_error_names_address_and_holder() -> None:
     assert f"127.0.0.1:{port}" in str(error)
 
 
-async def test_bind_permission_denied_and_bad_address() -> None:
+async def test_bind_bad_address_names_it() -> None:
     config = Config()
     config.bind = ["256.1.1.1:80"]
-    with pytest.raises(BindError, match=r"256\.1\.1\.1:80"):
+    with pytest.raises(BindError, match=r"cannot bind 256\.1\.1\.1:80: ") as info:
         await serve_http(App(), config, handle_signals=False)
+    assert info.value.errno is not None
+
+
+async def test_bind_permission_denied_names_address_and_errno(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tests run as root here, and root may bind port 80: the kernel's refusal is
+    # the one part that cannot run, so only bind() is replaced.
+    class Denied(socket.socket):
+        def bind(self, address: Any) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket, "socket", Denied)  # as _ports sees it, for this test only
+    config = Config()
+    config.bind = ["127.0.0.1:80"]
+    with pytest.raises(BindError) as info:
+        await serve_http(App(), config, handle_signals=False)
+    assert info.value.errno == errno.EACCES
+    assert str(info.value) == "cannot bind 127.0.0.1:80: Permission denied (errno 13)"
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 import trio
 import wsproto
@@ -132,21 +131,3 @@ async def test_h2_abrupt_disconnects_are_contained(transport: str) -> None:
                 for _ in range(30):
                     nursery.start_soon(vanishing_h2_client, server.port, 5)
             assert (await server.client.get("/")).text == "hello"
-
-
-async def test_max_requests_drains(transport: str) -> None:
-    if transport == "hypercorn":
-        pytest.skip("hypercorn 0.18 never counts requests: its max_requests does nothing")
-    with trio.fail_after(10):
-        async with running_server(App(), config(max_requests=3, max_requests_jitter=0,
-                                                keep_alive_timeout=30),
-                                  transport=transport) as server:  # fmt: skip
-            answered = 0
-            for _ in range(6):
-                try:
-                    answered += (await server.client.get("/")).text == "hello"
-                except httpx.TransportError:
-                    break  # the listener closed: the drain started
-            assert answered >= 3
-            while not server.handle.stopping:
-                await trio.sleep(0.01)

@@ -24,8 +24,8 @@ from trio_launcher._workers import RestartPolicy, run_workers
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import App
+from .net import get, wait_refused
 from .proc import ROOT, Launched, launch, run_cli
-from .test_cli_process import get, wait_refused
 
 
 def worker_pids(parent_pid: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""The connection layers' drain under keep-alive load (both transports).
+"""Drains: under keep-alive load (both transports), and after max_requests.
 
 Clients that send their next request the moment a response arrives catch the
 drain between two requests. hypercorn's HTTP/1.1 protocol then parks the
@@ -8,6 +8,7 @@ wait out the whole ``graceful_timeout`` (3.15 s against 0.13 s).
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import trio
 from hypercorn.config import Config
@@ -62,3 +63,21 @@ async def test_drain_under_keep_alive_load_does_not_wait_out_the_deadline(
     # Nothing is in flight for long (each request takes microseconds): the drain
     # ends as soon as every connection finished its request, far from the deadline.
     assert drained < GRACEFUL / 2, drained
+
+
+async def test_max_requests_drains() -> None:
+    # Lean transport only: hypercorn 0.18 never counts requests, so the stock
+    # path's max_requests is inert (README, docs/transports.md).
+    config = Config.from_mapping(max_requests=3, max_requests_jitter=0, keep_alive_timeout=30)
+    config.bind = ["127.0.0.1:0"]
+    with trio.fail_after(10):
+        async with running_server(App(), config, transport="lean") as server:
+            answered = 0
+            for _ in range(6):
+                try:
+                    answered += (await server.client.get("/")).text == "hello"
+                except httpx.TransportError:
+                    break  # the listener closed: the drain started
+            assert answered >= 3
+            while not server.handle.stopping:
+                await trio.sleep(0.01)
