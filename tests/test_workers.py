@@ -533,3 +533,17 @@ async def test_a_worker_killed_during_the_drain_makes_the_parent_exit_128_plus_n
         assert await proc.wait() == 128 + signal.SIGKILL, proc.stderr
     assert STREAM_BODY not in bodies
     await proc.wait_for_line(r"was forced to stop \(was killed by signal 9\)")
+
+
+async def test_a_stop_does_not_wait_for_a_worker_that_is_still_starting(tmp_path: Path) -> None:
+    """An app that takes minutes to load (a model, say): SIGTERM during its import
+    ends the worker at once (it has no request to finish), and the exit stays 0."""
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(60)\napp = None\n")
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    args = ["slow_import:app", "--workers", "2", "--bind", "127.0.0.1:0"]
+    async with launch(args, env=env, wait_serving=False) as proc:
+        await proc.wait_for_line(r"worker 0 started \(PID \d+\)")
+        pids = await wait_workers(proc.process.pid, 1)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=10) == 0, proc.stderr
+        await wait_gone(pids, timeout=5)

@@ -50,6 +50,8 @@ systemd ``READY=1`` once every slot serves.
 * Recycling (``--max-requests`` with jitter, ``--worker-max-rss``,
   ``--worker-lifetime``): a worker past a limit is replaced the same way. One
   task does every replacement, so never more than one at a time.
+* Stopping: serving workers drain; a worker still starting (importing the
+  app, loading a model) has no request yet and is killed at once.
 * A worker that crashes is restarted with a doubling backoff; more than
   ``max_restarts`` crashes within ``window`` seconds means something is wrong
   for good: every worker drains and the parent exits 1. A worker that exits 2
@@ -125,6 +127,7 @@ class _Worker:
     code: int | None = None
     retire_asked: bool = False
     retired: bool = False
+    dismissed: bool = False  # killed by the parent while starting
 
     @property
     def pid(self) -> int:
@@ -184,8 +187,17 @@ class _Supervisor:
         self._close_sockets_once_idle()
         self.replace_send.close()
         for worker in list(self.by_pid.values()):
-            worker.order("drain")
+            self._dismiss(worker)
         self._poke()
+
+    def _dismiss(self, worker: _Worker) -> None:
+        """Stopping: a serving worker drains; one still starting (no request yet, and
+        its startup may take minutes) is killed at once."""
+        if worker.ready.is_set():
+            worker.order("drain")
+        elif not worker.exited.is_set():
+            worker.dismissed = True
+            worker.process.kill()
 
     def on_stop_signal(self, signum: int) -> None:
         log.info("%s: workers drain", signal.Signals(signum).name)
@@ -196,10 +208,7 @@ class _Supervisor:
         self.forced_by = signum
         self.stop()
         for worker in list(self.by_pid.values()):
-            if worker.ready.is_set():
-                worker.order(f"force {signum}")
-            else:  # still starting (its orders are read once it serves): nothing to lose
-                worker.process.kill()
+            worker.order(f"force {signum}")  # (stop() killed those still starting)
 
     def on_reload_signal(self) -> None:
         if self.stopping:
@@ -262,7 +271,7 @@ class _Supervisor:
         log.info("worker %d started (PID %d)", slot, process.pid)
         self.workers.start_soon(self._watch, worker)
         if self.stopping:
-            worker.order("drain")
+            self._dismiss(worker)
         return worker
 
     async def _watch(self, worker: _Worker) -> None:
@@ -280,6 +289,8 @@ class _Supervisor:
     def _note_exit_in_stop(self, worker: _Worker) -> None:
         code = worker.code
         assert code is not None
+        if worker.dismissed:
+            return
         if code == EXIT_ENGINE_DEAD:
             self.stop(EXIT_ENGINE_DEAD)
         elif code < 0 or code > 128:
