@@ -197,7 +197,9 @@ class _Supervisor:
             worker.order("drain")
         elif not worker.exited.is_set():
             worker.dismissed = True
-            worker.process.kill()
+            # Its process group (its own session): what its startup spawned goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
 
     def on_stop_signal(self, signum: int) -> None:
         log.info("%s: workers drain", signal.Signals(signum).name)
