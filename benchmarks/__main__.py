@@ -1,6 +1,8 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION ...]``.
 
-Sections: throughput, quart, engine, sigterm, certs, cost, workers, rolling. Results go to
+Sections: throughput, quart, engine, sigterm, certs, cost, workers, overload
+(``benchmarks/overload.py``: 2000 clients against limit_concurrency, beside uvicorn),
+rolling (``benchmarks/rolling.py``: rolling restarts and recycling under load). Results go to
 ``benchmarks/results.json`` and a markdown report to stdout and
 ``benchmarks/last-run.md``; BENCHMARKS.md records a run of it.
 """
@@ -33,7 +35,8 @@ from benchmarks.harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers", "rolling")
+SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers", "overload",
+            "rolling")  # fmt: skip
 
 
 def load(kind: str, port: int, path: str, seconds: float, tls: bool) -> LoadResult:
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             results[section] = lifecycle.cert_change(3 if opts.quick else 7)
         elif section == "workers":
             results[section] = workers(rounds, seconds)
+        elif section == "overload":
+            from benchmarks import overload
+
+            results[section] = overload.run(opts.quick)
         elif section == "rolling":
             results[section] = rolling.run(10.0 if opts.quick else 20.0)
         elif section == "cost":
@@ -321,6 +328,10 @@ def render(results: dict[str, Any]) -> str:
         names = list(cpu)
         out.append(f"| idle CPU, % of one core | {cpu[names[0]]:.3f} % | {cpu[names[1]]:.3f} % |")
         out.append("")
+    if "overload" in results:
+        from benchmarks import overload
+
+        out += [overload.render(results["overload"]), ""]
     return "\n".join(out)
 
 

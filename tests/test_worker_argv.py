@@ -123,13 +123,46 @@ def test_worker_argv_refuses_a_value_that_does_not_read_back(sockets: BoundSocke
 
 def test_worker_argv_needs_no_code_for_a_new_flag(sockets: BoundSockets) -> None:
     parser = build_parser()
-    parser.add_argument("--root-path", "-r", default="")
-    parser.add_argument("--limit-concurrency", type=int)
-    parser.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True)
-    opts = parser.parse_args(["app:x", "-r/api", "--limit-concurrency=9", "--no-proxy-headers"])
+    parser.add_argument("--future-path", "-Z", default="")
+    parser.add_argument("--future-limit", type=int)
+    parser.add_argument("--future-switch", action=argparse.BooleanOptionalAction, default=True)
+    opts = parser.parse_args(["app:x", "-Z/api", "--future-limit=9", "--no-future-switch"])
     argv = worker_argv(parser, opts, sockets, sys.executable)
     worker = parser.parse_args(argv[3:])
-    assert (worker.root_path, worker.limit_concurrency, worker.proxy_headers) == ("/api", 9, False)
+    assert (worker.future_path, worker.future_limit, worker.future_switch) == ("/api", 9, False)
+
+
+SAMPLES = ("7", "0.5", "/x", "mod:attr")
+
+
+def test_every_flag_of_the_real_parser_reaches_the_worker(sockets: BoundSockets) -> None:
+    """Whatever flags the parser has today (others add them): each set to a value
+    its type accepts, all of them at once, read back the same in the worker."""
+    parser = build_parser()
+    args = ["app:x"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in SUPERVISOR_ONLY or action.nargs == 0:
+            if action.nargs == 0 and action.dest not in ("help", "version"):
+                args.append(action.option_strings[-1])
+            continue
+        if action.choices:
+            value = str(list(action.choices)[-1])
+        else:
+            value = next(v for v in SAMPLES if _accepts(action, v))
+        args += [action.option_strings[-1], value]
+    opts = parser.parse_args(args)
+    argv = worker_argv(parser, opts, sockets, sys.executable)
+    same_except_supervisor(opts, parse(argv[3:]))
+
+
+def _accepts(action: argparse.Action, value: str) -> bool:
+    if not callable(action.type):
+        return True
+    try:
+        action.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+    return True
 
 
 @pytest.mark.parametrize(

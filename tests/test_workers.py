@@ -24,7 +24,7 @@ from trio_launcher._workers import RestartPolicy, run_workers
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import App
-from .net import get, wait_refused
+from .net import aborted, get, wait_refused
 from .proc import ROOT, Launched, launch, run_cli
 
 
@@ -547,3 +547,21 @@ async def test_a_stop_does_not_wait_for_a_worker_that_is_still_starting(tmp_path
         proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=10) == 0, proc.stderr
         await wait_gone(pids, timeout=5)
+
+
+async def test_requests_a_real_worker_cuts_at_graceful_timeout_are_counted_by_the_parent() -> None:
+    args = [*WORKERS, "--graceful-timeout", "0.5"]
+    async with launch(args, wait_serving=False) as proc:
+        await serving(proc)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(aborted, f"{proc.url}/slow?s=30")
+            with trio.fail_after(10):
+                while sum("slow request started" in line for line in proc.lines) < 3:
+                    await proc.wait_for_line("slow request started")
+                    await trio.sleep(0.01)
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0, proc.stderr
+    cut = re.compile(r"\[ERROR\] trio_launcher: worker \d \(PID \d+\): its drain cut (\d+)")
+    counts = [int(m.group(1)) for line in proc.lines if (m := cut.search(line))]
+    assert sum(counts) == 3, proc.stderr

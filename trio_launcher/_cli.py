@@ -45,7 +45,7 @@ from ._errors import (
 )
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
-from ._runner import serve_http
+from ._runner import ServerHandle, serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
 from ._systemd import listen_fds, notify_parent_instead
 from ._worker import (
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="leave PATH out of the access log (repeatable)",
     )
+    _add_bound_flags(parser)
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--certfile", metavar="F")
     tls.add_argument("--keyfile", metavar="F")
@@ -267,6 +268,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checks of the certificate files (default 1)",
     )
     return parser
+
+
+def _add_bound_flags(parser: argparse.ArgumentParser) -> None:
+    """Limits and deadlines (docs/limits.md); each sets the option of its name."""
+    bounds = parser.add_argument_group("limits and deadlines (see docs/limits.md)")
+    add = bounds.add_argument
+    add(
+        "--request-timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="a response not started within S seconds: 504, handler cancelled (default off)",
+    )
+    add(
+        "--limit-concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="most requests in flight; more get 503 at once (default no limit)",
+    )
+    add(
+        "--body-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="request body allowance: S s plus 1 s per KiB received; slower gets 408 (default 60)",
+    )
+    add(
+        "--startup-timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="most seconds the app's lifespan startup may take (default no limit)",
+    )
+    add(
+        "--engine-health-interval",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds between calls of the engine's check_health(), if any (default 10)",
+    )
+    add("--engine-health-timeout", type=_positive_seconds, default=10.0, metavar="S",
+        help="a check_health() that raises or takes longer means the engine died "
+        "(default 10)")  # fmt: skip
+
+
+BOUND_OPTIONS = ("request_timeout", "limit_concurrency", "body_timeout", "startup_timeout",
+                 "engine_health_interval", "engine_health_timeout")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,10 +365,12 @@ def _main(argv: Sequence[str] | None) -> int:
         options = options_from_args(opts, engine)
         if orders is not None:
             options = options.replace(on_max_requests=ask_to_retire)
-        trio.run(partial(serve_http, app, config, options=options))
-        # The runner's count of requests cut at graceful_timeout goes here.
-        cut_requests = 0
-        report_cut_requests(cut_requests)
+        started = _Started()
+        try:
+            trio.run(partial(serve_http, app, config, options=options, task_status=started))
+        finally:
+            if started.handle is not None:  # a worker tells its parent what its drain cut
+                report_cut_requests(started.handle.cut_requests)
     except OptionError as exc:
         return _fail(exc.with_name(flag_for(exc.option)), ExitCode.USAGE, debug)
     except ConfigError as exc:
@@ -364,12 +412,22 @@ def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeO
         max_head_size=opts.max_head_size,
         access_log_exclude=tuple(opts.access_log_exclude),
         transport=opts.transport,
+        **{name: getattr(opts, name) for name in BOUND_OPTIONS},
     )
 
 
 def flag_for(option: str) -> str:
     """The CLI flag that sets ``option`` (its own name if it has none)."""
     return option_flags().get(option) or option
+
+
+class _Started:
+    """serve_http's ``task_status`` when nothing else waits for it: keeps the handle."""
+
+    handle: ServerHandle | None = None
+
+    def started(self, value: ServerHandle | None = None) -> None:
+        self.handle = value
 
 
 def _not_for_a_worker(opts: argparse.Namespace) -> str | None:

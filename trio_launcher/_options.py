@@ -94,6 +94,30 @@ class ServeOptions:
     """Called instead of draining when ``config.max_requests`` is reached (a
     worker of ``--workers`` asks its supervisor for a replacement)."""
 
+    # --- limits and deadlines (docs/limits.md) ---------------------------------
+
+    request_timeout: float | None = field(default=None, metadata=_flag("--request-timeout"))
+    """Seconds for a response to start; later, the handler is cancelled and
+    the client gets 504. None: no deadline."""
+
+    limit_concurrency: int | None = field(default=None, metadata=_flag("--limit-concurrency"))
+    """Most requests in flight (not connections); more get 503 at once."""
+
+    body_timeout: float | None = field(default=60.0, metadata=_flag("--body-timeout"))
+    """A request body's allowance: the handler may wait this long for body
+    bytes, plus 1 s per KiB received; a slower body gets 408. None: no limit."""
+
+    startup_timeout: float | None = field(default=None, metadata=_flag("--startup-timeout"))
+    """Seconds the app's lifespan startup may take. None: no limit (unless
+    ``config.startup_timeout`` was changed from hypercorn's 60)."""
+
+    engine_health_interval: float = field(default=10.0, metadata=_flag("--engine-health-interval"))
+    """Seconds between calls of the engine's ``check_health()``, if it has one."""
+
+    engine_health_timeout: float = field(default=10.0, metadata=_flag("--engine-health-timeout"))
+    """Seconds a ``check_health()`` call may take; one that raises or takes
+    longer means the engine is dead."""
+
     def __post_init__(self) -> None:
         # Lists are welcome at the door; the frozen object keeps tuples.
         for name in ("access_log_exclude", "engine_error_types"):
@@ -110,10 +134,15 @@ class ServeOptions:
             raise OptionError("transport", f"must be 'lean' or 'hypercorn', got {self.transport!r}")
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise OptionError("health_path", f"must start with '/', got {self.health_path!r}")
-        for name in ("max_header_count", "max_head_size"):
+        for name in ("max_header_count", "max_head_size", "limit_concurrency"):
             limit = getattr(self, name)
             if limit is not None and (not isinstance(limit, int) or limit < 1):
                 raise OptionError(name, f"must be a whole number >= 1, got {limit!r}")
+        for name in ("request_timeout", "body_timeout", "startup_timeout"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), infinite_ok=True)
+        _positive("engine_health_interval", self.engine_health_interval)
+        _positive("engine_health_timeout", self.engine_health_timeout)
         for exc_type in self.engine_error_types:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise OptionError(
@@ -143,6 +172,12 @@ class ServeKwargs(TypedDict, total=False):
     access_log_exclude: tuple[str, ...] | list[str]
     transport: Transport
     on_max_requests: Callable[[], None] | None
+    request_timeout: float | None
+    limit_concurrency: int | None
+    body_timeout: float | None
+    startup_timeout: float | None
+    engine_health_interval: float
+    engine_health_timeout: float
 
 
 def build_options(base: ServeOptions | None, changes: Mapping[str, Any]) -> ServeOptions:

@@ -34,7 +34,15 @@ from typing import Any, Unpack
 
 import trio
 
-from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, describe_routes
+from ._asgi import (
+    ENGINE_ERRORS,
+    Bounds,
+    ClientGoneStatus,
+    InFlight,
+    Limits,
+    RunnerMiddleware,
+    describe_routes,
+)
 from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError, readable_errors
 from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
@@ -43,7 +51,7 @@ from ._server import serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
-from ._watchdog import engine_is_dead, watch_engine
+from ._watchdog import HealthProbe, engine_is_dead, watch_engine
 
 log = logging.getLogger("trio_launcher")
 
@@ -84,6 +92,10 @@ class _Control:
         self.engine_death: str | None = None
         self.refresher: CertificateRefresher | None = None
         self.ready = False
+        self.in_flight = InFlight()
+        self.probe: HealthProbe | None = None
+        self.cut_requests = 0
+        self.cutting = False  # the drain deadline passed: requests are being cut
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -115,10 +127,20 @@ class _Control:
         """The health path's answer: 200 while serving with a live engine, else 503."""
         state = "stopping" if self.stopping.is_set() else "serving"
         body: dict[str, Any] = {"status": state}
+        overdue = self.probe is not None and self.probe.overdue and not self.engine_dead
         if self.engine is not None:
-            body["engine"] = "dead" if self.engine_dead else "alive"
-        healthy = state == "serving" and not self.engine_dead
+            body["engine"] = "dead" if self.engine_dead else "unresponsive" if overdue else "alive"
+        healthy = state == "serving" and not self.engine_dead and not overdue
         return (200 if healthy else 503), body
+
+    def on_drain_deadline(self, graceful_timeout: float) -> None:
+        """The drain reached graceful_timeout: say what is about to be cut."""
+        self.cutting = True
+        self.cut_requests = len(self.in_flight)
+        if self.cut_requests:
+            log.error("drain: graceful_timeout (%g s) reached with %d request%s still running; "
+                      "cutting them: %s", graceful_timeout, self.cut_requests,
+                      "" if self.cut_requests == 1 else "s", self.in_flight.describe())  # fmt: skip
 
     def on_stop_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -185,6 +207,16 @@ class ServerHandle:
         return self._control.reason
 
     @property
+    def in_flight(self) -> int:
+        """Requests now in the app (the health path and refused requests excluded)."""
+        return len(self._control.in_flight)
+
+    @property
+    def cut_requests(self) -> int:
+        """Requests still running when the drain reached graceful_timeout (cancelled)."""
+        return self._control.cut_requests
+
+    @property
     def tls(self) -> CertificateRefresher | None:
         """The certificate refresher (``reloads``, ``failures``, ``request_reload()``)."""
         return self._control.refresher
@@ -232,8 +264,13 @@ async def serve_http(
         config.h11_max_incomplete_size = opts.max_head_size
         config.h2_max_header_list_size = opts.max_head_size
     engine = opts.engine
+    config.startup_timeout = _startup_limit(config, opts.startup_timeout)
 
     control = _Control(engine, opts.keep_alive_on_engine_death, opts.shutdown_delay)
+    check_health = getattr(engine, "check_health", None)
+    if check_health is not None:
+        control.probe = HealthProbe(check_health, opts.engine_health_interval,
+                                    opts.engine_health_timeout, control.on_engine_dead)  # fmt: skip
     error_types = (*ENGINE_ERRORS, *opts.engine_error_types)
     served_app = app
     if is_quart_app(app):
@@ -247,6 +284,8 @@ async def serve_http(
         health_path=opts.health_path,
         health=control.health,
         limits=Limits(opts.max_header_count, opts.max_head_size),
+        bounds=Bounds(opts.request_timeout, opts.limit_concurrency, opts.body_timeout),
+        in_flight=control.in_flight,
     )
     wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     ssl_context = initial_context(config) if config.ssl_enabled else None
@@ -259,7 +298,12 @@ async def serve_http(
     ports = tcp_ports(sockets)
     _log_routes(app)
     try:
-        with readable_errors(), control.force, _access_log_filter(config, opts.access_log_exclude):
+        with (
+            readable_errors(),
+            control.force,
+            _access_log_filter(config, opts.access_log_exclude),
+            _logger_filter(config.log.access_logger, ClientGoneStatus(lambda: control.cutting)),
+        ):
             async with trio.open_nursery() as nursery:
                 if opts.handle_signals:
                     await nursery.start(
@@ -276,6 +320,8 @@ async def serve_http(
                     nursery.start_soon(
                         watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
                     )
+                if control.probe is not None:
+                    nursery.start_soon(control.probe.run)
                 urls = await nursery.start(
                     _run_server,
                     wrapped,
@@ -328,10 +374,23 @@ async def _run_server(
             ssl_context,
             transport=transport,
             on_max_requests=on_max_requests,
+            on_drain_deadline=control.on_drain_deadline,
             task_status=task_status,
         )
     finally:
         control.served.set()
+
+
+def _startup_limit(config: Config, startup_timeout: float | None) -> float:
+    """The lifespan startup limit: the option, else a changed config value, else none.
+
+    hypercorn's default of 60 s was silent and too short to load a large model.
+    """
+    if startup_timeout is not None:
+        return startup_timeout
+    if config.startup_timeout != Config.startup_timeout:
+        return float(config.startup_timeout)
+    return math.inf
 
 
 def _prepare_config(config: Config | None) -> Config:
@@ -384,3 +443,15 @@ def _access_log_filter(config: Config, paths: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(exclude)
+
+
+@contextmanager
+def _logger_filter(logger: logging.Logger | None, log_filter: logging.Filter) -> Iterator[None]:
+    if logger is None:
+        yield
+        return
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)

@@ -14,7 +14,14 @@ This is the task that serves HTTP. It plays the part of hypercorn's
 The drain, step by step, when ``drain`` is set: the listeners close at once
 (new connects are refused), idle keep-alive connections close, in-flight
 requests run on until ``config.graceful_timeout`` and are cancelled then, and
-only after that does the app's lifespan shutdown run.
+only after that does the app's lifespan shutdown run. The moment the
+deadline is reached, before anything is cancelled, ``on_drain_deadline`` is
+called, so the runner can say what is being cut (the middleware's in-flight
+table knows): a drain that cuts requests is never silent.
+
+Lifespan startup may take as long as ``config.startup_timeout`` (the runner
+makes it unlimited by default: loading a model takes minutes); an INFO line
+every ``STARTUP_PROGRESS_EVERY`` seconds says it is still running.
 
 hypercorn's ``Lifespan`` and ``WorkerContext`` are internal API, reached
 through ``_hypercorn``. The connection layer is chosen once: the lean
@@ -52,6 +59,8 @@ from ._transport import Connection, drain_all, serve_connection
 
 log = logging.getLogger("trio_launcher")
 
+STARTUP_PROGRESS_EVERY = 10.0
+
 
 class TLSContext(Protocol):
     """What trio's SSLStream uses of a context; the runner's switchable context fits."""
@@ -75,12 +84,14 @@ async def serve_sockets(
     *,
     transport: Transport = "lean",
     on_max_requests: Callable[[], None] | None = None,
+    on_drain_deadline: Callable[[float], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
 
     Calls ``task_status.started(urls)`` once the app has started and the
-    sockets listen.
+    sockets listen, and ``on_drain_deadline(graceful_timeout)`` if the drain
+    reaches its deadline with connections still open (before cutting them).
 
     Raises:
         AppStartupError: the app's lifespan startup failed or timed out.
@@ -95,6 +106,8 @@ async def serve_sockets(
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.run)
+        ticker = trio.CancelScope()
+        lifespan_nursery.start_soon(_log_startup_progress, ticker)
         try:
             await lifespan.wait_for_startup()
             if lifespan.failure is not None:
@@ -105,9 +118,13 @@ async def serve_sockets(
             lifespan.supported = False
         except LifespanTimeoutError as exc:
             raise AppStartupError(
-                f"the app's lifespan startup took longer than {config.startup_timeout} s"
+                f"the app's lifespan startup took longer than {config.startup_timeout:g} s "
+                "(the startup timeout)"
             ) from exc
+        finally:
+            ticker.cancel()
 
+        cutter = trio.CancelScope()
         async with trio.open_nursery() as connections:
             listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
             urls = []
@@ -146,12 +163,39 @@ async def serve_sockets(
             )
             await context.terminated.set()  # closes idle keep-alive connections
             drain_all(registry)  # (the lean transport's, at once)
-            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            deadline = float(config.graceful_timeout)
+            lifespan_nursery.start_soon(
+                _cut_at_deadline, cutter, connections.cancel_scope, deadline, on_drain_deadline
+            )
+        cutter.cancel()  # every connection ended before the deadline
 
         if lifespan.supported:
             with contextlib.suppress(trio.ClosedResourceError):  # the lifespan task ended
                 await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+async def _cut_at_deadline(
+    cutter: trio.CancelScope,
+    connections: trio.CancelScope,
+    graceful_timeout: float,
+    on_deadline: Callable[[float], None] | None,
+) -> None:
+    """At the drain deadline: report (before anything is cancelled), then cut."""
+    with cutter:
+        await trio.sleep(graceful_timeout)
+        if on_deadline is not None:
+            on_deadline(graceful_timeout)
+        connections.cancel()
+
+
+async def _log_startup_progress(ticker: trio.CancelScope) -> None:
+    """An INFO line every ``STARTUP_PROGRESS_EVERY`` seconds until ``ticker`` is cancelled."""
+    began = trio.current_time()
+    with ticker:
+        while True:
+            await trio.sleep(STARTUP_PROGRESS_EVERY)
+            log.info("app startup still running (%.0f s)", trio.current_time() - began)
 
 
 class _Lifespan(Lifespan):

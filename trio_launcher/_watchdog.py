@@ -11,6 +11,16 @@ late on average. We poll too (``watchdog_interval``), for engines that only
 have the attributes, but an engine that also offers ``async def wait_dead()``
 is awaited directly, and the runner reacts the moment that call returns:
 milliseconds, not seconds.
+
+Neither notices an engine that *hangs*: ``errored`` stays False, requests
+never finish, and the health path said 200 for as long as anyone watched.
+An engine that offers ``async def check_health()`` (vLLM's ``EngineClient``
+name; it raises when unhealthy) is probed: every ``interval`` seconds, under
+a deadline of ``timeout`` seconds. A probe that raises or misses its deadline
+means the engine is dead, with the reason (what it raised, or how long it
+was given). While a probe has run longer than ``OVERDUE_AFTER`` seconds (or
+its whole timeout, if shorter) it is *overdue*: the health path answers 503
+from then on, so a load balancer stops routing here before the verdict.
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ def check_engine(engine: object) -> None:
             f"engine {engine!r} lacks {' and '.join(missing)}: an engine needs "
             "'errored' and 'is_running' attributes"
         )
-    wait_dead = getattr(engine, "wait_dead", None)
-    if wait_dead is not None and not callable(wait_dead):
-        raise TypeError(f"engine {engine!r}: wait_dead must be an async method")
+    for name in ("wait_dead", "check_health"):
+        method = getattr(engine, name, None)
+        if method is not None and not callable(method):
+            raise TypeError(f"engine {engine!r}: {name} must be an async method")
 
 
 async def watch_engine(engine: object, interval: float, on_dead: Callable[[str], None]) -> None:
@@ -85,3 +96,63 @@ async def _await_death(
         return
     on_dead("wait_dead() returned")
     scope.cancel()
+
+
+OVERDUE_AFTER = 1.0
+
+
+class HealthProbe:
+    """Calls the engine's ``check_health()`` on a schedule; a task via :meth:`run`.
+
+    Args:
+        check_health: the engine's ``async def check_health()``.
+        interval: seconds from the end of one probe to the start of the next.
+        timeout: seconds a probe may take.
+        on_dead: called once with the reason when a probe fails.
+    """
+
+    def __init__(
+        self,
+        check_health: Callable[[], Awaitable[object]],
+        interval: float,
+        timeout: float,
+        on_dead: Callable[[str], None],
+    ) -> None:
+        self.check_health = check_health
+        self.interval = interval
+        self.timeout = timeout
+        self.on_dead = on_dead
+        self.probes = 0
+        self._running_since: float | None = None
+
+    @property
+    def overdue(self) -> bool:
+        """A probe has run longer than ``OVERDUE_AFTER`` (or its timeout, if shorter)."""
+        since = self._running_since
+        return since is not None and (
+            trio.current_time() - since >= min(OVERDUE_AFTER, self.timeout)
+        )
+
+    async def run(self) -> None:
+        """Probe until a probe fails (then call ``on_dead`` and return)."""
+        while True:
+            await trio.sleep(self.interval)
+            failure = await self.probe()
+            if failure is not None:
+                self.on_dead(failure)
+                return
+
+    async def probe(self) -> str | None:
+        """One probe: None if healthy, else why the engine counts as dead."""
+        self._running_since = trio.current_time()
+        self.probes += 1
+        try:
+            with trio.move_on_after(self.timeout) as waited:
+                await self.check_health()
+        except Exception as exc:
+            return f"check_health() raised {type(exc).__name__}: {exc}"
+        finally:
+            self._running_since = None
+        if waited.cancelled_caught:
+            return f"check_health() timed out after {self.timeout:g} s"
+        return None

@@ -1,0 +1,436 @@
+"""Overload and the cost of the bounds: ``python -m benchmarks.overload [--quick]``.
+
+Two measurements, each side by side in one run:
+
+* **Overload.** 2000 clients connect at once and each asks for a request that
+  takes 2 s, against trio_launcher with ``limit_concurrency=100`` and against
+  uvicorn ``--limit-concurrency 100``. Meanwhile a prober asks for the health
+  path every 20 ms on a new connection. Recorded: the statuses, the health
+  path's latency, the server's RSS growth, and the admitted requests' latency
+  against a run of 100 requests without overload.
+* **Cost.** Hello-world throughput (wrk, 64 connections) of the branch's runner
+  with its defaults, with every bound on, and of ``main``'s runner (from
+  ``git archive main``, if the ref exists), in interleaved rounds.
+
+The server runs pinned to core 0, the clients to core 1 (as ``benchmarks``).
+Every load is bounded in count and time; servers are ended by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from benchmarks.harness import ROOT, env, free_port, paired_ratio, percentile, pin, wait_port, wrk
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+SLOW_S = 2.0
+LIMIT = 100
+HERE = Path(__file__).resolve().parent
+
+
+# --- the apps (the same routes on trio and on asyncio) -------------------------------------
+
+
+async def _app(sleep: Callable[[float], Awaitable[None]], scope: Message, receive: Receive,
+               send: Send) -> None:  # fmt: skip
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            kind = message["type"].split(".")[-1]
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/slow":
+        await sleep(SLOW_S)
+    body = b'{"status":"serving"}' if scope["path"] == "/health" else b"Hello, world!"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+async def trio_app(scope: Message, receive: Receive, send: Send) -> None:
+    await _app(trio.sleep, scope, receive, send)
+
+
+async def asyncio_app(scope: Message, receive: Receive, send: Send) -> None:
+    """For uvicorn, which answers /health in the app (and must see a coroutine function)."""
+    await _app(asyncio.sleep, scope, receive, send)
+
+
+def serve(variant: str, port: int) -> None:
+    """The server process: ``python -m benchmarks.overload serve VARIANT PORT``."""
+    from hypercorn.config import Config
+
+    snapshot = os.environ.get("BENCH_TRIO_LAUNCHER")
+    if snapshot:
+        _import_package_from(Path(snapshot) / "trio_launcher")
+    from trio_launcher import serve_http
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.backlog = 2048  # as the CLI
+    config.errorlog = None
+    config.accesslog = None
+    presets: dict[str, dict[str, Any]] = {
+        "limited": {"limit_concurrency": LIMIT, "health_path": "/health"},
+        "bounds-off": {"body_timeout": None},
+        "defaults": {},
+        "all-bounds": {"limit_concurrency": 1000, "request_timeout": 30.0, "body_timeout": 60.0},
+        "main": {},
+    }
+    options = presets[variant]
+    trio.run(partial(serve_http, trio_app, config, **options))
+
+
+def _import_package_from(path: Path) -> None:
+    """Import ``trio_launcher`` from ``path`` (the editable install would win over sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "trio_launcher", path / "__init__.py", submodule_search_locations=[str(path)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trio_launcher"] = module
+    spec.loader.exec_module(module)
+
+
+@contextmanager
+def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int]]:
+    """Start a server pinned to core 0; yield (port, pid); end it by PID."""
+    port = free_port()
+    if variant == "uvicorn":
+        argv = [sys.executable, "-m", "uvicorn", "benchmarks.overload:asyncio_app",
+                "--port", str(port), "--limit-concurrency", str(LIMIT), "--backlog", "2048",
+                "--log-level", "error", "--no-access-log"]  # fmt: skip
+    else:
+        argv = [sys.executable, "-m", "benchmarks.overload", "serve", variant, str(port)]
+    environment = env()
+    if snapshot:
+        environment["BENCH_TRIO_LAUNCHER"] = snapshot
+    proc = subprocess.Popen(pin(0, argv), env=environment, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_port(port, proc=proc)
+        yield port, proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# --- the overload client (trio, in this process, pinned to core 1) ---------------------------
+
+
+async def request(port: int, path: str) -> tuple[int, float]:
+    """One GET on a new connection: (status or -1 on a transport error, seconds)."""
+    start = time.perf_counter()
+    try:
+        with trio.fail_after(30):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: b\r\n\r\n".encode())
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return -1, time.perf_counter() - start
+                    data += chunk
+                status = int(data.split(b" ", 2)[1])
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError, ValueError):
+        return -1, time.perf_counter() - start
+    return status, time.perf_counter() - start
+
+
+async def overload_run(port: int, pid: int, clients: int) -> dict[str, Any]:
+    process = psutil.Process(pid)
+    rss_before = process.memory_info().rss
+    rss_peak = [rss_before]
+    slow: list[tuple[int, float]] = []
+    health: list[tuple[int, float]] = []
+    done = trio.Event()
+
+    async def sample_rss() -> None:
+        while not done.is_set():
+            rss_peak[0] = max(rss_peak[0], process.memory_info().rss)
+            await trio.sleep(0.05)
+
+    async def probe_health() -> None:
+        while not done.is_set() and len(health) < 2000:
+            health.append(await request(port, "/health"))
+            await trio.sleep(0.02)
+
+    async def one() -> None:
+        slow.append(await request(port, "/slow"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample_rss)
+        nursery.start_soon(probe_health)
+        async with trio.open_nursery() as load:
+            for _ in range(clients):
+                load.start_soon(one)
+        done.set()
+    statuses = collections.Counter(status for status, _ in slow)
+    admitted = sorted(t * 1000 for status, t in slow if status == 200)
+    shed = sorted(t * 1000 for status, t in slow if status == 503)
+    health_ms = sorted(t * 1000 for _, t in health)
+    return {
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "admitted_p50_ms": percentile(admitted, 50),
+        "admitted_p99_ms": percentile(admitted, 99),
+        "shed_p99_ms": percentile(shed, 99),
+        "health_statuses": dict(collections.Counter(str(s) for s, _ in health)),
+        "health_p50_ms": percentile(health_ms, 50),
+        "health_p99_ms": percentile(health_ms, 99),
+        "health_max_ms": health_ms[-1] if health_ms else float("nan"),
+        "health_probes": len(health),
+        "rss_growth_mib": (rss_peak[0] - rss_before) / 2**20,
+    }
+
+
+async def baseline_run(port: int) -> dict[str, Any]:
+    """``LIMIT // 2`` slow requests at once: nothing is shed; their latency is the reference.
+
+    (Half the limit: uvicorn counts connections and tasks, and sheds some of
+    ``LIMIT`` requests that arrive together.)
+    """
+    results: list[tuple[int, float]] = []
+
+    async def one() -> None:
+        results.append(await request(port, "/slow"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(LIMIT // 2):
+            nursery.start_soon(one)
+    times = sorted(t * 1000 for status, t in results if status == 200)
+    return {"ok": len(times), "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
+
+
+def overload(clients: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for variant in ("limited", "uvicorn"):
+        with server(variant) as (port, _):
+            reference = trio.run(baseline_run, port)
+        with server(variant) as (port, pid):
+            trio.run(request, port, "/")  # warm
+            results[variant] = {
+                "reference": reference,
+                **trio.run(overload_run, port, pid, clients),
+            }
+    return results
+
+
+# --- the cost of the bounds on hello world --------------------------------------------------
+
+
+@contextmanager
+def main_snapshot() -> Iterator[str | None]:
+    """``trio_launcher`` as on the ``main`` ref, unpacked in a temporary directory."""
+    if shutil.which("git") is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "main.tar"
+        made = subprocess.run(["git", "archive", "-o", str(archive), "main", "trio_launcher"],
+                              cwd=ROOT, capture_output=True)  # fmt: skip
+        if made.returncode != 0:
+            yield None
+            return
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        yield tmp
+
+
+def cost(rounds: int, seconds: float) -> dict[str, Any]:
+    with main_snapshot() as snapshot:
+        variants = ["defaults", "bounds-off", "all-bounds"] + (["main"] if snapshot else [])
+        rps: dict[str, list[float]] = {v: [] for v in variants}
+        p99: dict[str, list[float]] = {v: [] for v in variants}
+        for i in range(rounds):
+            for variant in variants[i % len(variants) :] + variants[: i % len(variants)]:
+                with server(variant, snapshot if variant == "main" else None) as (port, _):
+                    url = f"http://127.0.0.1:{port}/"
+                    wrk(url, 64, min(1.0, seconds))  # warm-up
+                    result = wrk(url, 64, seconds)
+                rps[variant].append(result.rps)
+                p99[variant].append(result.p99_ms)
+    base = "main" if snapshot else "bounds-off"
+    return {
+        "rps": rps,
+        "p99_ms": p99,
+        "baseline": base,
+        "rps_ratio": {v: paired_ratio(rps[v], rps[base]) for v in variants if v != base},
+    }
+
+
+def middleware_cpu(variant: str, calls: int = 50_000) -> float:
+    """CPU microseconds per call of the runner's middleware around a hello-world app.
+
+    CPU time of this process, best of seven: other work on the machine hardly
+    moves it, unlike wall-clock throughput. ``variant``: ``main`` (needs
+    ``BENCH_TRIO_LAUNCHER``), ``defaults``, ``bounds-off`` or ``all-bounds``.
+    """
+    snapshot = os.environ.get("BENCH_TRIO_LAUNCHER")
+    if snapshot:
+        _import_package_from(Path(snapshot) / "trio_launcher")
+    from trio_launcher import _asgi
+
+    kwargs: dict[str, Any] = {}
+    if variant != "main":
+        kwargs["bounds"] = {
+            "defaults": _asgi.Bounds(),
+            "bounds-off": _asgi.Bounds(body_timeout=None),
+            "all-bounds": _asgi.Bounds(30.0, 1000, 60.0),
+        }[variant]
+
+    async def hello(scope: Message, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hi"})
+
+    async def send(message: Message) -> None:
+        pass
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    middleware = _asgi.RunnerMiddleware(hello, lambda exc: None, **kwargs)
+    scope = {"type": "http", "method": "GET", "path": "/", "http_version": "1.1",
+             "headers": [(b"host", b"x")]}  # fmt: skip
+
+    async def measure() -> float:
+        best = math.inf
+        for _ in range(7):
+            start = time.process_time()
+            for _ in range(calls):
+                await middleware(scope, receive, send)
+            best = min(best, (time.process_time() - start) / calls)
+        return best * 1e6
+
+    return trio.run(measure)
+
+
+def middleware_cost(rounds: int) -> dict[str, list[float]]:
+    """``middleware_cpu`` per variant, each in a fresh process, interleaved rounds."""
+    with main_snapshot() as snapshot:
+        variants = ["defaults", "bounds-off", "all-bounds"] + (["main"] if snapshot else [])
+        results: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(rounds):
+            for variant in variants:
+                environment = env()
+                if variant == "main" and snapshot:
+                    environment["BENCH_TRIO_LAUNCHER"] = snapshot
+                out = subprocess.run(
+                    pin(1, [sys.executable, "-m", "benchmarks.overload", "cpu", variant]),
+                    env=environment, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                )  # fmt: skip
+                results[variant].append(float(out.stdout.strip()))
+    return results
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def render(results: dict[str, Any]) -> str:
+    out = ["### Overload (2000 clients at once, 2 s handler, limit 100)", "",
+           "| | trio_launcher `limit_concurrency=100` | uvicorn `--limit-concurrency 100` |",
+           "|---|---|---|"]  # fmt: skip
+    o = results["overload"]
+    a, b = o["limited"], o["uvicorn"]
+
+    def row(name: str, fmt: Callable[[dict[str, Any]], str]) -> None:
+        out.append(f"| {name} | {fmt(a)} | {fmt(b)} |")
+
+    row("statuses of the 2000", lambda r: ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()))
+    row("503 p99", lambda r: f"{r['shed_p99_ms']:.0f} ms")
+    row("health path p50 / p99 / max", lambda r: f"{r['health_p50_ms']:.1f} / "
+        f"{r['health_p99_ms']:.1f} / {r['health_max_ms']:.0f} ms")  # fmt: skip
+    row(
+        "health statuses", lambda r: ", ".join(f"{k}: {v}" for k, v in r["health_statuses"].items())
+    )
+    row("admitted p50 / p99 (overload)", lambda r: f"{r['admitted_p50_ms']:.0f} / "
+        f"{r['admitted_p99_ms']:.0f} ms")  # fmt: skip
+    row("admitted p50 / p99 (50 alone)", lambda r: f"{r['reference']['p50_ms']:.0f} / "
+        f"{r['reference']['p99_ms']:.0f} ms")  # fmt: skip
+    row("RSS growth", lambda r: f"{r['rss_growth_mib']:.1f} MiB")
+    c = results["cost"]
+    out += ["", f"### Cost of the bounds, hello world (wrk -c64; baseline: {c['baseline']})", "",
+            "| variant | req/s per round | p99 ms per round | ratio to baseline |",
+            "|---|---|---|---|"]  # fmt: skip
+    for variant, values in c["rps"].items():
+        ratio = c["rps_ratio"].get(variant)
+        out.append(f"| {variant} | {', '.join(f'{v:.0f}' for v in values)} | "
+                   f"{', '.join(f'{v:.1f}' for v in c['p99_ms'][variant])} | "
+                   f"{'-' if ratio is None else f'{ratio:.3f}'} |")  # fmt: skip
+    m = results.get("middleware_us")
+    if m:
+        out += ["", "### CPU per request in the runner's middleware (hello world, best of 7)", "",
+                "| variant | us per request, per round |", "|---|---|"]  # fmt: skip
+        out += [f"| {v} | {', '.join(f'{x:.2f}' for x in xs)} |" for v, xs in m.items()]
+    return "\n".join(out)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Both measurements; the clients run on core 1 meanwhile (the server on core 0)."""
+    affinity = os.sched_getaffinity(0)
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {1})
+    load_before = os.getloadavg()
+    try:
+        return {
+            "overload": overload(2000),
+            "cost": cost(2 if quick else 4, 2.0 if quick else 4.0),
+            "middleware_us": middleware_cost(2 if quick else 4),
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+        }
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        serve(argv[1], int(argv[2]))
+        return 0
+    if argv[:1] == ["cpu"]:
+        print(f"{middleware_cpu(argv[1]):.3f}")
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overload")
+    parser.add_argument("--quick", action="store_true")
+    opts = parser.parse_args(argv)
+    results = run(opts.quick)
+    (HERE / "overload-results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(render(results))
+    print(f"\nload average before {results['load_before']}, after {results['load_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

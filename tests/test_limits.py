@@ -1,0 +1,608 @@
+"""Bounds on requests: deadlines, load shedding, slow bodies, honest drains, startup.
+
+Every server is real (in-process hypercorn on 127.0.0.1:0, or the CLI as a
+subprocess). Real-time bounds are generous for a busy 2-core machine; the
+measured figures are printed (``-s``) for docs/limits.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypercorn.config import Config
+
+from trio_launcher import AppStartupError, ConfigError, serve_http
+from trio_launcher.testing import TLSFiles, running_server
+
+from .bounds_apps import BoundsApp
+from .proc import launch, run_cli
+
+
+def elapsed_since(start: float) -> float:
+    return trio.current_time() - start
+
+
+# --- 2. request deadline -------------------------------------------------------
+
+
+async def test_request_timeout_answers_504_and_cancels_the_handler_and_its_nursery() -> None:
+    app = BoundsApp()
+    async with running_server(app, request_timeout=1.0) as server:
+        start = trio.current_time()
+        response = await server.client.get("/forever")
+        took = elapsed_since(start)
+        print(f"\nMEASURED|504 after|{took:.3f} s")
+        assert response.status_code == 504
+        assert response.json()["error"]["type"] == "RequestTimeout"
+        assert 1.0 <= took < 1.5
+        assert app.ended["/forever"] == ["Cancelled"]
+        assert app.child == ["Cancelled"]  # the cancellation reached the handler's nursery
+        assert server.handle.in_flight == 0
+        assert (await server.client.get("/")).text == "hello"  # the connection lives on
+
+
+async def test_request_timeout_never_cuts_a_started_response() -> None:
+    app = BoundsApp()
+    async with running_server(app, request_timeout=0.3) as server:
+        with trio.move_on_after(1.2) as waited:
+            async with server.client.stream("GET", "/stream") as response:
+                assert response.status_code == 200
+                chunks = response.aiter_raw()
+                assert await chunks.__anext__() == b"started\n"
+                await chunks.__anext__()  # would end (cut) if the deadline applied
+        assert waited.cancelled_caught  # still streaming at 4x the request timeout
+
+
+async def test_request_timeout_off_by_default() -> None:
+    app = BoundsApp()
+    async with running_server(app) as server:
+        with trio.move_on_after(0.5) as waited:
+            await server.client.get("/hold")
+        assert waited.cancelled_caught  # no 504: still waiting
+
+
+# --- 3. load shedding ----------------------------------------------------------
+
+
+async def test_limit_concurrency_sheds_excess_at_once_and_health_stays_fast() -> None:
+    app = BoundsApp()
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with running_server(app, limit_concurrency=10, health_path="/health") as server:
+        statuses: list[int] = []
+        shed_times: list[float] = []
+        retry_after: set[str | None] = set()
+
+        async def one(client: httpx.AsyncClient) -> None:
+            start = trio.current_time()
+            response = await client.get("/hold")
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                shed_times.append(elapsed_since(start))
+                retry_after.add(response.headers.get("retry-after"))
+                assert response.headers["connection"] == "close"  # frees the connection
+                assert response.json()["error"]["type"] == "Overloaded"
+
+        async with (
+            httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client,
+            trio.open_nursery() as nursery,
+        ):
+            for _ in range(50):
+                nursery.start_soon(one, client)
+            with trio.fail_after(10):
+                while len(statuses) < 40:
+                    await trio.sleep(0.01)
+            assert app.running == 10
+            health_start = trio.current_time()
+            health = await client.get("/health")
+            health_took = elapsed_since(health_start)
+            assert health.status_code == 200
+            body = health.json()
+            assert body["in_flight"] == 10
+            assert body["oldest_request_s"] > 0
+            app.release.set()
+        print(f"\nMEASURED|503 latency max|{max(shed_times):.3f} s|health|{health_took:.3f} s")
+        assert sorted(statuses) == [200] * 10 + [503] * 40
+        assert app.peak == 10
+        assert retry_after == {"1"}
+        assert max(shed_times) < 1.0  # the issue's 100 ms, with room for a busy machine
+        assert health_took < 0.5
+        assert server.handle.in_flight == 0
+        health = await server.client.get("/health")
+        assert (health.json()["in_flight"], health.json()["oldest_request_s"]) == (0, 0.0)
+
+
+async def test_limit_counts_requests_not_connections() -> None:
+    app = BoundsApp()
+    async with running_server(app, limit_concurrency=1) as server:
+        # Ten idle keep-alive connections hold no request: they do not count.
+        streams = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(10)]
+        try:
+            for _ in range(3):
+                assert (await server.client.get("/")).status_code == 200
+        finally:
+            for stream in streams:
+                await stream.aclose()
+
+
+# --- bad values ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("request_timeout", 0),
+        ("request_timeout", -1.0),
+        ("request_timeout", math.nan),
+        ("body_timeout", 0.0),
+        ("body_timeout", "60"),
+        ("limit_concurrency", 0),
+        ("limit_concurrency", 2.5),
+        ("engine_health_interval", 0),
+        ("engine_health_timeout", -3),
+        ("startup_timeout", 0),
+    ],
+)
+async def test_bad_bound_values_raise_config_error_naming_the_option(
+    option: str, value: object
+) -> None:
+    options: dict[str, Any] = {option: value, "handle_signals": False}
+    with pytest.raises(ConfigError, match=option):
+        await serve_http(BoundsApp(), None, **options)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--request-timeout", "0"),
+        ("--request-timeout", "soon"),
+        ("--body-timeout", "-1"),
+        ("--limit-concurrency", "0"),
+        ("--limit-concurrency", "ten"),
+        ("--engine-health-interval", "0"),
+        ("--engine-health-timeout", "nan"),
+        ("--startup-timeout", "-5"),
+    ],
+)
+def test_bad_flag_values_exit_2_naming_the_flag(flag: str, value: str) -> None:
+    result = run_cli(["tests.bounds_apps:app", "--bind", "127.0.0.1:0", flag, value])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert flag in lines[0]
+
+
+# --- 5. honest drains ------------------------------------------------------------
+
+
+async def test_drain_past_graceful_timeout_logs_one_error_naming_cut_requests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = BoundsApp()
+    config_timeout = 0.3
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = config_timeout
+    async with (
+        httpx.AsyncClient(timeout=10) as client,  # outlives the server: cut by the drain
+        trio.open_nursery() as outer,
+    ):
+        async with running_server(app, config) as server:
+
+            async def hold(path: str) -> None:
+                with contextlib.suppress(httpx.HTTPError):  # cut by the drain: expected
+                    await client.get(server.url + path)
+
+            outer.start_soon(hold, "/hold")
+            outer.start_soon(hold, "/forever")
+            with trio.fail_after(5):
+                while server.handle.in_flight < 2:
+                    await trio.sleep(0.01)
+        assert server.handle.cut_requests == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert "2 requests still running" in errors[0]
+    assert "GET /hold" in errors[0]
+    assert "GET /forever" in errors[0]
+
+
+async def test_drain_within_graceful_timeout_cuts_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = BoundsApp()
+    async with running_server(app) as server:
+        assert (await server.client.get("/")).status_code == 200
+    assert server.handle.cut_requests == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_cli_drain_that_cuts_requests_says_so_and_exits_0() -> None:
+    args = ["tests.bounds_apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5",
+            "--health-path", "/health"]  # fmt: skip
+    async with launch(args) as proc, httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+
+        async def slow() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                await client.get("/slow", params={"s": "30"})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            nursery.start_soon(slow)
+            with trio.fail_after(10):
+                while (await client.get("/health")).json()["in_flight"] < 2:
+                    await trio.sleep(0.01)
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    errors = [line for line in proc.lines if "[ERROR]" in line]
+    assert len(errors) == 1, proc.stderr
+    assert "2 requests still running" in errors[0]
+    assert "GET /slow" in errors[0]
+
+
+# --- 7. startup --------------------------------------------------------------------
+
+
+class SlowStartApp(BoundsApp):
+    def __init__(self, startup: float, fail: bool = False) -> None:
+        super().__init__()
+        self.startup = startup
+        self.fail = fail
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await trio.sleep(self.startup)
+                    if self.fail:
+                        await send({"type": "lifespan.startup.failed", "message": "no model"})
+                        return
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await super().__call__(scope, receive, send)
+
+
+async def test_startup_has_no_hidden_limit_and_says_it_is_running(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="trio_launcher")
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(
+            lambda task_status: serve_http(
+                SlowStartApp(125.0), None, handle_signals=False, task_status=task_status
+            )
+        )
+        assert trio.current_time() >= 125.0  # hypercorn's hidden limit was 60 s
+        handle.shutdown()
+    lines = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert lines[:3] == [f"app startup still running ({s} s)" for s in (10, 20, 30)]
+    assert len(lines) == 12
+
+
+async def test_startup_timeout_exceeded_is_an_app_startup_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pytest.raises(AppStartupError, match=r"longer than 30 s \(the startup timeout\)"):
+        await serve_http(SlowStartApp(3600.0), None, handle_signals=False, startup_timeout=30)
+    assert trio.current_time() == pytest.approx(30.0)
+
+
+def test_cli_startup_timeout_and_failure_exit_1_naming_the_cause() -> None:
+    result = run_cli(["tests.test_limits:slow_start_app", "--bind", "127.0.0.1:0",
+                      "--startup-timeout", "0.5"])  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "longer than 0.5 s (the startup timeout)" in result.stderr
+    result = run_cli(["tests.test_limits:failing_start_app", "--bind", "127.0.0.1:0"])
+    assert result.returncode == 1, result.stderr
+    assert "lifespan startup failed" in result.stderr
+    assert "no model" in result.stderr
+
+
+slow_start_app = SlowStartApp(30.0)
+failing_start_app = SlowStartApp(0.0, fail=True)
+
+
+# --- 4. slow request bodies ----------------------------------------------------------
+
+
+async def read_response(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
+    """Read one response (head and body, by content-length); return (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"EOF before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return head, body
+
+
+async def read_eof(stream: trio.abc.Stream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
+@pytest.mark.parametrize("transport", ["lean", "hypercorn"])
+async def test_trickling_body_gets_408_and_close_and_the_handler_is_cancelled(
+    transport: str,
+) -> None:
+    app = BoundsApp()
+    async with running_server(app, body_timeout=1.0, transport=transport) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 1000\r\n\r\n")
+        start = trio.current_time()
+        answer: list[tuple[bytes, bytes]] = []
+
+        async def trickle() -> None:
+            for _ in range(1000):  # 10 bytes/s: far below the 1 KiB/s minimum rate
+                await stream.send_all(b"x")
+                await trio.sleep(0.1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            with trio.fail_after(5):
+                answer.append(await read_response(stream))
+                took = elapsed_since(start)
+                await read_eof(stream)  # the server closes the connection
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+        head, body = answer[0]
+        print(f"\nMEASURED|408 after|{took:.3f} s|{transport}")
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert b"connection: close" in head.lower()
+        assert json.loads(body)["error"]["type"] == "RequestTimeout"
+        assert 1.0 <= took < 2.5
+        assert app.ended["/upload"] == ["Cancelled"]
+
+
+async def test_stalled_body_gets_408_after_body_timeout() -> None:
+    app = BoundsApp()
+    async with running_server(app, body_timeout=0.5) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            head = b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n"
+            await stream.send_all(head + b"x" * 50_000)
+            start = trio.current_time()
+            with trio.fail_after(5):
+                head, _ = await read_response(stream)
+            took = elapsed_since(start)
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert took < 2.0  # a single wait may not exceed body_timeout, whatever was received
+        assert app.ended["/upload"] == ["Cancelled"]
+
+
+async def test_fast_50_mb_upload_is_never_cut() -> None:
+    size = 50 * 1024 * 1024
+    async with running_server(BoundsApp(), body_timeout=1.0) as server:
+        chunk = b"u" * 65536
+
+        async def body() -> Any:
+            for _ in range(size // len(chunk)):
+                yield chunk
+
+        start = trio.current_time()
+        response = await server.client.post("/upload", content=body())
+        print(f"\nMEASURED|50 MiB upload|{elapsed_since(start):.2f} s")
+        assert (response.status_code, response.text) == (200, str(size))
+
+
+@pytest.mark.parametrize(("size", "body_timeout"), [(200 * 1024, 1.0), (1000 * 1024, 60.0)])
+async def test_upload_at_100_kib_per_s_is_never_cut(size: int, body_timeout: float) -> None:
+    # 200 KiB takes 2 s: twice body_timeout; the rate rule, not the allowance, lets it through.
+    async with running_server(BoundsApp(), body_timeout=body_timeout) as server:
+        chunk = b"r" * 10240
+
+        async def body() -> Any:
+            for _ in range(size // len(chunk)):
+                yield chunk
+                await trio.sleep(0.1)  # 10 KiB every 0.1 s: 100 KiB/s
+
+        response = await server.client.post("/upload", content=body())
+        assert (response.status_code, response.text) == (200, str(size))
+
+
+async def test_trickling_body_on_one_http2_stream_gets_408_and_the_connection_lives() -> None:
+    app = BoundsApp()
+    async with running_server(app, body_timeout=1.0) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", "/upload"), (":scheme", "http"),
+                              (":authority", "t"), ("content-length", "1000")])  # fmt: skip
+        await stream.send_all(conn.data_to_send())
+        statuses: dict[int, str] = {}
+        start = trio.current_time()
+        lock = trio.Lock()  # two client tasks write to one connection
+
+        async def flush() -> None:
+            async with lock:
+                await stream.send_all(conn.data_to_send())
+
+        async def trickle() -> None:
+            for _ in range(1000):
+                if 1 in statuses:
+                    return
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    conn.send_data(1, b"x")
+                await flush()
+                await trio.sleep(0.1)
+
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            with trio.fail_after(5):
+                while 1 not in statuses:
+                    await _h2_read(stream, conn, statuses, flush)
+                took = elapsed_since(start)
+                conn.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                      (":authority", "t")], end_stream=True)  # fmt: skip
+                await flush()
+                while 3 not in statuses:
+                    await _h2_read(stream, conn, statuses, flush)
+            nursery.cancel_scope.cancel()
+        assert statuses == {1: "408", 3: "200"}
+        assert 1.0 <= took < 2.5
+        assert app.ended["/upload"] == ["Cancelled"]
+
+
+async def _h2_read(
+    stream: trio.SocketStream,
+    conn: h2.connection.H2Connection,
+    statuses: dict[int, str],
+    flush: Callable[[], Awaitable[None]],
+) -> None:
+    data = await stream.receive_some(65536)
+    assert data, "the server closed the HTTP/2 connection"
+    for event in conn.receive_data(data):
+        if isinstance(event, h2.events.ResponseReceived):
+            statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+    await flush()
+
+
+# --- 6. a client that leaves stops its work ---------------------------------------------
+
+
+class AccessLines(logging.Handler):
+    """An access logger of its own (hypercorn uses a Logger it is given as is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(f"tests.access.{id(self)}")
+        self.logger.propagate = False
+        self.logger.setLevel("INFO")
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def open_client(server_port: int, tls: TLSFiles | None, alpn: str) -> trio.abc.Stream:
+    tcp = await trio.open_tcp_stream("127.0.0.1", server_port)
+    if tls is None:
+        return tcp
+    context = tls.client_context(http2=alpn == "h2")
+    context.set_alpn_protocols([alpn])
+    stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1", https_compatible=True)
+    await stream.do_handshake()
+    assert stream.selected_alpn_protocol() == alpn
+    return stream
+
+
+async def leave_mid_request(
+    app: BoundsApp, port: int, tls: TLSFiles | None, protocol: str, how: str
+) -> float:
+    """Start GET /forever, leave once the handler runs; seconds until it saw Cancelled."""
+    stream = await open_client(port, tls, "h2" if protocol == "h2" else "http/1.1")
+    try:
+        return await _leave(app, stream, protocol, how)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _leave(app: BoundsApp, stream: trio.abc.Stream, protocol: str, how: str) -> float:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    if protocol == "h2":
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":path", "/forever"), (":scheme", "http"),
+                              (":authority", "t")], end_stream=True)  # fmt: skip
+        await stream.send_all(conn.data_to_send())
+    else:
+        await stream.send_all(b"GET /forever HTTP/1.1\r\nhost: t\r\n\r\n")
+    with trio.fail_after(5):
+        await app.entered.wait()
+    left = trio.current_time()
+    if how == "rst_stream":
+        conn.reset_stream(1)
+        await stream.send_all(conn.data_to_send())
+    else:
+        await trio.aclose_forcefully(stream)
+    with trio.fail_after(2):
+        while "/forever" not in app.ended:
+            await app.ended_event.wait()
+            app.ended_event = trio.Event()
+    return trio.current_time() - left
+
+
+@pytest.mark.parametrize(
+    ("protocol", "secure", "how", "transport"),
+    [
+        ("http/1.1", False, "close", "lean"),
+        ("http/1.1", True, "close", "lean"),
+        ("h2", False, "close", "lean"),
+        ("h2", True, "close", "lean"),
+        ("h2", False, "rst_stream", "lean"),
+        ("h2", True, "rst_stream", "lean"),
+        # A known gap, in the connection layer: hypercorn's own TaskGroup waits
+        # for the handler after the connection closed.
+        pytest.param("http/1.1", False, "close", "hypercorn", marks=pytest.mark.xfail(
+            strict=True, reason="stock hypercorn connection")),
+    ],
+)  # fmt: skip
+async def test_client_that_leaves_cancels_its_handler_promptly(
+    protocol: str, secure: bool, how: str, transport: str, tmp_path: Path
+) -> None:
+    tls = TLSFiles(tmp_path / "tls") if secure else None
+    config = tls.config() if tls is not None else Config()
+    config.bind = ["127.0.0.1:0"]
+    access = AccessLines()
+    config.accesslog = access.logger
+    app = BoundsApp()
+    async with running_server(app, config, tls=tls, transport=transport) as server:
+        latency = await leave_mid_request(app, server.port, tls, protocol, how)
+        with trio.fail_after(5):
+            while not any("/forever" in line for line in access.lines):
+                await trio.sleep(0.01)
+    label = f"{protocol}{'+tls' if secure else ''} {how} ({transport})"
+    print(f"\nMEASURED|client left -> handler cancelled|{label}|{latency * 1000:.1f} ms")
+    assert app.ended["/forever"] == ["Cancelled"]
+    assert app.child == ["Cancelled"]
+    assert latency < 1.0  # the issue's 50 ms, with room for a busy machine; measured above
+    line = next(li for li in access.lines if "/forever" in li)
+    assert '"GET /forever' in line
+    assert " 499 " in line
+
+
+async def test_a_handler_can_shield_a_side_effect_from_a_leaving_client() -> None:
+    """The pattern docs/limits.md shows: a shielded scope with its own deadline."""
+    done: list[str] = []
+    entered = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        entered.set()
+        with trio.CancelScope(shield=True) as side_effect:
+            side_effect.deadline = trio.current_time() + 5  # bounded even when shielded
+            await trio.sleep(0.3)  # e.g. write the billing record
+            done.append("side effect")
+        await trio.sleep_forever()  # cancelled here, after the side effect
+
+    async with running_server(app) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        with trio.fail_after(5):
+            await entered.wait()
+        await trio.aclose_forcefully(stream)
+        with trio.fail_after(5):
+            while not done:
+                await trio.sleep(0.01)
+    assert done == ["side effect"]
