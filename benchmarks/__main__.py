@@ -35,8 +35,10 @@ from benchmarks.harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "quart", "engine", "sigterm", "certs", "cost", "workers", "overload",
-            "rolling")  # fmt: skip
+SECTIONS = ("throughput", "http1", "quart", "engine", "sigterm", "certs", "cost", "workers",
+            "overload", "rolling")  # fmt: skip
+HTTP1_VARIANTS = ["uvicorn", "hypercorn", "runner-h11", "runner", "uvicorn-fast"]
+HTTP1_TARGETS = {"hello": 1.5, "10-chunk stream": 1.2}  # x uvicorn (h11), issue 14.5
 
 
 def load(kind: str, port: int, path: str, seconds: float, tls: bool) -> LoadResult:
@@ -108,6 +110,19 @@ def throughput(rounds: int, seconds: float) -> dict[str, Any]:
     return results
 
 
+def http1(rounds: int, seconds: float) -> dict[str, Any]:
+    """Our HTTP/1.1 (httptools) side by side with uvicorn (h11, and httptools + uvloop),
+    bare hypercorn-trio and the runner on hypercorn's h11; uvicorn (h11) is the baseline."""
+    import importlib.util
+
+    if importlib.util.find_spec("uvicorn") is None:
+        return {"skipped": "uvicorn is not installed (pip install -e .[bench])"}
+    return {
+        name: compare(HTTP1_VARIANTS, "h1", path, rounds, seconds, None)
+        for name, path in (("hello", "/"), ("10-chunk stream", "/stream"))
+    }
+
+
 def quart(rounds: int, seconds: float) -> dict[str, Any]:
     return {"Quart-Trio hello, HTTP/1.1": compare(["quart-own", "quart-runner"], "h1", "/",
                                                    rounds, seconds, None)}  # fmt: skip
@@ -174,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{section}]", file=sys.stderr, flush=True)
         if section == "throughput":
             results[section] = throughput(rounds, seconds)
+        elif section == "http1":
+            results[section] = http1(rounds, seconds)
         elif section == "quart":
             results[section] = quart(rounds, seconds)
         elif section == "engine":
@@ -248,6 +265,30 @@ def _target(section: str, name: str, variant: str, rps: float, p99: float) -> st
     return f">= 0.98x, p99 <= 1.05x: {'met' if ok else 'MISSED'}"
 
 
+def _render_http1(section: dict[str, Any]) -> list[str]:
+    if "skipped" in section:
+        return [f"HTTP/1.1 protocols: skipped ({section['skipped']})", ""]
+    out = [
+        "| HTTP/1.1, wrk -c64 | variant | req/s median (range) | x uvicorn (h11) "
+        "| p50 ms | p99 ms | p99 / p50 | errors | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in section.items():
+        for v in r["variants"]:
+            p50, p99 = r["p50_ms"][v]["median"], r["p99_ms"][v]["median"]
+            tail = p99 / p50 if p50 else math.nan
+            ratio = r["rps_ratio"].get(v, 1.0)
+            target = ""
+            if v == "runner":
+                goal = HTTP1_TARGETS[name]
+                target = (f">= {goal}x: {'met' if ratio >= goal else 'MISSED'}; "
+                          f"p99 <= 3x p50: {'met' if tail <= 3 else 'MISSED'}")  # fmt: skip
+            out.append(f"| {name} | {v} | {_fmt(r['rps'][v])} | {ratio:.2f} | {p50:.3g} | "
+                       f"{p99:.3g} | {tail:.2f} | {r['errors'][v]} | {target} |")  # fmt: skip
+    out.append("")
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [f"Run {results['date']} on {m['cpus']} x {m['cpu']}, Linux {m['kernel']}, "
@@ -281,6 +322,8 @@ def render(results: dict[str, Any]) -> str:
                     f"{_fmt(r['p99_ms'][v])} | {p99r} | {r['errors'][v]} | {target} |"
                 )
         out.append("")
+    if "http1" in results:
+        out += _render_http1(results["http1"])
     if "engine" in results:
         out += [
             "| engine death -> listener closed | median (max, runs) | target |",

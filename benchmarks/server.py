@@ -7,6 +7,9 @@ Variants:
   quart-runner  Quart-Trio app through serve_http
   quart-own     Quart-Trio app through QuartTrio.run_task
   runner-idle   serve_http with an engine (5 s watchdog) and a TLS refresher (1 s)
+  runner-h11    the runner (lean transport) with http="h11" (hypercorn's HTTP/1.1 protocol)
+  uvicorn       uvicorn, http=h11, asyncio loop (pip install -e .[bench])
+  uvicorn-fast  uvicorn, http=httptools, uvloop
 """
 
 from __future__ import annotations
@@ -40,15 +43,23 @@ def main(argv: list[str]) -> None:
         from hypercorn.trio import serve
 
         trio.run(partial(serve, app, config))  # type: ignore[arg-type]
-    elif variant in ("runner", "runner-idle", "runner-stock"):
+    elif variant in ("runner", "runner-idle", "runner-stock", "runner-h11"):
         from trio_launcher import serve_http
 
         idle = variant == "runner-idle"
         transport: Literal["lean", "hypercorn"] = (
             "hypercorn" if variant == "runner-stock" else "lean"
         )
+        http: Literal["auto", "h11"] = "h11" if variant == "runner-h11" else "auto"
         trio.run(partial(serve_http, app, config, engine=IdleEngine(), transport=transport,
-                         enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
+                         http=http, enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
+    elif variant in ("uvicorn", "uvicorn-fast"):
+        import uvicorn
+
+        fast = variant == "uvicorn-fast"
+        uvicorn.run(app, host="127.0.0.1", port=port, http="httptools" if fast else "h11",
+                    loop="uvloop" if fast else "asyncio", log_level="warning", access_log=False,
+                    backlog=2048)  # fmt: skip
     elif variant == "quart-runner":
         from trio_launcher import serve_http
 

@@ -131,6 +131,24 @@ async def test_hanging_probe_in_process_raises_engine_dead_naming_the_timeout() 
                     await trio.sleep(0.01)
 
 
+async def test_an_engine_task_value_with_check_health_is_probed() -> None:
+    # engine_task= hands over its engine at started(); the probe watches it then.
+    engine = ProbedEngine("raise")
+
+    async def engine_task(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(engine)
+        await trio.sleep_forever()
+
+    with pytest.raises(EngineDeadError, match=r"check_health\(\) raised RuntimeError"):
+        async with running_server(
+            BoundsApp(), engine_task=engine_task, engine_health_interval=0.1
+        ) as server:
+            with trio.fail_after(5):
+                while not server.handle.stopping:
+                    await trio.sleep(0.01)
+    assert engine.calls == 1
+
+
 @pytest.mark.parametrize(
     ("engine", "why"),
     [

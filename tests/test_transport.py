@@ -1,4 +1,5 @@
-"""The lean transport keeps hypercorn's HTTP semantics: every case on both transports."""
+"""The lean transport keeps hypercorn's HTTP semantics: every case on both transports,
+and on the lean transport with each HTTP/1.1 protocol (httptools, the default, and h11)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ from trio_launcher.testing import TLSFiles, running_server
 from . import quart_apps
 from .apps import App, vanishing_h2_client
 
-TRANSPORTS = ["lean", "hypercorn"]
+TRANSPORTS = ["lean", "lean-h11", "hypercorn"]
 pytestmark = pytest.mark.parametrize("transport", TRANSPORTS)
+
+
+def variant(transport: str) -> dict[str, Any]:
+    """serve_http options for a variant: ``lean-h11`` is the lean transport on h11."""
+    if transport == "lean-h11":
+        return {"transport": "lean", "http": "h11"}
+    return {"transport": transport}
 
 
 def config(**settings: Any) -> Config:
@@ -34,7 +42,7 @@ async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
 
 
 async def test_keep_alive_timeout_closes_idle_connection(transport: str) -> None:
-    async with running_server(App(), config(keep_alive_timeout=0.3), transport=transport) as s:
+    async with running_server(App(), config(keep_alive_timeout=0.3), **variant(transport)) as s:
         stream = await trio.open_tcp_stream("127.0.0.1", s.port)
         await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         assert (await read_to_eof(stream)).endswith(b"hello")  # then closed when idle
@@ -43,7 +51,7 @@ async def test_keep_alive_timeout_closes_idle_connection(transport: str) -> None
 
 async def test_graceful_drain_finishes_in_flight_request(transport: str) -> None:
     app = App()
-    async with running_server(app, transport=transport) as server, trio.open_nursery() as n:
+    async with running_server(app, **variant(transport)) as server, trio.open_nursery() as n:
         result: dict[str, Any] = {}
 
         async def slow() -> None:
@@ -57,7 +65,7 @@ async def test_graceful_drain_finishes_in_flight_request(transport: str) -> None
 
 async def test_tls_alpn_h2(transport: str, tls_files: TLSFiles) -> None:
     async with running_server(App(), tls_files.config(), tls=tls_files, http2=True,
-                              transport=transport) as server:  # fmt: skip
+                              **variant(transport)) as server:  # fmt: skip
         for _ in range(3):
             response = await server.client.get("/")
             assert (response.http_version, response.text) == ("HTTP/2", "hello")
@@ -73,7 +81,7 @@ async def test_websocket_echo(transport: str) -> None:
         await send({"type": "websocket.send", "text": "echo:" + message["text"]})
         await send({"type": "websocket.close"})
 
-    async with running_server(echo, transport=transport) as server:
+    async with running_server(echo, **variant(transport)) as server:
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
         await stream.send_all(ws.send(wsproto.events.Request(host="x", target="/")))
@@ -92,13 +100,13 @@ async def test_websocket_echo(transport: str) -> None:
 
 
 async def test_large_request_body(transport: str) -> None:
-    async with running_server(App(), transport=transport) as server:
+    async with running_server(App(), **variant(transport)) as server:
         response = await server.client.post("/upload", content=b"x" * 5_000_000)
         assert response.text == "5000000"
 
 
 async def test_pipelining(transport: str) -> None:
-    async with running_server(App(), transport=transport) as server:
+    async with running_server(App(), **variant(transport)) as server:
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         last = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
         await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n" * 2 + last)
@@ -109,7 +117,7 @@ async def test_pipelining(transport: str) -> None:
 
 
 async def test_read_timeout_closes_stalled_request(transport: str) -> None:
-    async with running_server(App(), config(read_timeout=0.3), transport=transport) as server:
+    async with running_server(App(), config(read_timeout=0.3), **variant(transport)) as server:
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         await stream.send_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab")
         await read_to_eof(stream)  # closed by the server, not hung
@@ -118,14 +126,14 @@ async def test_read_timeout_closes_stalled_request(transport: str) -> None:
 
 
 async def test_quart_trio_app(transport: str) -> None:
-    async with running_server(quart_apps.app, transport=transport) as server:
+    async with running_server(quart_apps.app, **variant(transport)) as server:
         assert (await server.client.get("/")).text == "hello"
         stream = await server.client.get("/stream", params={"n": 3, "delay": 0})
         assert stream.text.count("data:") == 3
 
 
 async def test_h2_abrupt_disconnects_are_contained(transport: str) -> None:
-    async with running_server(App(), transport=transport) as server:
+    async with running_server(App(), **variant(transport)) as server:
         for _ in range(3):
             async with trio.open_nursery() as nursery:
                 for _ in range(30):

@@ -58,6 +58,8 @@ def same_except_supervisor(parent: argparse.Namespace, worker: argparse.Namespac
         ["app:x", "--workers", "2", "--bind", "127.0.0.1:9", "--graceful-timeout", "5"],
         # --flag=value
         ["app:x", "--workers=2", "--bind=127.0.0.1:9", "--log-level=DEBUG", "--engine=e:e"],
+        # the engine task and its shutdown timeout (one engine task per worker)
+        ["app:x", "--workers=2", "--engine-task", "m:task", "--engine-shutdown-timeout", "2.5"],
         # short
         ["app:x", "-b", "127.0.0.1:9", "--workers", "3"],
         # attached short
@@ -140,7 +142,11 @@ def test_every_flag_of_the_real_parser_reaches_the_worker(sockets: BoundSockets)
     its type accepts, all of them at once, read back the same in the worker."""
     parser = build_parser()
     args = ["app:x"]
+    # Of options that exclude each other, the first of each group.
+    excluded = {id(a) for g in parser._mutually_exclusive_groups for a in g._group_actions[1:]}
     for action in parser._actions:
+        if id(action) in excluded:
+            continue
         if not action.option_strings or action.dest in SUPERVISOR_ONLY or action.nargs == 0:
             if action.nargs == 0 and action.dest not in ("help", "version"):
                 args.append(action.option_strings[-1])

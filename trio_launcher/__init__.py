@@ -16,6 +16,8 @@ from ._runner import StopReason as StopReason
 from ._runner import serve_http as serve_http
 from ._tls import CertificateRefresher as CertificateRefresher
 from ._watchdog import Engine as Engine
+from ._watchdog import current_engine as current_engine
+from ._watchdog import engine_cleanup_scope as engine_cleanup_scope
 
 __version__ = "0.1.0"
 
@@ -35,5 +37,7 @@ __all__ = [
     "ServeOptions",
     "ServerHandle",
     "StopReason",
+    "current_engine",
+    "engine_cleanup_scope",
     "serve_http",
 ]

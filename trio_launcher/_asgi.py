@@ -189,8 +189,11 @@ class RunnerMiddleware:
             log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"),
                         refusal)  # fmt: skip
             if scope["type"] == "http":
-                await send_json(send, 431, {"error": {"type": "HeadersTooLarge",
-                                                      "message": refusal}})  # fmt: skip
+                # HTTP/1.x: the connection closes after a 431 (RFC 9110 15.5.1: the
+                # rest of the head may still be arriving; nobody knows where it ends).
+                close = [(b"connection", b"close")] if _is_http1(scope) else []
+                error = {"error": {"type": "HeadersTooLarge", "message": refusal}}
+                await send_json(send, 431, error, extra_headers=close)
             else:
                 await send({"type": "websocket.close", "code": 1009})
             return
@@ -447,6 +450,55 @@ def _has_body(scope: Scope) -> bool:
 
 def _is_http1(scope: Scope) -> bool:
     return str(scope.get("http_version", "1.1")).startswith("1")
+
+
+class StartingGate:
+    """503 for every request while the runner is starting (its engine task loads).
+
+    Outermost layer, used with ``serve_http(engine_task=...)`` only: the
+    listeners accept before the engine and the app have started, so that a
+    client gets an answer instead of a hang. The health path goes on to the
+    runner (``{"status": "starting"}``); other requests get 503 with
+    ``Retry-After``, and on HTTP/1.x ``Connection: close``: a connection
+    opened now must not keep the empty lifespan state it copied. An HTTP/2
+    connection can stay open, so the app's lifespan state is copied into each
+    request's state once serving (a few keys, only in this mode).
+    """
+
+    def __init__(self, app: ASGIApp, is_starting: Callable[[], bool],
+                 health_path: str | None) -> None:  # fmt: skip
+        self.app = app
+        self.is_starting = is_starting
+        self.health_path = health_path
+        self.lifespan_state: MutableMapping[str, Any] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            self.lifespan_state = scope.get("state")
+        elif self.is_starting():
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1013})  # try again later
+                return
+            if scope["path"] != self.health_path:
+                await self._refuse(scope, send)
+                return
+        elif self.lifespan_state and (state := scope.get("state")) is not None:
+            for key, value in self.lifespan_state.items():
+                state.setdefault(key, value)
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        data = json.dumps({"error": {"type": "Starting", "message":
+                                     "the service is starting; retry later"}}).encode()  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            (b"retry-after", RETRY_AFTER),
+        ]
+        if scope.get("http_version") in ("1.0", "1.1"):
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:

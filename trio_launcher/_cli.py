@@ -27,7 +27,7 @@ import ssl
 import sys
 import threading
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NoReturn
 
@@ -41,13 +41,15 @@ from ._errors import (
     EngineDeadError,
     ExitCode,
     ForcedShutdown,
+    LauncherError,
     OptionError,
 )
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
-from ._runner import ServerHandle, serve_http
+from ._runner import ServerHandle, exit_process_if_engine_stuck, serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
 from ._systemd import listen_fds, notify_parent_instead
+from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT
 from ._worker import (
     ask_to_retire,
     report_cut_requests,
@@ -133,11 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("app", metavar="MODULE:APP", help="the ASGI app to serve, e.g. myservice.app:app")
-    add(
+    engines = parser.add_mutually_exclusive_group()
+    engines.add_argument(
         "--engine",
         metavar="MODULE:ATTR",
         help="engine object with errored/is_running "
         "(and optionally async wait_dead()); its death stops the server with exit 3",
+    )
+    engines.add_argument(
+        "--engine-task",
+        metavar="MODULE:ATTR",
+        help="async function run as the engine task (trio's start protocol): started "
+        "before the app, 503 until then, stopped after the drain; its end is the "
+        "engine's death (exit 3)",
+    )
+    add(
+        "--engine-shutdown-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_ENGINE_SHUTDOWN_TIMEOUT,
+        metavar="S",
+        help="seconds the cancelled engine task has to clean up (default 10)",
     )
     add(
         "--bind",
@@ -208,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="lean",
         help="connection layer: lean (trio_launcher's own, default) or hypercorn's stock one",
     )
+    add(
+        "--http",
+        choices=("auto", "httptools", "h11"),
+        default="auto",
+        help="HTTP/1.1 protocol: httptools (strict and fast), h11 (hypercorn's); "
+        "auto (default) is httptools on the lean transport",
+    )
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
     serving = parser.add_argument_group("serving")
@@ -236,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="most request headers; more get 431 (default 256)",
+    )
+    serving.add_argument(
+        "--header-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="a request head must arrive within S seconds of its first byte, "
+        "else 408 and close (default 10)",
     )
     serving.add_argument("--access-log", metavar="FILE", help="access log file, - for stdout")
     serving.add_argument(
@@ -361,8 +393,10 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.path.insert(0, os.getcwd())
         app = import_from_string(opts.app, "app")
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
+        task = import_from_string(opts.engine_task, "engine task") if opts.engine_task else None
+        exit_process_if_engine_stuck(_exit_now if argv is None else None)
         absorb_signals_for_process()
-        options = options_from_args(opts, engine)
+        options = options_from_args(opts, engine, task)
         if orders is not None:
             options = options.replace(on_max_requests=ask_to_retire)
         started = _Started()
@@ -395,13 +429,19 @@ KEEP_ALIVE_ENV = "TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH"
 """vLLM's variable for ``--keep-alive-on-engine-death``; read by the CLI only."""
 
 
-def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeOptions:
+def options_from_args(
+    opts: argparse.Namespace,
+    engine: object | None,
+    engine_task: Callable[..., Awaitable[object]] | None = None,
+) -> ServeOptions:
     """The runner's options from the parsed flags (and vLLM's environment variable)."""
     keep_alive = opts.keep_alive_on_engine_death
     if keep_alive is None:
         keep_alive = os.environ.get(KEEP_ALIVE_ENV, "") in ("1", "true", "yes")
     return ServeOptions(
         engine=engine,
+        engine_task=engine_task,
+        engine_shutdown_timeout=opts.engine_shutdown_timeout,
         watchdog_interval=opts.watchdog_interval,
         keep_alive_on_engine_death=keep_alive,
         enable_ssl_refresh=opts.ssl_refresh,
@@ -413,6 +453,8 @@ def options_from_args(opts: argparse.Namespace, engine: object | None) -> ServeO
         access_log_exclude=tuple(opts.access_log_exclude),
         transport=opts.transport,
         **{name: getattr(opts, name) for name in BOUND_OPTIONS},
+        http=opts.http,
+        header_timeout=opts.header_timeout,
     )
 
 
@@ -468,6 +510,21 @@ def _run_workers(parser: argparse.ArgumentParser, opts: argparse.Namespace, conf
         raise
     absorb_signals_for_process()
     return trio.run(partial(run_workers, argv, count, sockets, recycling=recycling))
+
+
+def _exit_now(outcome: LauncherError | None) -> None:
+    """The engine task outlived its shutdown timeout: exit without it, with the
+    code the stop would have given (nothing in trio can end such a task)."""
+    code: int = ExitCode.OK
+    if isinstance(outcome, ForcedShutdown):
+        _fail(str(outcome), 0)
+        code = 128 + outcome.signum
+    elif isinstance(outcome, EngineDeadError):
+        code = _fail(str(outcome), ExitCode.ENGINE_DEAD)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _describe(exc: BaseException) -> str:

@@ -157,6 +157,8 @@ def readable_errors() -> Iterator[None]:
         leaves = list(_leaves(group))
         real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
         if len(real) == 1 and len(real) == len(leaves):
+            if real[0].__cause__ is not None:  # keep its own cause (EngineDeadError's)
+                raise real[0] from real[0].__cause__
             raise real[0] from group
         raise
 

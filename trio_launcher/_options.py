@@ -20,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
 from ._errors import OptionError
-from ._watchdog import check_engine
+from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, check_engine
 
 Transport = Literal["lean", "hypercorn"]
 TRANSPORTS: tuple[Transport, ...] = ("lean", "hypercorn")
+HTTP1Protocol = Literal["auto", "httptools", "h11"]
+HTTP1_PROTOCOLS: tuple[HTTP1Protocol, ...] = ("auto", "httptools", "h11")
 
 
 def _flag(name: str | None) -> Mapping[str, Any]:
@@ -43,6 +45,18 @@ class ServeOptions:
     engine: object | None = field(default=None, metadata=_flag("--engine"))
     """An object with ``errored`` and ``is_running`` (optionally ``async def
     wait_dead()``); its death drains and stops the server."""
+
+    engine_task: Callable[..., Awaitable[object]] | None = field(
+        default=None, metadata=_flag("--engine-task")
+    )
+    """An async function speaking trio's start protocol, run in the runner's
+    nursery: started before the app (503 until then), stopped after the drain;
+    its end is the engine's death. Exclusive with ``engine``. See docs/engine-task.md."""
+
+    engine_shutdown_timeout: float = field(
+        default=DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, metadata=_flag("--engine-shutdown-timeout")
+    )
+    """Seconds the cancelled engine task has to clean up before the runner gives up on it."""
 
     sock: socket.socket | None = field(default=None, metadata=_flag(None))
     """A bound TCP or Unix socket to serve instead of ``config.bind``; the
@@ -90,6 +104,14 @@ class ServeOptions:
     """``lean``: trio_launcher's own connection layer; ``hypercorn``: hypercorn's
     stock trio connection."""
 
+    http: HTTP1Protocol = field(default="auto", metadata=_flag("--http"))
+    """HTTP/1.1 protocol: ``httptools`` (trio_launcher's own, strict and fast;
+    docs/http1.md), ``h11`` (hypercorn's), ``auto``: httptools on the lean transport."""
+
+    header_timeout: float = field(default=10.0, metadata=_flag("--header-timeout"))
+    """Seconds a request head may take from its first byte (HTTP/1.1 on
+    httptools); later gets 408 and the connection closes."""
+
     on_max_requests: Callable[[], None] | None = field(default=None, metadata=_flag(None))
     """Called instead of draining when ``config.max_requests`` is reached (a
     worker of ``--workers`` asks its supervisor for a replacement)."""
@@ -127,11 +149,24 @@ class ServeOptions:
                 check_engine(self.engine)
             except TypeError as exc:
                 raise OptionError("engine", str(exc).removeprefix("engine ")) from None
+        if self.engine_task is not None:
+            if self.engine is not None:
+                raise OptionError("engine_task", "and engine are exclusive: give one of them")
+            if not callable(self.engine_task):
+                raise OptionError(
+                    "engine_task", f"must be an async function, got {self.engine_task!r}"
+                )
+        _positive("engine_shutdown_timeout", self.engine_shutdown_timeout)
         _positive("watchdog_interval", self.watchdog_interval, infinite_ok=True)
         _positive("ssl_refresh_interval", self.ssl_refresh_interval)
         _at_least_zero("shutdown_delay", self.shutdown_delay)
         if self.transport not in TRANSPORTS:
             raise OptionError("transport", f"must be 'lean' or 'hypercorn', got {self.transport!r}")
+        if self.http not in HTTP1_PROTOCOLS:
+            raise OptionError("http", f"must be 'auto', 'httptools' or 'h11', got {self.http!r}")
+        if self.http == "httptools" and self.transport != "lean":
+            raise OptionError("http", "httptools needs the lean transport")
+        _positive("header_timeout", self.header_timeout)
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise OptionError("health_path", f"must start with '/', got {self.health_path!r}")
         for name in ("max_header_count", "max_head_size", "limit_concurrency"):
@@ -149,6 +184,11 @@ class ServeOptions:
                     "engine_error_types", f"must hold exception types, got {exc_type!r}"
                 )
 
+    @property
+    def http1_protocol(self) -> str:
+        """The HTTP/1.1 protocol in effect: ``httptools`` or ``h11``."""
+        return "httptools" if self.http != "h11" and self.transport == "lean" else "h11"
+
     def replace(self, **changes: Any) -> ServeOptions:
         """A copy with ``changes`` applied (and validated)."""
         return build_options(self, changes)
@@ -158,6 +198,8 @@ class ServeKwargs(TypedDict, total=False):
     """``serve_http``'s keyword arguments: the fields of :class:`ServeOptions`."""
 
     engine: object | None
+    engine_task: Callable[..., Awaitable[object]] | None
+    engine_shutdown_timeout: float
     sock: socket.socket | None
     handle_signals: bool
     watchdog_interval: float
@@ -171,6 +213,8 @@ class ServeKwargs(TypedDict, total=False):
     max_head_size: int | None
     access_log_exclude: tuple[str, ...] | list[str]
     transport: Transport
+    http: HTTP1Protocol
+    header_timeout: float
     on_max_requests: Callable[[], None] | None
     request_timeout: float | None
     limit_concurrency: int | None

@@ -1,9 +1,19 @@
 """serve_http: one nursery that owns the server and everything that can stop it.
 
 Rule 1: only this module opens the nursery of sibling tasks. The HTTP server,
-the signal listener, the engine watchdog and the certificate refresher are
-task functions exported by their own modules; they run side by side in
-serve_http's nursery and never hold handles to each other.
+the signal listener, the engine watchdog, the engine task and the certificate
+refresher are task functions exported by their own modules; they run side by
+side in serve_http's nursery and never hold handles to each other.
+
+With an engine task (``engine_task=fn``) the order is nested, so that the
+app's lifespan runs while the engine does, at both ends::
+
+    bind -> accept (503) -> engine task started -> app startup -> serve
+    stop -> drain -> app shutdown -> engine task cancelled (bounded cleanup)
+
+The listeners accept before the engine has started, so a client gets a 503
+instead of a hang while a model loads; the app is started only after the
+engine, so its startup can use it (``current_engine()``).
 
 Shutdown is carried by two things, never by a stored task handle:
 
@@ -13,6 +23,9 @@ Shutdown is carried by two things, never by a stored task handle:
   the first to do so records *why* the server stopped.
 * ``_Control.force``, a ``trio.CancelScope`` around the nursery, is the
   emergency stop for a second signal: cancelling it ends every task at once.
+* ``_Control.engine_starting`` (a cancel scope: a stop while the engine task
+  starts cancels its start) and ``_Control.engine_stop`` (an event set once
+  the server has returned: the engine task is cancelled then).
 
 When the server task returns (the drain is over and lifespan shutdown ran),
 the body of the nursery cancels the nursery's own scope to end the helpers,
@@ -28,7 +41,7 @@ import enum
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Unpack
 
@@ -41,17 +54,33 @@ from ._asgi import (
     InFlight,
     Limits,
     RunnerMiddleware,
+    StartingGate,
     describe_routes,
 )
-from ._errors import ConfigError, EngineDeadError, ForcedShutdown, OptionError, readable_errors
+from ._errors import (
+    ConfigError,
+    EngineDeadError,
+    ForcedShutdown,
+    LauncherError,
+    OptionError,
+    readable_errors,
+)
 from ._hypercorn import Config, wrap_app
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
-from ._server import serve_sockets
+from ._server import AppStart, serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
-from ._watchdog import HealthProbe, engine_is_dead, watch_engine
+from ._watchdog import (
+    EngineSlot,
+    HealthProbe,
+    check_engine,
+    engine_is_dead,
+    engine_slot,
+    run_engine_task,
+    watch_engine,
+)
 
 log = logging.getLogger("trio_launcher")
 
@@ -96,6 +125,18 @@ class _Control:
         self.probe: HealthProbe | None = None
         self.cut_requests = 0
         self.cutting = False  # the drain deadline passed: requests are being cut
+        # serve_http(engine_task=...): see start_engine_task.
+        self.slot = EngineSlot(engine)
+        self.has_engine_task = False
+        self.starting = False  # the gate answers 503 while set
+        self.app_start = AppStart()
+        self.engine_starting = trio.CancelScope()  # cancelled by a stop during the start
+        self.engine_stop = trio.Event()
+        self.engine_cut = trio.Event()
+        self.engine_done = trio.Event()
+        self.engine_error: BaseException | None = None
+        self.watchdog_interval = math.inf
+        self.health_probe = (math.inf, math.inf)  # check_health(): interval, timeout
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -104,6 +145,7 @@ class _Control:
         if not self.stopping.is_set():
             notify("STOPPING=1")
         self.stopping.set()
+        self.engine_starting.cancel()
         if reason is not StopReason.SIGNAL or self.shutdown_delay <= 0:
             self.drain.set()
 
@@ -126,9 +168,11 @@ class _Control:
     def health(self) -> tuple[int, dict[str, Any]]:
         """The health path's answer: 200 while serving with a live engine, else 503."""
         state = "stopping" if self.stopping.is_set() else "serving"
+        if self.starting and state == "serving":
+            return 503, {"status": "starting"}
         body: dict[str, Any] = {"status": state}
         overdue = self.probe is not None and self.probe.overdue and not self.engine_dead
-        if self.engine is not None:
+        if self.engine is not None or self.has_engine_task:
             body["engine"] = "dead" if self.engine_dead else "unresponsive" if overdue else "alive"
         healthy = state == "serving" and not self.engine_dead and not overdue
         return (200 if healthy else 503), body
@@ -148,6 +192,7 @@ class _Control:
 
     def on_force_signal(self, signum: int) -> None:
         self.forced_by = signum
+        self.engine_cut.set()  # (before the cancel: the engine's cleanup is cut too)
         self.force.cancel()
 
     def on_reload_signal(self) -> None:
@@ -157,7 +202,7 @@ class _Control:
             self.refresher.request_reload()
 
     def on_engine_dead(self, how: str) -> None:
-        if self.engine_dead:
+        if self.engine_dead or self.engine_stop.is_set():  # (stopped on purpose: not a death)
             return
         self.engine_dead = True
         self.engine_death = how
@@ -175,6 +220,92 @@ class _Control:
             self.on_engine_dead(f"a request raised EngineDeadError: {exc}")
         elif self.engine is not None and engine_is_dead(self.engine):
             self.on_engine_dead(f"a request raised {type(exc).__name__} and the engine is dead")
+
+    async def start_engine_task(
+        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], opts: ServeOptions
+    ) -> None:
+        """Start the engine task in ``nursery`` and wait until it has started.
+
+        A stop meanwhile cancels the start; a crash (or a return) before
+        ``started`` is the engine's death. The task's value becomes the engine.
+        """
+        began = trio.current_time()
+        with self.engine_starting:
+            try:
+                value = await nursery.start(self._engine_task, fn, opts.engine_shutdown_timeout)
+            except Exception as exc:
+                self.on_engine_task_end(exc, trio.current_time() - began)
+                return
+        if self.engine_starting.cancelled_caught:
+            log.info("stopping before the engine task had started: its start was cancelled")
+            return
+        self.slot.engine, self.slot.started = value, True
+        try:
+            check_engine(value)
+        except TypeError:
+            return  # a value without the engine attributes: the task itself is watched
+        self.engine = value
+        self.watch_engine(nursery, value)
+
+    def watch_engine(self, nursery: trio.Nursery, engine: object) -> None:
+        """The watchdog and, if the engine has ``check_health()``, the health probe."""
+        nursery.start_soon(watch_engine, engine, self.watchdog_interval, self.on_engine_dead)
+        check_health = getattr(engine, "check_health", None)
+        if check_health is not None:
+            interval, timeout = self.health_probe
+            self.probe = HealthProbe(check_health, interval, timeout, self.on_engine_dead)
+            nursery.start_soon(self.probe.run)
+
+    async def start_engine_then_app(
+        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], opts: ServeOptions,
+        urls: list[str],
+    ) -> bool:  # fmt: skip
+        """The sockets accept (503); start the engine task, then the app. False
+        if the server stopped first (the app is then never started)."""
+        for url in urls:
+            log.info("accepting on %s; 503 until the engine task has started", url)
+        notify("STATUS=starting the engine task")
+        await self.start_engine_task(nursery, fn, opts)
+        self.app_start.skip = self.stopping.is_set()
+        self.app_start.go.set()
+        if self.app_start.skip:
+            return False
+        await self.app_start.started.wait()
+        self.starting = False
+        return True
+
+    async def _engine_task(
+        self,
+        fn: Callable[..., Awaitable[object]],
+        shutdown_timeout: float,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await run_engine_task(fn, self.engine_stop, shutdown_timeout, self.on_engine_task_end,
+                                  self._engine_stuck, cut=self.engine_cut,
+                                  task_status=task_status)  # fmt: skip
+        finally:
+            self.engine_done.set()
+
+    def on_engine_task_end(self, error: BaseException | None, starting: float | None = None
+                           ) -> None:  # fmt: skip
+        """The engine task ended by itself (``starting``: seconds into its start)."""
+        self.engine_error = error
+        when = "" if starting is None else f" {starting:.1f} s into its start"
+        if error is None:
+            how = f"the engine task returned{when}"
+        else:
+            how = f"the engine task raised {type(error).__name__}{when}: {error}"
+            log.error("%s", how, exc_info=error)  # the traceback, once
+        if self.engine_dead:
+            # A request that needed the engine saw the death first; the task's
+            # own end is the cause worth reporting.
+            self.engine_death = how
+        self.on_engine_dead(how)
+
+    def _engine_stuck(self) -> None:
+        _on_engine_stuck(_outcome(self))
 
 
 class ServerHandle:
@@ -196,6 +327,11 @@ class ServerHandle:
     def stopping(self) -> bool:
         """True from the moment a shutdown was asked for (readiness is 503)."""
         return self._control.stopping.is_set()
+
+    @property
+    def engine(self) -> Any:
+        """The engine: the ``engine=`` object or the engine task's ``started`` value."""
+        return self._control.slot.engine
 
     @property
     def engine_alive(self) -> bool:
@@ -240,7 +376,8 @@ async def serve_http(
         config: hypercorn configuration; default binds 127.0.0.1:8000. It is
             copied, never changed.
         options: a :class:`ServeOptions`; keyword arguments override its fields.
-        task_status: receives a :class:`ServerHandle` once serving.
+        task_status: receives a :class:`ServerHandle` once serving (stopped
+            while an engine task started: a stopping handle, as it returns).
         **kwargs: the fields of :class:`ServeOptions` (``engine``,
             ``health_path``, ``shutdown_delay``...), documented there.
 
@@ -267,10 +404,8 @@ async def serve_http(
     config.startup_timeout = _startup_limit(config, opts.startup_timeout)
 
     control = _Control(engine, opts.keep_alive_on_engine_death, opts.shutdown_delay)
-    check_health = getattr(engine, "check_health", None)
-    if check_health is not None:
-        control.probe = HealthProbe(check_health, opts.engine_health_interval,
-                                    opts.engine_health_timeout, control.on_engine_dead)  # fmt: skip
+    control.watchdog_interval = opts.watchdog_interval
+    control.health_probe = (opts.engine_health_interval, opts.engine_health_timeout)
     error_types = (*ENGINE_ERRORS, *opts.engine_error_types)
     served_app = app
     if is_quart_app(app):
@@ -287,7 +422,11 @@ async def serve_http(
         bounds=Bounds(opts.request_timeout, opts.limit_concurrency, opts.body_timeout),
         in_flight=control.in_flight,
     )
-    wrapped = wrap_app(middleware, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    outer: Any = middleware
+    if opts.engine_task is not None:
+        control.has_engine_task = control.starting = True
+        outer = StartingGate(middleware, lambda: control.starting, opts.health_path)
+    wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
         interval = opts.ssl_refresh_interval if opts.enable_ssl_refresh else math.inf
@@ -303,6 +442,7 @@ async def serve_http(
             control.force,
             _access_log_filter(config, opts.access_log_exclude),
             _logger_filter(config.log.access_logger, ClientGoneStatus(lambda: control.cutting)),
+            engine_slot(control.slot),  # current_engine(), for every task started below
         ):
             async with trio.open_nursery() as nursery:
                 if opts.handle_signals:
@@ -317,11 +457,7 @@ async def serve_http(
                 if opts.shutdown_delay > 0:
                     nursery.start_soon(control.drain_after_delay)
                 if engine is not None:
-                    nursery.start_soon(
-                        watch_engine, engine, opts.watchdog_interval, control.on_engine_dead
-                    )
-                if control.probe is not None:
-                    nursery.start_soon(control.probe.run)
+                    control.watch_engine(nursery, engine)
                 urls = await nursery.start(
                     _run_server,
                     wrapped,
@@ -331,25 +467,65 @@ async def serve_http(
                     ssl_context,
                     opts.transport,
                     opts.on_max_requests,
+                    opts.http1_protocol,
+                    opts.header_timeout,
                 )
-                for url in urls:
-                    log.info("serving on %s", url)
-                notify("READY=1", f"STATUS=serving on {' '.join(urls)}")
-                control.ready = True
-                task_status.started(ServerHandle(urls, control))
+                if opts.engine_task is None or await control.start_engine_then_app(
+                    nursery, opts.engine_task, opts, urls
+                ):
+                    for url in urls:
+                        log.info("serving on %s", url)
+                    notify("READY=1", f"STATUS=serving on {' '.join(urls)}")
+                    control.ready = True
+                    task_status.started(ServerHandle(urls, control))
                 await control.served.wait()
+                # The engine stops last: after the drain and the app's lifespan shutdown.
+                control.engine_stop.set()
+                if opts.engine_task is not None:
+                    await control.engine_done.wait()
                 nursery.cancel_scope.cancel()  # the helpers' work is done
     finally:
         sockets.close()
 
     if control.forced_by is not None:
         log_foreign_holders(ports)
-        raise ForcedShutdown(control.forced_by)
+    outcome = _outcome(control)
+    if isinstance(outcome, EngineDeadError):
+        raise outcome from control.engine_error  # the engine task's own exception, if any
+    if outcome is not None:
+        raise outcome
+    log.info("stopped: %s", control.reason.value if control.reason else "server returned")
+    if not control.ready:
+        # Stopped while the engine task started (a signal): the start is over
+        # all the same; a caller's nursery.start gets a handle that says so.
+        task_status.started(ServerHandle(urls, control))
+
+
+def _outcome(control: _Control) -> LauncherError | None:
+    """What serve_http raises for the way it stopped (None: it returns)."""
+    if control.forced_by is not None:
+        return ForcedShutdown(control.forced_by)
     if control.reason is StopReason.ENGINE_DEAD:
-        raise EngineDeadError(
+        return EngineDeadError(
             f"the engine died ({control.engine_death}); the server drained and stopped"
         )
-    log.info("stopped: %s", control.reason.value if control.reason else "server returned")
+    return None
+
+
+_engine_stuck_hook: Callable[[LauncherError | None], None] | None = None
+
+
+def exit_process_if_engine_stuck(hook: Callable[[LauncherError | None], None] | None) -> None:
+    """For a program that owns the process (the CLI): when the engine task is
+    still running after its shutdown timeout, call ``hook`` with what serve_http
+    would raise (it exits the process: nothing in trio can end such a task)."""
+    global _engine_stuck_hook
+    _engine_stuck_hook = hook
+
+
+def _on_engine_stuck(outcome: LauncherError | None) -> None:
+    if _engine_stuck_hook is not None:
+        _engine_stuck_hook(outcome)
 
 
 async def _run_server(
@@ -360,6 +536,8 @@ async def _run_server(
     ssl_context: SwitchableContext | None,
     transport: Transport,
     on_max_requests: Callable[[], None] | None,
+    http: str,
+    header_timeout: float,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -373,8 +551,11 @@ async def _run_server(
             control.drain,
             ssl_context,
             transport=transport,
+            http=http,
+            header_timeout=header_timeout,
             on_max_requests=on_max_requests,
             on_drain_deadline=control.on_drain_deadline,
+            app_start=control.app_start if control.has_engine_task else None,
             task_status=task_status,
         )
     finally:

@@ -55,7 +55,7 @@ from ._hypercorn import (
 from ._options import Transport
 from ._ports import BoundSockets
 from ._stock import serve_stock_connection
-from ._transport import Connection, drain_all, serve_connection
+from ._transport import DEFAULT_HEADER_TIMEOUT, Connection, drain_all, serve_connection
 
 log = logging.getLogger("trio_launcher")
 
@@ -83,15 +83,19 @@ async def serve_sockets(
     ssl_context: TLSContext | None,
     *,
     transport: Transport = "lean",
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     on_max_requests: Callable[[], None] | None = None,
     on_drain_deadline: Callable[[float], None] | None = None,
+    app_start: AppStart | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run lifespan startup, serve until ``drain`` is set, drain, run lifespan shutdown.
 
     Calls ``task_status.started(urls)`` once the app has started and the
-    sockets listen, and ``on_drain_deadline(graceful_timeout)`` if the drain
-    reaches its deadline with connections still open (before cutting them).
+    sockets listen (with ``app_start``: once they listen, see AppStart), and
+    ``on_drain_deadline(graceful_timeout)`` if the drain reaches its deadline
+    with connections still open (before cutting them).
 
     Raises:
         AppStartupError: the app's lifespan startup failed or timed out.
@@ -104,25 +108,11 @@ async def serve_sockets(
         max_requests = config.max_requests + randint(0, config.max_requests_jitter)
     context = WorkerContext(max_requests)
 
+    app_started = False
     async with trio.open_nursery() as lifespan_nursery:
-        await lifespan_nursery.start(lifespan.run)
-        ticker = trio.CancelScope()
-        lifespan_nursery.start_soon(_log_startup_progress, ticker)
-        try:
-            await lifespan.wait_for_startup()
-            if lifespan.failure is not None:
-                raise AppStartupError(f"the app's lifespan startup failed: {lifespan.failure}")
-        except trio.ClosedResourceError:
-            # The app returned from the lifespan scope without a word: it
-            # does not do lifespan. Serve without it.
-            lifespan.supported = False
-        except LifespanTimeoutError as exc:
-            raise AppStartupError(
-                f"the app's lifespan startup took longer than {config.startup_timeout:g} s "
-                "(the startup timeout)"
-            ) from exc
-        finally:
-            ticker.cancel()
+        if app_start is None:
+            await _start_app(lifespan_nursery, lifespan, config)
+            app_started = True
 
         cutter = trio.CancelScope()
         async with trio.open_nursery() as connections:
@@ -145,7 +135,8 @@ async def serve_sockets(
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
-            handler = _connection_handler(transport, app, config, context, lifespan_state, registry)
+            handler = _connection_handler(transport, app, config, context, lifespan_state, registry,
+                                          http, header_timeout)  # fmt: skip
             task_status.started(urls)
             with _one_line_accept_errors():
                 async with trio.open_nursery() as accepting:
@@ -156,6 +147,12 @@ async def serve_sockets(
                     )
                     stop = on_max_requests or drain.set
                     accepting.start_soon(_drain_on_max_requests, context, stop)
+                    if app_start is not None:
+                        await app_start.go.wait()
+                        if not app_start.skip:
+                            await _start_app(lifespan_nursery, lifespan, config)
+                            app_started = True
+                            app_start.started.set()
                     await drain.wait()
                     accepting.cancel_scope.cancel()  # closes the listeners
             log.info(
@@ -169,7 +166,7 @@ async def serve_sockets(
             )
         cutter.cancel()  # every connection ended before the deadline
 
-        if lifespan.supported:
+        if app_started and lifespan.supported:
             with contextlib.suppress(trio.ClosedResourceError):  # the lifespan task ended
                 await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
@@ -196,6 +193,45 @@ async def _log_startup_progress(ticker: trio.CancelScope) -> None:
         while True:
             await trio.sleep(STARTUP_PROGRESS_EVERY)
             log.info("app startup still running (%.0f s)", trio.current_time() - began)
+
+
+async def _start_app(nursery: trio.Nursery, lifespan: _Lifespan, config: Config) -> None:
+    """The app's lifespan startup, in ``nursery``, with a progress line every 10 s."""
+    await nursery.start(lifespan.run)
+    ticker = trio.CancelScope()
+    nursery.start_soon(_log_startup_progress, ticker)
+    try:
+        await lifespan.wait_for_startup()
+        if lifespan.failure is not None:
+            raise AppStartupError(f"the app's lifespan startup failed: {lifespan.failure}")
+    except trio.ClosedResourceError:
+        # The app returned from the lifespan scope without a word: it
+        # does not do lifespan. Serve without it.
+        lifespan.supported = False
+    except LifespanTimeoutError as exc:
+        raise AppStartupError(
+            f"the app's lifespan startup took longer than {config.startup_timeout:g} s "
+            "(the startup timeout)"
+        ) from exc
+    finally:
+        ticker.cancel()
+
+
+class AppStart:
+    """``serve_sockets(app_start=...)``: accept first, start the app when told.
+
+    The listeners accept and ``task_status.started(urls)`` is called at once
+    (the app wrapper answers 503 meanwhile); the app's lifespan startup
+    waits for ``go``, and ``started`` is set after it. ``skip`` set before
+    ``go`` means the server stopped before the app was started: no lifespan
+    startup, no lifespan shutdown. serve_http uses this to start the engine
+    task between binding and the app's startup.
+    """
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+        self.skip = False
+        self.started = trio.Event()
 
 
 class _Lifespan(Lifespan):
@@ -255,10 +291,13 @@ def _connection_handler(
     context: WorkerContext,
     lifespan_state: LifespanState,
     registry: set[Connection],
+    http: str = "httptools",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
     """The connection layer, chosen once: a function of the accepted stream."""
     if transport == "lean":
-        return partial(serve_connection, app, config, context, lifespan_state, registry)
+        return partial(serve_connection, app, config, context, lifespan_state, registry, http,
+                       header_timeout)  # fmt: skip
     return partial(serve_stock_connection, app, config, context, lifespan_state)
 
 

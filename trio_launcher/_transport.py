@@ -64,6 +64,7 @@ from typing import Any
 
 import trio
 
+from ._http1 import HTTP1
 from ._hypercorn import (
     AppWrapper,
     Closed,
@@ -83,11 +84,17 @@ from ._hypercorn import (
 log = logging.getLogger("trio_launcher")
 
 MAX_RECV = 2**16
+DEFAULT_HEADER_TIMEOUT = 10.0
 FRESH_GRACE = 0.5  # s: how long a fresh connection may take to send its request in a drain
 
 
 class Connection:
-    """One client connection, served until it closes."""
+    """One client connection, served until it closes.
+
+    HTTP/1.1 goes to :class:`~trio_launcher._http1.HTTP1` (``http="httptools"``);
+    HTTP/2 (ALPN or the prior-knowledge preface), WebSocket and h2c upgrades,
+    and ``http="h11"`` go to hypercorn's ``ProtocolWrapper``.
+    """
 
     def __init__(
         self,
@@ -97,6 +104,8 @@ class Connection:
         state: LifespanState,
         stream: trio.abc.Stream,
         registry: set[Connection],
+        http: str = "httptools",
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     ) -> None:
         self.app = app
         self.config = config
@@ -104,19 +113,26 @@ class Connection:
         self.state = state
         self.stream = stream
         self.registry = registry
+        self.http = http
         self.idle = True
         self.fresh = True  # nothing received yet
         self.closed = False
+        self.closing = False  # the server closes it: a drain, a response that ends it
         self.scope = trio.CancelScope()
         self.send_lock = trio.Lock()
         self.protocol: ProtocolWrapper | None = None
-        self.held = b""  # an HTTP/1.1 response head waiting for its body
+        self.held = b""  # an HTTP/1.1 response head from hypercorn waiting for its body
         # Plain TCP: the descriptor, for writes that skip the scheduler.
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         raw = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         self._raw_fd = raw.fileno() if raw is not None else -1  # TLS too: bytes waiting
         self._keep_alive = float(config.keep_alive_timeout)
         self._read_timeout = float(config.read_timeout) if config.read_timeout else math.inf
+        self._header_timeout = header_timeout
+        self._lazy = False  # see _serve_http1
+        self._drained = False  # the last read took all the kernel had (see _receive)
+        self._due = math.inf
+        self._on_lost: Callable[[], Awaitable[None]] = self._hypercorn_lost
 
     async def run(self) -> None:
         self.registry.add(self)
@@ -146,24 +162,153 @@ class Connection:
         except OSError:
             return  # the client is already gone
         async with trio.open_nursery() as nursery:
-            task_group = LeanTaskGroup(nursery)
-            self.protocol = new_protocol(
-                self.app,
-                self.config,
-                self.context,
-                task_group,
-                ConnectionState(self.state.copy()),
-                ssl=ssl,
-                client=client,
-                server=server,
-                send=self._protocol_send,
-                alpn=alpn,
-            )
-            await self.protocol.initiate()
-            self._set_idle(True)
-            await self._read_loop()
-            await self._close()
-            nursery.cancel_scope.cancel()
+            handover: bytes | None = b""
+            if alpn != "h2" and self.http == "httptools":
+                http1 = HTTP1(self.app, self.config, self.context, nursery, self, ssl=ssl,
+                              client=client, server=server, state=self.state)  # fmt: skip
+                handover = await self._serve_http1(http1)
+            if handover is not None:
+                await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
+            nursery.cancel_scope.cancel()  # the app tasks of a closed connection
+
+    # --- HTTP/1.1 on httptools ----------------------------------------------------
+
+    async def _serve_http1(self, http1: HTTP1) -> bytes | None:
+        """Read into ``http1`` until the connection ends; the bytes to hand over, if any.
+
+        The deadline is lazy here: moving a trio deadline re-sorts trio's
+        deadline table, three times a request. ``_due`` holds the real
+        deadline; the scope's is only ever pulled *earlier*. When the scope
+        fires before ``_due`` (the connection was busy, or got more time),
+        the read is re-armed in a fresh scope: once per keep-alive period at
+        most, instead of three deadline moves per request.
+        """
+        self._on_lost = http1.connection_lost
+        self._lazy = True
+        self.set_idle(True)
+        while True:
+            ended = None  # (stays None when the deadline cancels the read)
+            with self.scope:
+                ended = await self._read_http1(http1)
+            if (
+                ended is None
+                and not (self.closing or self.closed)
+                and trio.current_time() < self._due
+            ):
+                self.scope = trio.CancelScope(deadline=self._due)
+                continue
+            break
+        if ended == "upgrade":
+            self._on_lost = self._hypercorn_lost
+            self._lazy = False
+            return http1.upgrade
+        if ended is None and not self.closing and not self.closed:
+            refusal = http1.timed_out()  # the head did not arrive in time
+            if refusal is not None:
+                await self.write(refusal)
+        lost = ended == "eof" and not self.closed
+        await self._close()
+        await http1.connection_lost(499 if lost else None)
+        return None
+
+    async def _read_http1(self, http1: HTTP1) -> str | None:
+        """The read loop: "eof", "upgrade", or None when cancelled or closed."""
+        while not self.closed:
+            if http1.upgrade is not None and http1.cycle is None:
+                return "upgrade"
+            if http1.paused:
+                await http1.wait_resumable()
+                continue
+            if not self.idle and self._read_timeout != math.inf:
+                self._set_due(trio.current_time() + self._read_timeout)
+            data = await self._receive()
+            if not data:
+                return "eof"
+            self.fresh = False
+            await http1.data_received(data)
+        return None
+
+    async def _receive(self) -> bytes | bytearray:
+        """``receive_some``; on plain TCP straight from the socket (trio's costs twice as
+        much: a checkpoint and two context managers around the same syscall)."""
+        if self.fd < 0:
+            try:
+                return await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return b""
+        while True:
+            if self._drained:
+                # The last read emptied the kernel's buffer: a read now would
+                # almost always fail, so wait first (one syscall less a request).
+                try:
+                    await trio.lowlevel.wait_readable(self.fd)
+                except trio.ClosedResourceError:
+                    return b""
+            try:
+                data = os.read(self.fd, MAX_RECV)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            except OSError:  # reset by the peer
+                return b""
+            self._drained = len(data) < MAX_RECV
+            return data
+
+    def _set_due(self, due: float) -> None:
+        self._due = due
+        if not self._lazy or due < self.scope.deadline:
+            self.scope.deadline = due
+
+    def set_idle(self, idle: bool) -> None:
+        """Move the connection's one deadline: keep-alive when idle, else read_timeout."""
+        self.idle = idle
+        if idle:
+            if self.context.terminated.is_set():
+                self.drain()
+            else:
+                self._set_due(trio.current_time() + self._keep_alive)
+        else:
+            self._set_due(trio.current_time() + self._read_timeout)
+
+    def head_started(self) -> None:
+        """A request head began on an idle connection: all of it must come in time."""
+        self._set_due(trio.current_time() + self._header_timeout)
+
+    def close(self) -> None:
+        """Read no more; the connection closes when the read loop sees the cancel."""
+        self.closing = True
+        self.scope.cancel()
+
+    # --- hypercorn's protocols ------------------------------------------------------
+
+    async def _serve_hypercorn(
+        self,
+        nursery: trio.Nursery,
+        ssl: bool,
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        alpn: str | None,
+        data: bytes,
+    ) -> None:
+        task_group = LeanTaskGroup(nursery)
+        self.protocol = new_protocol(
+            self.app,
+            self.config,
+            self.context,
+            task_group,
+            ConnectionState(self.state.copy()),
+            ssl=ssl,
+            client=client,
+            server=server,
+            send=self._protocol_send,
+            alpn=alpn,
+        )
+        await self.protocol.initiate()
+        self.scope = trio.CancelScope()  # (a scope serves one ``with``: after a hand-over)
+        self.set_idle(True)
+        if data:
+            await self.protocol.handle(RawData(data))
+        await self._read_loop()
 
     async def _read_loop(self) -> None:
         assert self.protocol is not None
@@ -181,23 +326,14 @@ class Connection:
                     break
         if not self.closed:
             await self.protocol.handle(Closed())
-
-    def _set_idle(self, idle: bool) -> None:
-        self.idle = idle
-        if idle:
-            if self.context.terminated.is_set():
-                self.drain()
-            else:
-                self.scope.deadline = trio.current_time() + self._keep_alive
-        else:
-            self.scope.deadline = trio.current_time() + self._read_timeout
+        await self._close()
 
     def drain(self) -> None:
         """The server is draining: close now if idle (no checkpoint between check and close)."""
         if self.idle and (self.fresh or self._bytes_waiting()):
-            self.scope.deadline = min(self.scope.deadline, trio.current_time() + FRESH_GRACE)
+            self._set_due(min(self._due, trio.current_time() + FRESH_GRACE))
         elif self.idle:
-            self.scope.cancel()
+            self.close()
 
     def _bytes_waiting(self) -> bool:
         """A request (or the client's FIN) is already in the socket, not yet read."""
@@ -208,63 +344,73 @@ class Connection:
         return bool(poller.poll(0))
 
     async def _protocol_send(self, event: Event) -> None:
+        """hypercorn's protocol speaks: bytes, the end of the connection, idle or busy."""
         if isinstance(event, RawData):
-            if self.closed:
-                return
-            data = event.data
-            if self.held:
-                data, self.held = self.held + data, b""
-            elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
-                if self.context.terminated.is_set():
-                    data = _closing(data)
-                # A final response head: hypercorn sends the first body (or the
-                # end of the message) right after it, in the same call. One
-                # write instead of two.
-                self.held = data
-                return
-            if not data:
-                return
-            if self.fd >= 0 and not self.send_lock.locked():
-                # Fast path: the kernel usually takes the whole write at once,
-                # and then there is no need to go through the scheduler twice
-                # (trio's send_all checkpoints before and after the syscall).
-                try:
-                    sent = os.write(self.fd, data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    await self._lost()
-                    return
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            try:
-                async with self.send_lock:
-                    await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._lost()
-            except BaseException:
-                # Cancelled half-way (drain deadline, forced stop): the byte
-                # stream is unusable now. Close it, then let the cancel go on.
-                await self._lost()
-                raise
+            data = self._coalesce(event.data)
+            if data:
+                await self.write(data)
         elif isinstance(event, Closed):
             if self.held and not self.closed:
                 held, self.held = self.held, b""
-                await self._protocol_send(RawData(held))
+                await self.write(held)
             await self._close()
         elif isinstance(event, Updated):
-            self._set_idle(event.idle)
+            self.set_idle(event.idle)
             if not event.idle and self.context.max_requests is not None:
                 # hypercorn 0.18 never counts requests, so its max_requests is
                 # inert; here a request starting counts.
                 await self.context.mark_request()
 
+    def _coalesce(self, data: bytes) -> bytes:
+        """Hold a final HTTP/1.1 response head until its first body: one write, not two.
+
+        hypercorn sends the first body (or the end of the message) right after
+        the head, in the same call.
+        """
+        if self.held:
+            data, self.held = self.held + data, b""
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
+            self.held = _closing(data) if self.context.terminated.is_set() else data
+            return b""
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Write in order: straight to the socket when it takes it all, else send_all."""
+        if self.closed or not data:
+            return
+        if self.fd >= 0 and not self.send_lock.locked():
+            # Fast path: the kernel usually takes the whole write at once,
+            # and then there is no need to go through the scheduler twice
+            # (trio's send_all checkpoints before and after the syscall).
+            try:
+                sent = os.write(self.fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                await self._lost()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        try:
+            async with self.send_lock:
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._lost()
+        except BaseException:
+            # Cancelled half-way (drain deadline, forced stop): the byte
+            # stream is unusable now. Close it, then let the cancel go on.
+            await self._lost()
+            raise
+
     async def _lost(self) -> None:
         with trio.CancelScope(shield=True):
             await self._close()
-            if self.protocol is not None:
-                await self.protocol.handle(Closed())
+            await self._on_lost()
+
+    async def _hypercorn_lost(self) -> None:
+        if self.protocol is not None:
+            await self.protocol.handle(Closed())
 
     async def _close(self) -> None:
         if self.closed:
@@ -350,11 +496,14 @@ async def serve_connection(
     context: WorkerContext,
     lifespan_state: LifespanState,
     registry: set[Connection],
+    http: str,
+    header_timeout: float,
     stream: trio.abc.Stream,
 ) -> None:
     """Serve one accepted stream; anything it raises stays with it."""
     async with contained(stream):
-        await Connection(app, config, context, lifespan_state, stream, registry).run()
+        await Connection(app, config, context, lifespan_state, stream, registry, http,
+                         header_timeout).run()  # fmt: skip
 
 
 @contextlib.asynccontextmanager

@@ -292,6 +292,8 @@ async def running_server(
     test with that error. Startup and shutdown are bounded.
 
     ``handle_signals`` defaults to False here: a test process keeps Ctrl-C.
+    With ``engine_task=fn`` the server is yielded once the engine task has
+    started and the app after it; on exit the engine task is stopped last.
     """
     if config is None:
         config = tls.config() if tls is not None else Config()
