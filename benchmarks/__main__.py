@@ -1,8 +1,9 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION ...]``.
 
-Sections: throughput, quart, engine, sigterm, certs, cost, workers, overload
-(``benchmarks/overload.py``: 2000 clients against limit_concurrency, beside uvicorn),
-rolling (``benchmarks/rolling.py``: rolling restarts and recycling under load). Results go to
+Sections: throughput, http1, quart, engine, sigterm, certs, cost, workers, overload,
+observability, rolling (``benchmarks/overload.py``: 2000 clients against limit_concurrency,
+beside uvicorn; ``benchmarks/observability.py``: metrics and request ids on and off;
+``benchmarks/rolling.py``: rolling restarts and recycling under load). Results go to
 ``benchmarks/results.json`` and a markdown report to stdout and
 ``benchmarks/last-run.md``; BENCHMARKS.md records a run of it.
 """
@@ -36,7 +37,7 @@ from benchmarks.harness import (
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("throughput", "http1", "quart", "engine", "sigterm", "certs", "cost", "workers",
-            "overload", "rolling")  # fmt: skip
+            "overload", "observability", "rolling")  # fmt: skip
 HTTP1_VARIANTS = ["uvicorn", "hypercorn", "runner-h11", "runner", "uvicorn-fast"]
 HTTP1_TARGETS = {"hello": 1.5, "10-chunk stream": 1.2}  # x uvicorn (h11), issue 14.5
 
@@ -206,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import overload
 
             results[section] = overload.run(opts.quick)
+        elif section == "observability":
+            from benchmarks import observability
+
+            results[section] = observability.side_by_side(2 * rounds, seconds)
         elif section == "rolling":
             results[section] = rolling.run(10.0 if opts.quick else 20.0)
         elif section == "cost":
@@ -324,6 +329,10 @@ def render(results: dict[str, Any]) -> str:
         out.append("")
     if "http1" in results:
         out += _render_http1(results["http1"])
+    if "observability" in results:
+        from benchmarks import observability
+
+        out += [*observability.render(results["observability"]), ""]
     if "engine" in results:
         out += [
             "| engine death -> listener closed | median (max, runs) | target |",

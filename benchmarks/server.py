@@ -10,6 +10,9 @@ Variants:
   runner-h11    the runner (lean transport) with http="h11" (hypercorn's HTTP/1.1 protocol)
   uvicorn       uvicorn, http=h11, asyncio loop (pip install -e .[bench])
   uvicorn-fast  uvicorn, http=httptools, uvloop
+  runner-plain  runner without request ids and metrics (the observability baseline)
+  runner-observed  runner with request ids and metrics (--metrics-path /metrics)
+  runner-ids, runner-metrics  one of the two
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def main(argv: list[str]) -> None:
         uvicorn.run(app, host="127.0.0.1", port=port, http="httptools" if fast else "h11",
                     loop="uvloop" if fast else "asyncio", log_level="warning", access_log=False,
                     backlog=2048)  # fmt: skip
+    elif variant in ("runner-plain", "runner-observed", "runner-ids", "runner-metrics"):
+        from trio_launcher import serve_http
+
+        ids = variant in ("runner-observed", "runner-ids")
+        metrics = variant in ("runner-observed", "runner-metrics")
+        trio.run(partial(serve_http, app, config, engine=IdleEngine(), request_ids=ids,
+                         metrics_path="/metrics" if metrics else None))  # fmt: skip
     elif variant == "quart-runner":
         from trio_launcher import serve_http
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import psutil
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +153,38 @@ def run_cli(args: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedP
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+# --- the worker processes of a launched supervisor --------------------------
+
+
+def worker_pids(parent_pid: int) -> list[int]:
+    return [
+        child.pid
+        for child in psutil.Process(parent_pid).children()
+        if "trio_launcher" in " ".join(child.cmdline())
+    ]
+
+
+async def wait_workers(
+    parent_pid: int, count: int, exclude: frozenset[int] = frozenset()
+) -> list[int]:
+    with trio.fail_after(15):
+        while True:
+            pids = [p for p in worker_pids(parent_pid) if p not in exclude]
+            if len(pids) >= count:
+                return pids
+            await trio.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def wait_gone(pids: list[int], timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while any(alive(pid) for pid in pids):
+            await trio.sleep(0.05)

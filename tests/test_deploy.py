@@ -11,16 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
 from trio_launcher._systemd import listen_fds, notify
 from trio_launcher.testing import TLSFiles
 
-from .net import get, wait_refused
+from .net import get
 from .proc import launch
-from .test_workers import wait_gone, worker_pids
 
 
 async def test_socket_activation_and_notify_order(tmp_path: Path) -> None:
@@ -84,43 +82,6 @@ def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
         assert sock.recv(100) == b"RELOADING=1\nMONOTONIC_USEC=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not notify("READY=1")
-
-
-# --- Kubernetes: a pod's life, played locally ---------------------------------
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-async def test_kubernetes_pod_life(tmp_path: Path, workers: int) -> None:
-    secret = TLSFiles(tmp_path / "secret", layout="kubernetes")
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--workers", str(workers),
-            "--health-path", "/healthz", "--shutdown-delay", "1", "--graceful-timeout", "5",
-            "--certfile", str(secret.cert_file), "--keyfile", str(secret.key_file),
-            "--ssl-refresh", "--ssl-refresh-interval", "0.2"]  # fmt: skip
-    async with launch(args, wait_serving=workers == 1) as proc:
-        if workers > 1:
-            await proc.wait_for_line("all 2 workers are serving")
-            await proc.serving.wait()
-        pids = worker_pids(proc.process.pid) if workers > 1 else []
-        client_ctx = secret.client_context(with_cert=False)
-        async with httpx.AsyncClient(base_url=proc.url, verify=client_ctx) as client:
-            assert (await client.get("/healthz")).status_code == 200
-            # The kubelet rotates the secret with a ..data swap: picked up.
-            for _ in range(2):
-                secret.rotate()
-                expected = secret.server_fingerprint()
-                with trio.fail_after(3):
-                    while await secret.presented_cert(proc.port) != expected:
-                        await trio.sleep(0.02)
-            # Termination: readiness turns 503 before the listener closes.
-            proc.signal(signal.SIGTERM)
-            with trio.fail_after(0.5):
-                while (await client.get("/healthz")).status_code != 503:
-                    pass
-            assert (await client.get("/")).text == "hello"  # still serving in the delay
-        await wait_refused(proc.port, timeout=3)
-        # terminationGracePeriodSeconds in the example is 30: we are far inside it.
-        assert await proc.wait(timeout=10) == 0, proc.stderr
-        await wait_gone(pids, timeout=5)
 
 
 async def test_notify_reloading_around_certificate_reload(tmp_path: Path) -> None:

@@ -597,7 +597,7 @@ async def test_cli_cleanup_that_ignores_cancellation_exits_after_the_timeout() -
         assert await proc.wait(timeout=10) == 0, proc.stderr
         elapsed = trio.current_time() - start
     assert 0.5 <= elapsed < 5, elapsed  # the timeout and the 1 s grace, then out
-    errors = [line for line in proc.lines if "[ERROR]" in line]
+    errors = [line for line in proc.lines if " ERROR [" in line]
     assert len(errors) == 1
     assert "did not finish within 0.5 s of its cancellation" in errors[0]
 
@@ -621,7 +621,7 @@ async def test_cli_sigterm_during_a_load_that_ignores_cancellation_exits_after_t
         await proc.wait_for_line("event: loading in a thread")
         proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=10) == 0, proc.stderr
-    errors = [line for line in proc.lines if "[ERROR]" in line]
+    errors = [line for line in proc.lines if " ERROR [" in line]
     assert len(errors) == 1
     assert "did not finish within 0.5 s of its cancellation" in errors[0]
 

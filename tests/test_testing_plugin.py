@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from hypercorn.config import Config
 
 from trio_launcher import AppStartupError, EngineDeadError
 from trio_launcher.testing import (
@@ -148,3 +149,62 @@ def app() -> App:
 async def test_server_fixture_serves_app_fixture(server: RunningServer, app: App) -> None:
     assert (await server.client.get("/")).text == "hello"
     assert app.events == ["startup"]
+
+
+# --- what a user pastes: free ports, fast fakes, one error ---------------------
+
+
+async def test_users_own_config_still_gets_a_free_port() -> None:
+    config = Config()  # its bind is 127.0.0.1:8000: a test must not need that port free
+    async with running_server(App(), config) as first, running_server(App(), config) as second:
+        assert first.port != 8000
+        assert first.port != second.port
+        assert (await second.client.get("/")).text == "hello"
+    assert config.bind == ["127.0.0.1:8000"]  # the caller's Config is untouched
+
+
+async def test_bind_is_used_when_told(tmp_path: Path) -> None:
+    path = tmp_path / "t.sock"
+    async with running_server(App(), bind=[f"unix:{path}"]) as server:
+        assert server.url == f"http://unix:{path}"
+        assert (await server.client.get("/")).text == "hello"
+
+
+async def test_polling_fake_engine_is_found_dead_fast() -> None:
+    engine = FakePollingEngine()
+    with trio.fail_after(2), pytest.raises(EngineDeadError):
+        async with running_server(App(), engine=engine):
+            engine.kill()
+            await trio.sleep_forever()
+
+
+FAILING_ASSERT = """
+from trio_launcher.testing import running_server
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hi"})
+
+
+async def test_fails() -> None:
+    async with running_server(app) as server:
+        text = (await server.client.get("/")).text
+        assert text == "hello-marker"
+"""
+
+
+def test_failing_assert_is_printed_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest('pytest_plugins = ["trio_launcher.testing"]\n')
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_user=FAILING_ASSERT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+    result.assert_outcomes(failed=1)
+    output = result.stdout.str()
+    report = output[: output.index("short test summary info")]
+    assert report.count("AssertionError: assert 'hi' == 'hello-marker'") == 1, output
+    assert "ExceptionGroup" not in output

@@ -134,7 +134,7 @@ def test_worker_argv_needs_no_code_for_a_new_flag(sockets: BoundSockets) -> None
     assert (worker.future_path, worker.future_limit, worker.future_switch) == ("/api", 9, False)
 
 
-SAMPLES = ("7", "0.5", "/x", "mod:attr")
+SAMPLES = ("7", "0.5", "/x", "mod:attr", "127.0.0.1", "ECDHE+AESGCM")
 
 
 def test_every_flag_of_the_real_parser_reaches_the_worker(sockets: BoundSockets) -> None:

@@ -25,39 +25,7 @@ from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import App
 from .net import aborted, get, wait_refused
-from .proc import ROOT, Launched, launch, run_cli
-
-
-def worker_pids(parent_pid: int) -> list[int]:
-    return [
-        child.pid
-        for child in psutil.Process(parent_pid).children()
-        if "trio_launcher" in " ".join(child.cmdline())
-    ]
-
-
-async def wait_workers(
-    parent_pid: int, count: int, exclude: frozenset[int] = frozenset()
-) -> list[int]:
-    with trio.fail_after(15):
-        while True:
-            pids = [p for p in worker_pids(parent_pid) if p not in exclude]
-            if len(pids) >= count:
-                return pids
-            await trio.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-async def wait_gone(pids: list[int], timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while any(alive(pid) for pid in pids):
-            await trio.sleep(0.05)
+from .proc import ROOT, Launched, launch, run_cli, wait_gone, wait_workers, worker_pids
 
 
 def listening_ports(pids: list[int]) -> set[int]:

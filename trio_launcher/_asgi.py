@@ -46,7 +46,8 @@ as plain ASGI middleware:
   a fake clean end) and the dead check has still run.
 
 Errors raised inside the app's own nurseries arrive as exception groups; they
-are matched with ``except*`` so that ``trio.Cancelled`` is never swallowed.
+are split by type so that ``trio.Cancelled`` is never swallowed, and a plain
+error stays plain (one traceback in the log, not an ExceptionGroup tree).
 
 Frameworks that turn handler exceptions into their own 500 (Quart does) hide
 them from any middleware; ``trio_launcher.quart`` hooks into Quart for that.
@@ -58,7 +59,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,19 +327,41 @@ class RunnerMiddleware:
     ) -> None:
         try:
             await self.app(scope, receive, send)
-        except* self.error_types as group:
-            for exc in group.exceptions:
-                self.on_app_error(exc)
-            if started():
+        except BaseException as exc:
+            # Not ``except*``: it would wrap a plain error in a group, and the
+            # log would show an ExceptionGroup tree for an ordinary bug.
+            errors, _ = split_group(exc, Exception)
+            if errors is None:
+                raise  # trio.Cancelled, KeyboardInterrupt: never swallowed
+            for leaf in leaves(errors):
+                self.on_app_error(leaf)
+            engine_errors, rest = split_group(exc, self.error_types)
+            if engine_errors is None or started():
                 raise
-            first = group.exceptions[0]
+            first = next(leaves(engine_errors))
             log.error("%s in %s %s: %s", type(first).__name__, scope.get("method"),
                       scope.get("path"), first)  # fmt: skip
             await send_json(send, 500, error_body(first))
-        except* Exception as group:
-            for exc in group.exceptions:
-                self.on_app_error(exc)
-            raise
+            if rest is not None:
+                raise rest from None
+
+
+def split_group(
+    exc: BaseException, types: type[BaseException] | tuple[type[BaseException], ...]
+) -> tuple[BaseException | None, BaseException | None]:
+    """``(matching, rest)`` of ``exc`` for ``types``; a plain exception is not wrapped."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(types)
+    return (exc, None) if isinstance(exc, types) else (None, exc)
+
+
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc`` (itself, if it is not a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
 
 
 class ClientGoneStatus(logging.Filter):

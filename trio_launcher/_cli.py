@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import trio
 from hypercorn.config import Config
 
+from . import _logging
 from ._errors import (
     AppStartupError,
     BindError,
@@ -44,8 +45,12 @@ from ._errors import (
     LauncherError,
     OptionError,
 )
+from ._metrics import supervisor_metrics
+from ._observe import run_with_metrics_listener
 from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
+from ._proxy import DEFAULT_FORWARDED_ALLOW_IPS, parse_trusted
+from ._reload import watch_lifeline as watch_reload_parent
 from ._runner import ServerHandle, exit_process_if_engine_stuck, serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
 from ._systemd import listen_fds, notify_parent_instead
@@ -100,6 +105,32 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
     return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in 0-65535")
+    return value
+
+
+def _address_list(text: str) -> str:
+    try:
+        parse_trusted(text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _ciphers(text: str) -> str:
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).set_ciphers(text)
+    except ssl.SSLError:
+        raise argparse.ArgumentTypeError(f"{text!r} selects no cipher OpenSSL knows") from None
+    return text
 
 
 def _natural_int(text: str) -> int:
@@ -163,6 +194,63 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="HOST:PORT, [V6]:PORT, unix:PATH or fd://N; repeatable (default: the sockets "
         "systemd passed, else 127.0.0.1:8000)",
+    )
+    uvicorn = parser.add_argument_group(
+        "uvicorn-style", "the flags of uvicorn that mean the same here (see docs/cli.md)"
+    )
+    uvicorn.add_argument(
+        "--host",
+        metavar="HOST",
+        help="listen on HOST (with --port; default 127.0.0.1): one --bind HOST:PORT; "
+        "not together with --bind",
+    )
+    uvicorn.add_argument(
+        "--port",
+        type=_port,
+        metavar="PORT",
+        help="listen on PORT (with --host; default 8000); 0 picks a free port",
+    )
+    uvicorn.add_argument(
+        "--uds",
+        metavar="PATH",
+        help="listen on the Unix socket PATH (the same as --bind unix:PATH)",
+    )
+    uvicorn.add_argument(
+        "--root-path",
+        metavar="PATH",
+        help="the app is mounted at PATH behind a proxy (the ASGI root_path)",
+    )
+    uvicorn.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="believe X-Forwarded-For/-Proto/-Host from --forwarded-allow-ips peers "
+        "(client address, scheme, host)",
+    )
+    uvicorn.add_argument(
+        "--forwarded-allow-ips",
+        type=_address_list,
+        metavar="IPS",
+        help="comma-separated addresses or networks of trusted proxies, * for any "
+        "(default 127.0.0.1)",
+    )
+    uvicorn.add_argument(
+        "--timeout-keep-alive",
+        type=_positive_seconds,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default 5)",
+    )
+    uvicorn.add_argument(
+        "--reload",
+        action="store_true",
+        help="development only: restart the server when a .py file changes "
+        "(needs the reload extra: pip install 'trio-launcher[reload]')",
+    )
+    uvicorn.add_argument(
+        "--reload-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory watched by --reload (repeatable; default the current directory)",
     )
     add(
         "--graceful-timeout",
@@ -232,8 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP/1.1 protocol: httptools (strict and fast), h11 (hypercorn's); "
         "auto (default) is httptools on the lean transport",
     )
-    add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
-    add("--config", metavar="FILE.toml", help="hypercorn TOML config; flags override it")
+    add(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.lower,
+        help="runner and server log level (default: loglevel from --config, else info); "
+        "debug also prints tracebacks after errors",
+    )
+    add(
+        "--log-format",
+        choices=_logging.LOG_FORMATS,
+        default="text",
+        help="runner and access lines as text or one JSON object per line; ISO 8601 UTC "
+        "times (default text)",
+    )
+    add(
+        "--config",
+        metavar="FILE.toml",
+        help="hypercorn TOML config (loglevel included); flags override it",
+    )
+    add("--version", action="version", version=f"%(prog)s {_version()}")
     serving = parser.add_argument_group("serving")
     serving.add_argument(
         "--health-path",
@@ -278,10 +384,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave PATH out of the access log (repeatable)",
     )
     _add_bound_flags(parser)
+    seen = parser.add_argument_group("observability (docs/observability.md)")
+    seen.add_argument(
+        "--metrics-path",
+        metavar="PATH",
+        help="answer GET PATH with the Prometheus scrape on the main listener",
+    )
+    seen.add_argument(
+        "--metrics-bind",
+        metavar="ADDR",
+        help="serve the Prometheus scrape on a separate plain-HTTP listener (HOST:PORT)",
+    )
+    seen.add_argument(
+        "--no-request-id",
+        dest="request_ids",
+        action="store_false",
+        help="do not add X-Request-Id to responses (default: keep or make one)",
+    )
     tls = parser.add_argument_group("TLS")
-    tls.add_argument("--certfile", metavar="F")
-    tls.add_argument("--keyfile", metavar="F")
-    tls.add_argument("--ca-certs", metavar="F", help="CA bundle for client certificates")
+    tls.add_argument(
+        "--certfile",
+        "--ssl-certfile",
+        metavar="F",
+        help="server certificate chain (PEM); turns TLS on",
+    )
+    tls.add_argument("--keyfile", "--ssl-keyfile", metavar="F", help="private key of --certfile")
+    tls.add_argument(
+        "--ssl-keyfile-password", metavar="PASSWORD", help="password of an encrypted --keyfile"
+    )
+    tls.add_argument(
+        "--ssl-ciphers",
+        type=_ciphers,
+        metavar="CIPHERS",
+        help="OpenSSL cipher list for TLS 1.2 (default ECDHE+AESGCM)",
+    )
+    tls.add_argument(
+        "--ca-certs", "--ssl-ca-certs", metavar="F", help="CA bundle for client certificates"
+    )
     tls.add_argument(
         "--verify-mode",
         choices=("none", "optional", "required"),
@@ -367,8 +506,14 @@ def _main(argv: Sequence[str] | None) -> int:
         opts = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(f"{exc} (see {PROG} --help)", ExitCode.USAGE)
+    try:
+        base = load_toml_config(opts.config) if opts.config else Config()
+        opts.log_level = _log_level(opts.log_level, base, opts.config)
+    except ConfigError as exc:
+        _setup_logging("info")
+        return _fail(str(exc), ExitCode.USAGE, opts.log_level == "debug")
     debug = opts.log_level == "debug"
-    _setup_logging(opts.log_level)
+    _setup_logging(opts.log_level, opts.log_format)
     orders = take_worker_role()
     if orders is not None:
         if problem := _not_for_a_worker(opts):
@@ -377,7 +522,13 @@ def _main(argv: Sequence[str] | None) -> int:
         # control group) must not kill it: the parent's order to drain follows.
         absorb_signals_for_process()
     try:
-        config = build_config(opts)
+        config = build_config(opts, base)
+        if opts.reload:
+            if orders is not None or (opts.workers or 1) > 1:
+                raise ConfigError("--reload and --workers do not mix: --reload is for development")
+            from ._reload import run_reloading
+
+            return run_reloading(list(argv if argv is not None else sys.argv[1:]), opts.reload_dir)
         if orders is None:
             count = opts.workers if opts.workers is not None else max(config.workers, 1)
             recycling = _recycling(opts, config)
@@ -392,10 +543,15 @@ def _main(argv: Sequence[str] | None) -> int:
             notify_parent_instead()
         sys.path.insert(0, os.getcwd())
         app = import_from_string(opts.app, "app")
+        if not callable(app):
+            raise ConfigError(
+                f"app {opts.app!r} is not an ASGI callable (it is a {type(app).__name__})"
+            )
         engine = import_from_string(opts.engine, "engine") if opts.engine else None
         task = import_from_string(opts.engine_task, "engine task") if opts.engine_task else None
         exit_process_if_engine_stuck(_exit_now if argv is None else None)
         absorb_signals_for_process()
+        watch_reload_parent()  # a child of --reload: drain when the parent dies
         options = options_from_args(opts, engine, task)
         if orders is not None:
             options = options.replace(on_max_requests=ask_to_retire)
@@ -452,9 +608,18 @@ def options_from_args(
         max_head_size=opts.max_head_size,
         access_log_exclude=tuple(opts.access_log_exclude),
         transport=opts.transport,
+        proxy_headers=opts.proxy_headers,
+        forwarded_allow_ips=(
+            tuple(ip.strip() for ip in opts.forwarded_allow_ips.split(",") if ip.strip())
+            if opts.forwarded_allow_ips
+            else DEFAULT_FORWARDED_ALLOW_IPS
+        ),
         **{name: getattr(opts, name) for name in BOUND_OPTIONS},
         http=opts.http,
         header_timeout=opts.header_timeout,
+        metrics_path=opts.metrics_path,
+        metrics_bind=opts.metrics_bind,
+        request_ids=opts.request_ids,
     )
 
 
@@ -509,7 +674,11 @@ def _run_workers(parser: argparse.ArgumentParser, opts: argparse.Namespace, conf
         sockets.close()
         raise
     absorb_signals_for_process()
-    return trio.run(partial(run_workers, argv, count, sockets, recycling=recycling))
+    serve = partial(run_workers, argv, count, sockets, recycling=recycling)
+    if opts.metrics_path is None and opts.metrics_bind is None:
+        return trio.run(serve)
+    with supervisor_metrics():  # the workers' multiprocess directory
+        return trio.run(partial(run_with_metrics_listener, serve, bind=opts.metrics_bind))
 
 
 def _exit_now(outcome: LauncherError | None) -> None:
@@ -542,26 +711,59 @@ def _fail(message: str, code: int, debug: bool = False) -> int:
     return code
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: _logging.LogFormat = "text") -> None:
+    _logging.configure(level, log_format)
 
 
 VERIFY_MODES = {"none": "CERT_NONE", "optional": "CERT_OPTIONAL", "required": "CERT_REQUIRED"}
 
 
-def build_config(opts: argparse.Namespace) -> Config:
-    """hypercorn Config from ``--config`` (if any) with the flags laid over it."""
-    config = load_toml_config(opts.config) if opts.config else Config()
+def listen_addresses(opts: argparse.Namespace) -> list[str]:
+    """``--bind`` addresses, or the one that ``--host``/``--port`` describe, plus ``--uds``."""
+    binds = list(opts.bind or [])
+    if opts.host is not None or opts.port is not None:
+        if binds:
+            raise ConfigError("--host/--port and --bind both say where to listen: use one")
+        host = opts.host if opts.host is not None else "127.0.0.1"
+        port = opts.port if opts.port is not None else 8000
+        binds.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if opts.uds is not None:
+        binds.append(f"unix:{opts.uds}")
+    return binds
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trio-launcher")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _log_level(flag: str | None, config: Config, path: str | None) -> str:
+    """``--log-level``, else the TOML file's ``loglevel``, else info."""
+    if flag is not None:
+        return flag
+    level = str(config.loglevel or "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"config file {path}: loglevel {config.loglevel!r} is not one of "
+                          f"{', '.join(LOG_LEVELS)}")  # fmt: skip
+    return level
+
+
+def build_config(opts: argparse.Namespace, config: Config | None = None) -> Config:
+    """hypercorn Config from ``--config`` (or ``config``, read from it) with the flags
+    laid over it."""
+    if config is None:
+        config = load_toml_config(opts.config) if opts.config else Config()
     if config.backlog == Config.backlog:
         # hypercorn's 100 overflows when a thousand clients connect at once
         # (a client then waits for SYN retries): the kernel caps it anyway.
         config.backlog = DEFAULT_BACKLOG
-    if opts.bind:
-        config.bind = opts.bind
+    binds = listen_addresses(opts)
+    if binds:
+        config.bind = binds
     elif activated := listen_fds():
         log.info("systemd socket activation: serving descriptors %s", activated)
         config.bind = [f"fd://{fd}" for fd in activated]
@@ -571,11 +773,25 @@ def build_config(opts: argparse.Namespace) -> Config:
         value = getattr(opts, name)
         if value is not None:
             setattr(config, name, value)
+    if opts.forwarded_allow_ips is not None and not opts.proxy_headers:
+        raise ConfigError("--forwarded-allow-ips needs --proxy-headers")
+    if opts.reload_dir and not opts.reload:
+        raise ConfigError("--reload-dir needs --reload")
+    if opts.root_path is not None:
+        config.root_path = opts.root_path
+    if opts.timeout_keep_alive is not None:
+        config.keep_alive_timeout = opts.timeout_keep_alive
+    if opts.ssl_keyfile_password is not None:
+        config.keyfile_password = opts.ssl_keyfile_password
+    if opts.ssl_ciphers is not None:
+        config.ciphers = opts.ssl_ciphers
     if opts.verify_mode is not None:
         config.verify_mode = getattr(ssl.VerifyMode, VERIFY_MODES[opts.verify_mode])
     if (config.certfile is None) != (config.keyfile is None):
         missing = "--keyfile" if config.keyfile is None else "--certfile"
         raise ConfigError(f"TLS needs both --certfile and --keyfile: {missing} is missing")
+    if opts.ssl_refresh and not config.ssl_enabled:
+        raise ConfigError("--ssl-refresh needs --certfile and --keyfile")
     if opts.access_log is not None:
         if opts.access_log != "-":
             try:
@@ -583,9 +799,10 @@ def build_config(opts: argparse.Namespace) -> Config:
             except OSError as exc:
                 raise ConfigError(f"access log {opts.access_log}: {exc.strerror or exc}") from None
         config.accesslog = opts.access_log
-    config.loglevel = opts.log_level.upper()
+    config.loglevel = (opts.log_level or "info").upper()
     # hypercorn's error log propagates to ours instead of printing twice.
     config.errorlog = logging.getLogger("hypercorn.error")
+    _logging.format_access_log(config, getattr(opts, "log_format", "text"))
     return config
 
 

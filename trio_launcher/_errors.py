@@ -148,8 +148,10 @@ def readable_errors() -> Iterator[None]:
     """Unwrap an exception group where exactly one real error is inside.
 
     Used where a person reads the error (the top of ``serve_http``, the
-    testing plugin). Cancellation is never swallowed: ``trio.Cancelled``
-    stays in the group that is re-raised.
+    testing plugin): the error is raised alone, printed once (not again
+    inside its group), with its own cause kept (an ``EngineDeadError`` raised
+    from the engine task's exception). Cancellation is never swallowed:
+    ``trio.Cancelled`` stays in the group that is re-raised.
     """
     try:
         yield
@@ -157,10 +159,7 @@ def readable_errors() -> Iterator[None]:
         leaves = list(_leaves(group))
         real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
         if len(real) == 1 and len(real) == len(leaves):
-            if real[0].__cause__ is not None:  # keep its own cause (EngineDeadError's)
-                raise real[0] from real[0].__cause__
-            raise real[0] from group
-        raise
+            raise real[0] from real[0].__cause__
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

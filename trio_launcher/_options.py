@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
 from ._errors import OptionError
+from ._proxy import parse_trusted
 from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, check_engine
 
 Transport = Literal["lean", "hypercorn"]
@@ -104,6 +105,15 @@ class ServeOptions:
     """``lean``: trio_launcher's own connection layer; ``hypercorn``: hypercorn's
     stock trio connection."""
 
+    proxy_headers: bool = field(default=False, metadata=_flag("--proxy-headers"))
+    """Believe ``X-Forwarded-For``/``-Proto``/``-Host`` from trusted proxies: they
+    set the scope's client, scheme and host (see ``trio_launcher._proxy``)."""
+
+    forwarded_allow_ips: tuple[str, ...] = field(
+        default=("127.0.0.1",), metadata=_flag("--forwarded-allow-ips")
+    )
+    """Addresses or networks of trusted proxies for ``proxy_headers``; ``*``: any peer."""
+
     http: HTTP1Protocol = field(default="auto", metadata=_flag("--http"))
     """HTTP/1.1 protocol: ``httptools`` (trio_launcher's own, strict and fast;
     docs/http1.md), ``h11`` (hypercorn's), ``auto``: httptools on the lean transport."""
@@ -140,9 +150,21 @@ class ServeOptions:
     """Seconds a ``check_health()`` call may take; one that raises or takes
     longer means the engine is dead."""
 
+    metrics_path: str | None = field(default=None, metadata=_flag("--metrics-path"))
+    """A GET/HEAD path answered with the Prometheus scrape, before the app
+    (docs/observability.md)."""
+
+    metrics_bind: str | None = field(default=None, metadata=_flag("--metrics-bind"))
+    """An address (``HOST:PORT``) for a separate plain-HTTP listener that
+    answers every GET with the Prometheus scrape."""
+
+    request_ids: bool = field(default=True, metadata=_flag("--no-request-id"))
+    """Keep a valid incoming ``X-Request-Id`` or make one, echo it in the
+    response and give it to the app as ``scope["state"]["request_id"]``."""
+
     def __post_init__(self) -> None:
         # Lists are welcome at the door; the frozen object keeps tuples.
-        for name in ("access_log_exclude", "engine_error_types"):
+        for name in ("access_log_exclude", "engine_error_types", "forwarded_allow_ips"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.engine is not None:
             try:
@@ -169,10 +191,20 @@ class ServeOptions:
         _positive("header_timeout", self.header_timeout)
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise OptionError("health_path", f"must start with '/', got {self.health_path!r}")
+        if self.metrics_path is not None and not self.metrics_path.startswith("/"):
+            raise OptionError("metrics_path", f"must start with '/', got {self.metrics_path!r}")
+        if self.metrics_path is not None and self.metrics_path == self.health_path:
+            raise OptionError("metrics_path", f"is the health path too ({self.metrics_path!r})")
+        if self.metrics_bind is not None and not self.metrics_bind:
+            raise OptionError("metrics_bind", "must be an address like 127.0.0.1:9100")
         for name in ("max_header_count", "max_head_size", "limit_concurrency"):
             limit = getattr(self, name)
             if limit is not None and (not isinstance(limit, int) or limit < 1):
                 raise OptionError(name, f"must be a whole number >= 1, got {limit!r}")
+        try:
+            parse_trusted(self.forwarded_allow_ips)
+        except ValueError as exc:
+            raise OptionError("forwarded_allow_ips", f"has a bad address: {exc}") from None
         for name in ("request_timeout", "body_timeout", "startup_timeout"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name), infinite_ok=True)
@@ -213,6 +245,8 @@ class ServeKwargs(TypedDict, total=False):
     max_head_size: int | None
     access_log_exclude: tuple[str, ...] | list[str]
     transport: Transport
+    proxy_headers: bool
+    forwarded_allow_ips: tuple[str, ...] | list[str]
     http: HTTP1Protocol
     header_timeout: float
     on_max_requests: Callable[[], None] | None
@@ -222,6 +256,9 @@ class ServeKwargs(TypedDict, total=False):
     startup_timeout: float | None
     engine_health_interval: float
     engine_health_timeout: float
+    metrics_path: str | None
+    metrics_bind: str | None
+    request_ids: bool
 
 
 def build_options(base: ServeOptions | None, changes: Mapping[str, Any]) -> ServeOptions:

@@ -8,6 +8,15 @@ engine spawns during start-up cannot take it.
 
 Every socket returned here is owned by the caller of :func:`bind_sockets`,
 which must close them all (closing twice is harmless).
+
+Unix sockets leave a file behind, and a file can belong to a live server.
+Before binding ``unix:PATH`` we connect to it: if something answers, another
+server lives there and binding fails (the CLI exits 4 naming the path and,
+where visible, the PID); if the connection is refused the file is stale (its
+server was killed) and is replaced. On close, the files we created are
+removed, if they are still ours (same inode: a newer server may have replaced
+them). Sockets passed in (``fd://N``, ``sock=``) belong to whoever made them
+(systemd, the caller) and their files are never removed.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ class BoundSockets:
 
     secure: list[socket.socket] = field(default_factory=list)
     insecure: list[socket.socket] = field(default_factory=list)
+    unix_files: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Socket files we created: path -> (st_dev, st_ino), removed on close."""
 
     def all(self) -> list[socket.socket]:
         return [*self.secure, *self.insecure]
@@ -40,6 +51,19 @@ class BoundSockets:
     def close(self) -> None:
         for sock in self.all():
             sock.close()
+        for path, identity in list(self.unix_files.items()):
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                if (info.st_dev, info.st_ino) == identity:
+                    os.remove(path)
+            del self.unix_files[path]
+
+    def _add(self, sock: socket.socket, address: str, secure: bool) -> None:
+        (self.secure if secure else self.insecure).append(sock)
+        if address.startswith("unix:"):
+            with contextlib.suppress(OSError):
+                info = os.stat(address[5:])
+                self.unix_files[address[5:]] = (info.st_dev, info.st_ino)
 
 
 def bind_sockets(config: Config, sock: socket.socket | None = None) -> BoundSockets:
@@ -62,12 +86,12 @@ def bind_sockets(config: Config, sock: socket.socket | None = None) -> BoundSock
             return bound
         if config.ssl_enabled:
             for address in config.bind:
-                bound.secure.append(bind_one(address, config))
+                bound._add(bind_one(address, config), address, secure=True)
             for address in config.insecure_bind:
-                bound.insecure.append(bind_one(address, config))
+                bound._add(bind_one(address, config), address, secure=False)
         else:
             for address in config.bind:
-                bound.insecure.append(bind_one(address, config))
+                bound._add(bind_one(address, config), address, secure=False)
     except BaseException:
         bound.close()
         raise
@@ -153,7 +177,11 @@ def _from_fd(address: str) -> socket.socket:
 def _bind_unix(address: str, path: str, config: Config) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.remove(path)  # a stale socket from an earlier run
+            if _answers(path):
+                pid = _unix_holder(path)
+                raise BindError(errno_mod.EADDRINUSE, "a live server answers there", address,
+                                pid, _cmdline(pid) if pid is not None else None)  # fmt: skip
+            os.remove(path)  # a stale socket: its server is gone
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(config.umask) if config.umask is not None else None
     try:
@@ -168,6 +196,40 @@ def _bind_unix(address: str, path: str, config: Config) -> socket.socket:
             os.umask(old_umask)
     sock.setblocking(False)
     return sock
+
+
+def _answers(path: str) -> bool:
+    """Does a server accept connections on the Unix socket at ``path``?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # e.g. a full backlog (EAGAIN) or a timeout: it is alive
+    return True
+
+
+def _unix_holder(path: str) -> int | None:
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="unix"):
+            if str(conn.laddr) == path and conn.pid is not None and conn.pid != os.getpid():
+                return conn.pid
+    except (psutil.Error, OSError):
+        pass
+    return None
+
+
+def _cmdline(pid: int) -> str:
+    import psutil
+
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _bind_error(exc: OSError, address: str, port: int) -> BindError:

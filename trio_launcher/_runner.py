@@ -66,8 +66,11 @@ from ._errors import (
     readable_errors,
 )
 from ._hypercorn import Config, wrap_app
+from ._metrics import recorder, server_metrics, using
+from ._observe import Observed, bind_metrics, serve_metrics
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
+from ._proxy import ProxyHeadersMiddleware
 from ._server import AppStart, serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
@@ -137,6 +140,7 @@ class _Control:
         self.engine_error: BaseException | None = None
         self.watchdog_interval = math.inf
         self.health_probe = (math.inf, math.inf)  # check_health(): interval, timeout
+        self.metrics_url: str | None = None
 
     def stop(self, reason: StopReason) -> None:
         # A dead engine outranks any other reason: its death is never silent.
@@ -206,6 +210,7 @@ class _Control:
             return
         self.engine_dead = True
         self.engine_death = how
+        recorder().engine_up(False)
         if self.keep_alive_on_engine_death:
             log.error(
                 "the engine died (%s); still serving because keep-alive on engine death is on", how
@@ -249,6 +254,7 @@ class _Control:
 
     def watch_engine(self, nursery: trio.Nursery, engine: object) -> None:
         """The watchdog and, if the engine has ``check_health()``, the health probe."""
+        recorder().engine_up(True)
         nursery.start_soon(watch_engine, engine, self.watchdog_interval, self.on_engine_dead)
         check_health = getattr(engine, "check_health", None)
         if check_health is not None:
@@ -339,6 +345,11 @@ class ServerHandle:
         return not self._control.engine_dead
 
     @property
+    def metrics_url(self) -> str | None:
+        """The ``metrics_bind`` listener's URL, like ``http://127.0.0.1:9100``."""
+        return self._control.metrics_url
+
+    @property
     def stop_reason(self) -> StopReason | None:
         return self._control.reason
 
@@ -412,6 +423,10 @@ async def serve_http(
         from .quart import install
 
         served_app = install(app, control.on_app_error, error_types)
+    elif is_starlette_app(app):
+        from .starlette import install as install_starlette
+
+        served_app = install_starlette(app, control.on_app_error, error_types)
     middleware = RunnerMiddleware(
         served_app,
         control.on_app_error,
@@ -423,9 +438,15 @@ async def serve_http(
         in_flight=control.in_flight,
     )
     outer: Any = middleware
+    if opts.proxy_headers:
+        outer = ProxyHeadersMiddleware(outer, opts.forwarded_allow_ips)
     if opts.engine_task is not None:
         control.has_engine_task = control.starting = True
-        outer = StartingGate(middleware, lambda: control.starting, opts.health_path)
+        outer = StartingGate(outer, lambda: control.starting, opts.health_path)
+    metrics = server_metrics(opts.metrics_path, opts.metrics_bind)
+    if metrics is not None or opts.request_ids:
+        outer = Observed(outer, metrics, metrics_path=opts.metrics_path,
+                         request_ids=opts.request_ids, draining=control.drain.is_set)  # fmt: skip
     wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
@@ -435,7 +456,13 @@ async def serve_http(
 
     sockets = bind_sockets(config, opts.sock)
     ports = tcp_ports(sockets)
-    _log_routes(app)
+    _log_routes(app, opts.health_path)
+    try:
+        bind = opts.metrics_bind
+        metrics_listener = bind_metrics(bind) if metrics is not None and bind is not None else None
+    except BaseException:
+        sockets.close()
+        raise
     try:
         with (
             readable_errors(),
@@ -443,6 +470,7 @@ async def serve_http(
             _access_log_filter(config, opts.access_log_exclude),
             _logger_filter(config.log.access_logger, ClientGoneStatus(lambda: control.cutting)),
             engine_slot(control.slot),  # current_engine(), for every task started below
+            using(metrics),
         ):
             async with trio.open_nursery() as nursery:
                 if opts.handle_signals:
@@ -452,8 +480,15 @@ async def serve_http(
                         control.on_force_signal,
                         control.on_reload_signal,
                     )
+                if metrics is not None:
+                    nursery.start_soon(metrics.run)
+                if metrics is not None and metrics_listener is not None:
+                    control.metrics_url = await nursery.start(
+                        serve_metrics, metrics, metrics_listener
+                    )
                 if control.refresher is not None:
                     await nursery.start(control.refresher.run)
+                    await nursery.start(control.refresher.watch_expiry)
                 if opts.shutdown_delay > 0:
                     nursery.start_soon(control.drain_after_delay)
                 if engine is not None:
@@ -486,6 +521,8 @@ async def serve_http(
                 nursery.cancel_scope.cancel()  # the helpers' work is done
     finally:
         sockets.close()
+        if metrics_listener is not None:
+            metrics_listener.socket.close()
 
     if control.forced_by is not None:
         log_foreign_holders(ports)
@@ -585,13 +622,17 @@ def _prepare_config(config: Config | None) -> Config:
     return copy.copy(config)
 
 
-def _log_routes(app: object) -> None:
+def _log_routes(app: object, health_path: str | None = None) -> None:
     routes = describe_routes(app)
+    health = [f"{health_path} [GET, HEAD] (answered by the runner)"] if health_path else []
     if routes is None:
         log.info(
             "routes: %s is a bare ASGI callable; its routes cannot be listed", type(app).__name__
         )
+        for line in health:
+            log.info("  %s", line)
         return
+    routes = [*health, *routes]
     log.info("routes (%d):", len(routes))
     for line in routes:
         log.info("  %s", line)
@@ -600,6 +641,11 @@ def _log_routes(app: object) -> None:
 def is_quart_app(app: object) -> bool:
     """A Quart app, recognised without importing quart."""
     return any(cls.__module__.split(".")[0] == "quart" for cls in type(app).__mro__)
+
+
+def is_starlette_app(app: object) -> bool:
+    """A Starlette or FastAPI app, recognised without importing either."""
+    return any(cls.__module__.split(".")[0] == "starlette" for cls in type(app).__mro__)
 
 
 class _ExcludePaths(logging.Filter):

@@ -52,6 +52,7 @@ from ._hypercorn import (
     WorkerContext,
     repr_socket_addr,
 )
+from ._metrics import recorder
 from ._options import Transport
 from ._ports import BoundSockets
 from ._stock import serve_stock_connection
@@ -137,6 +138,7 @@ async def serve_sockets(
             registry: set[Connection] = set()
             handler = _connection_handler(transport, app, config, context, lifespan_state, registry,
                                           http, header_timeout)  # fmt: skip
+            handler = recorder().connection_handler(handler)
             task_status.started(urls)
             with _one_line_accept_errors():
                 async with trio.open_nursery() as accepting:
@@ -155,6 +157,7 @@ async def serve_sockets(
                             app_start.started.set()
                     await drain.wait()
                     accepting.cancel_scope.cancel()  # closes the listeners
+            recorder().drain_started()
             log.info(
                 "draining: listeners closed, in-flight requests have %s s", config.graceful_timeout
             )

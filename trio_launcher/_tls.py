@@ -22,6 +22,15 @@ What goes wrong elsewhere, and what we do instead:
   bad set is reported once and retried when its content changes again.
 
 SIGHUP forces a reload at once, whatever the interval.
+
+**Expiry is watched, not just checked at load.** A certificate that expires
+next week used to warn once at start and never again. The refresher's
+:meth:`CertificateRefresher.watch_expiry` task warns (WARNING) when the served
+certificate has less than 30, 7 and 1 days left: at once when a threshold is
+crossed, then again every day while it stays under it (an expired one logs an
+ERROR daily), and it keeps the expiry metric up to date. A reload re-arms it
+with the new certificate's date. It sleeps on trio's clock and reads the wall
+clock when it wakes.
 """
 
 from __future__ import annotations
@@ -40,13 +49,16 @@ import trio
 from hypercorn.config import Config
 
 from ._errors import CertificateError, ConfigError
+from ._metrics import recorder
 
 if TYPE_CHECKING:
     from cryptography import x509
 
 log = logging.getLogger("trio_launcher")
 
-EXPIRY_WARNING = datetime.timedelta(days=14)
+EXPIRY_THRESHOLDS = (datetime.timedelta(days=30), datetime.timedelta(days=7),
+                     datetime.timedelta(days=1))  # fmt: skip
+EXPIRY_REPEAT = datetime.timedelta(days=1)
 FULL_READ_EVERY = 30  # polls between reads even when stat says nothing changed
 
 
@@ -209,11 +221,34 @@ def describe(loaded: LoadedSet) -> str:
     )
 
 
-def warn_if_expiring(loaded: LoadedSet, now: datetime.datetime | None = None) -> None:
-    now = now or datetime.datetime.now(datetime.UTC)
+def wall_clock() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def warn_if_expiring(loaded: LoadedSet, now: datetime.datetime) -> float:
+    """Log how close ``loaded`` is to its expiry if it is under a threshold;
+    the seconds until the next check (a day, or sooner if a threshold comes first)."""
     left = loaded.not_after - now
-    if left < EXPIRY_WARNING:
-        log.warning("the live TLS certificate expires in %d days (%s)", left.days, describe(loaded))
+    if left <= datetime.timedelta(0):
+        log.error("the live TLS certificate EXPIRED %s ago: clients refuse it (%s)",
+                  _span(-left), describe(loaded))  # fmt: skip
+        return EXPIRY_REPEAT.total_seconds()
+    under = [t for t in EXPIRY_THRESHOLDS if left < t]
+    if under:
+        days = under[-1].days
+        log.warning("the live TLS certificate expires in %s (less than %d day%s left; %s)",
+                    _span(left), days, "s" if days > 1 else "", describe(loaded))  # fmt: skip
+    # Wake just past the next threshold below us (or the expiry itself).
+    nxt = max(t for t in (*EXPIRY_THRESHOLDS, datetime.timedelta(0)) if t < left)
+    until = (left - nxt).total_seconds() + 1.0
+    return min(until, EXPIRY_REPEAT.total_seconds())
+
+
+def _span(delta: datetime.timedelta) -> str:
+    hours = delta.seconds // 3600
+    if delta.days:
+        return f"{delta.days} day{'s' if delta.days > 1 else ''} {hours} h"
+    return f"{hours} h {delta.seconds % 3600 // 60} min"
 
 
 def initial_context(config: Config) -> SwitchableContext:
@@ -225,7 +260,6 @@ def initial_context(config: Config) -> SwitchableContext:
         )
     loaded = load_set(config)
     log.info("TLS certificate loaded: %s", describe(loaded))
-    warn_if_expiring(loaded)
     return SwitchableContext(loaded)
 
 
@@ -250,6 +284,7 @@ class CertificateRefresher:
         switch: SwitchableContext,
         interval: float,
         on_reload: Callable[[bool], None] = lambda reloading: None,
+        now: Callable[[], datetime.datetime] = wall_clock,
     ) -> None:
         self.config = config
         self.switch = switch
@@ -260,6 +295,9 @@ class CertificateRefresher:
         self._kick = trio.Event()
         self._failed_digest: str | None = None
         self._stat_signature = self._signature()
+        self.now = now
+        self._expiry_kick = trio.Event()
+        self._next_expiry_check = 0.0
 
     def request_reload(self) -> None:
         """Reload at once (SIGHUP)."""
@@ -294,6 +332,24 @@ class CertificateRefresher:
                 self._stat_signature = signature
                 self.check(forced=forced)
 
+    async def watch_expiry(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Task: warn while the served certificate is close to expiry (see the top)."""
+        self._check_expiry()
+        task_status.started()
+        while True:
+            self._expiry_kick = trio.Event()
+            with trio.move_on_after(self._next_expiry_check) as timer:
+                await self._expiry_kick.wait()  # a reload checked already
+            if timer.cancelled_caught:
+                self._check_expiry()
+
+    def _check_expiry(self) -> None:
+        loaded = self.switch.current
+        recorder().certificate_expiry(loaded.not_after.timestamp())
+        self._next_expiry_check = warn_if_expiring(loaded, self.now())
+
     def check(self, forced: bool = False) -> bool:
         """Load the files if their content changed (or ``forced``); True if swapped."""
         try:
@@ -313,12 +369,15 @@ class CertificateRefresher:
         self._failed_digest = None
         self.reloads += 1
         log.info("TLS certificate reloaded: %s", describe(loaded))
-        warn_if_expiring(loaded)
+        recorder().tls_reload(True)
+        self._check_expiry()
+        self._expiry_kick.set()
         return True
 
     def _refuse(self, exc: ConfigError, digest: str, forced: bool) -> bool:
         if digest != self._failed_digest or forced:
             self.failures += 1
+            recorder().tls_reload(False)
             log.error("TLS reload refused, still serving the previous certificate: %s", exc)
         self._failed_digest = digest
         return False

@@ -40,6 +40,7 @@ SUPERVISOR_ONLY = frozenset(
         "max_requests_jitter",
         "worker_max_rss",
         "worker_lifetime",
+        "metrics_bind",  # the parent's listener adds up every worker's numbers
         # uvicorn-style spellings of an address, should they come: the parent binds.
         "host",
         "port",

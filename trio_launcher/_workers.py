@@ -79,6 +79,7 @@ import psutil
 import trio
 
 from ._errors import ExitCode
+from ._metrics import recorder
 from ._ports import BoundSockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
@@ -161,7 +162,7 @@ class _Supervisor:
         self.notify_address = f"@trio-launcher-{os.getpid()}-{secrets.token_hex(4)}"
         self._changed = trio.Event()
         self.replace_send, self.replace_receive = trio.open_memory_channel[
-            tuple[_Worker | None, str]
+            tuple[_Worker | None, str, str]
         ](math.inf)
         self.workers: trio.Nursery | None = None
         self.spawning = 0
@@ -216,14 +217,15 @@ class _Supervisor:
         if self.stopping:
             return
         log.info("SIGHUP: rolling restart of %d workers", self.count)
-        self.replace_send.send_nowait((None, "SIGHUP"))
+        self.replace_send.send_nowait((None, "SIGHUP", "reload"))
 
-    def ask_replacement(self, worker: _Worker, why: str) -> None:
+    def ask_replacement(self, worker: _Worker, why: str, cause: str) -> None:
+        """Replace ``worker`` (new one serving first); ``cause`` labels the restart metric."""
         if worker.retire_asked or self.stopping or self.current.get(worker.slot) is not worker:
             return
         worker.retire_asked = True
         log.info("worker %d (PID %d) %s: replacing it", worker.slot, worker.pid, why)
-        self.replace_send.send_nowait((worker, why))
+        self.replace_send.send_nowait((worker, why, cause))
 
     def _close_sockets_once_idle(self) -> None:
         # The workers hold the port now; it closes with them. (Not while a
@@ -278,6 +280,7 @@ class _Supervisor:
 
     async def _watch(self, worker: _Worker) -> None:
         worker.code = await worker.process.wait()
+        recorder().worker_exited(worker.pid)  # its metrics files are kept, marked dead
         del self.by_pid[worker.pid]
         os.close(worker.orders)
         if self.stopping:
@@ -330,6 +333,7 @@ class _Supervisor:
                 return
             if code == 0:
                 log.info("worker %d (PID %d) exited; replacing it", slot, worker.pid)
+                recorder().worker_restart("exit")
             else:
                 now = trio.current_time()
                 crashes.append(now)
@@ -342,6 +346,7 @@ class _Supervisor:
                     return
                 log.warning("worker %d (PID %d) crashed (%s); restarting in %.1f s",
                             slot, worker.pid, _how(code), backoff)  # fmt: skip
+                recorder().worker_restart("crash")
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self.policy.max_backoff)
                 if self.stopping:
@@ -372,15 +377,17 @@ class _Supervisor:
 
     async def replace_workers(self) -> None:
         """One replacement at a time: SIGHUP (every slot) or one retiring worker."""
-        async for target, why in self.replace_receive:
+        async for target, why, cause in self.replace_receive:
             if target is not None:
-                await self._replace(target.slot, target, why)
+                if await self._replace(target.slot, target, why):
+                    recorder().worker_restart(cause)
                 continue
             notify_reloading(True)
             replaced = 0
             for slot in range(self.count):
                 if not await self._replace(slot, self.current[slot], why):
                     break
+                recorder().worker_restart(cause)
                 replaced += 1
             if not self.stopping:
                 log.info("rolling restart: %d of %d workers replaced", replaced, self.count)
@@ -419,14 +426,16 @@ class _Supervisor:
                 if not worker.ready.is_set() or worker.exited.is_set():
                     continue
                 if now - worker.started > worker.lifetime:
-                    self.ask_replacement(worker, f"is {now - worker.started:.0f} s old")
+                    self.ask_replacement(worker, f"is {now - worker.started:.0f} s old", "lifetime")
                 if limit is not None:
                     try:
                         rss = psutil.Process(worker.pid).memory_info().rss / 2**20
                     except psutil.Error:
                         continue
                     if rss > limit:
-                        self.ask_replacement(worker, f"uses {rss:.0f} MiB > {limit:g} MiB")
+                        self.ask_replacement(
+                            worker, f"uses {rss:.0f} MiB > {limit:g} MiB", "max_rss"
+                        )
 
     async def read_reports(self, *, task_status: trio.TaskStatus[None]) -> None:
         """READY=1, RETIRE=1 and CUT=N from the workers, told apart by sender PID."""
@@ -463,7 +472,7 @@ class _Supervisor:
                 worker.ready.set()
                 self._poke()
             elif state == "RETIRE=1":
-                self.ask_replacement(worker, "reached --max-requests")
+                self.ask_replacement(worker, "reached --max-requests", "max_requests")
             elif key == "CUT" and value.isdigit():
                 log.error("worker %d (PID %d): its drain cut %s requests at graceful_timeout",
                           worker.slot, worker.pid, value)  # fmt: skip

@@ -25,6 +25,9 @@ Quart-Trio and the runner:
   response that takes longer, tokens streamed by a model included. If the app
   still has Quart's default, it is set to None (no limit); a value the app set
   itself is kept and logged.
+* **Route templates for metrics.** The matched rule (``/items/<int:id>``) is
+  put in ``scope["route"]`` before the handler runs, so that the request
+  duration histogram is labelled by route template, never by raw path.
 
 The runner's dead check is per ``serve_http`` call, while error handlers are
 per app; a context variable set around each request connects the two.
@@ -39,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from quart import Quart, Response, got_request_exception
+from quart import Quart, Response, got_request_exception, request
 
 from ._asgi import ASGIApp, Message, Receive, Scope, Send, error_body
 from ._hypercorn import quart_error_handlers
@@ -70,6 +73,7 @@ def install(
     if not getattr(app, _INSTALLED, False):
         setattr(app, _INSTALLED, True)
         got_request_exception.connect(_dead_check_receiver, app, weak=False)
+        app.before_request(_record_route)
     app_handlers = quart_error_handlers(app)
     for error_type in error_types:
         own = app_handlers.get(error_type)
@@ -130,6 +134,12 @@ async def _engine_error_handler(error: BaseException) -> Response:
     _dead_check(error)
     log.error("%s in a Quart handler: %s", type(error).__name__, error)
     return Response(json.dumps(error_body(error)), status=500, content_type="application/json")
+
+
+async def _record_route() -> None:
+    rule = request.url_rule
+    if rule is not None:
+        request.scope["route"] = rule.rule  # type: ignore[typeddict-unknown-key]
 
 
 def _dead_check_receiver(sender: Any, exception: BaseException, **extra: Any) -> None:

@@ -32,11 +32,12 @@ What is here:
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import shutil
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,7 +257,15 @@ class FakeEngine(FakePollingEngine):
 
 @dataclass
 class RunningServer:
-    """What :func:`running_server` yields."""
+    """What :func:`running_server` yields.
+
+    Attributes:
+        handle: the :class:`~trio_launcher.ServerHandle` (``urls``,
+            ``shutdown()``, ``stopping``, ``engine_alive``, ``tls``).
+        client: an ``httpx.AsyncClient`` for the server (base URL set).
+        url: the first URL served, like ``http://127.0.0.1:41234``.
+        port: its TCP port.
+    """
 
     handle: ServerHandle
     client: httpx.AsyncClient
@@ -271,25 +280,46 @@ class RunningServer:
         return int(self.url.rsplit(":", 1)[1])
 
 
+FAKE_ENGINE_WATCHDOG_INTERVAL = 0.05
+"""``watchdog_interval`` in :func:`running_server` when the test does not set
+one: a polled fake engine's death is seen in 50 ms, not serve_http's 5 s."""
+
+
 @asynccontextmanager
 async def running_server(
     app: Any,
     config: Config | None = None,
     *,
     tls: TLSFiles | None = None,
+    bind: Sequence[str] | None = None,
     client_cert: bool = True,
     http2: bool = False,
     startup_timeout: float = 10.0,
     shutdown_timeout: float = 10.0,
     **serve_options: Any,
 ) -> AsyncIterator[RunningServer]:
-    """Run ``serve_http(app, config, **serve_options)`` on 127.0.0.1:0 for a test.
+    """Run ``serve_http(app, config, **serve_options)`` for a test, on a free port.
+
+    Args:
+        app: the ASGI app (Starlette/FastAPI and Quart-Trio apps included).
+        config: a hypercorn ``Config`` (default: ``tls.config()`` with ``tls``,
+            else ``Config()``). It is copied; its ``bind`` is NOT used unless
+            ``bind`` says so: the server always listens on 127.0.0.1:0.
+        tls: serve HTTPS with these certificates; the client trusts their CA
+            and presents the client certificate (unless ``client_cert=False``).
+        bind: addresses to listen on instead of 127.0.0.1:0 (``unix:PATH``...).
+        http2: the client speaks HTTP/2 (with ``tls``).
+        startup_timeout, shutdown_timeout: bounds, in seconds.
+        **serve_options: ``serve_http``'s keyword arguments (``engine``,
+            ``health_path``, ``watchdog_interval``...). ``handle_signals``
+            defaults to False (the test process keeps Ctrl-C) and
+            ``watchdog_interval`` to 0.05 s (fake engines are found dead fast).
 
     Yields a :class:`RunningServer` whose ``client`` is an ``httpx.AsyncClient``
-    with the server's base URL (and, with ``tls``, trust in its CA and the
-    client certificate). On exit the server is shut down gracefully and
+    with the server's base URL. On exit the server is shut down gracefully and
     awaited: lifespan shutdown runs, and an error from the server fails the
-    test with that error. Startup and shutdown are bounded.
+    test with that error (one error, not wrapped in exception groups). Startup
+    and shutdown are bounded.
 
     ``handle_signals`` defaults to False here: a test process keeps Ctrl-C.
     With ``engine_task=fn`` the server is yielded once the engine task has
@@ -297,8 +327,12 @@ async def running_server(
     """
     if config is None:
         config = tls.config() if tls is not None else Config()
-        config.bind = ["127.0.0.1:0"]
+    else:
+        config = copy.copy(config)
+    config.bind = list(bind) if bind is not None else ["127.0.0.1:0"]
     serve_options.setdefault("handle_signals", False)
+    if "options" not in serve_options:
+        serve_options.setdefault("watchdog_interval", FAKE_ENGINE_WATCHDOG_INTERVAL)
     verify: ssl.SSLContext | bool = (
         tls.client_context(with_cert=client_cert, http2=http2) if tls else False
     )
@@ -306,13 +340,21 @@ async def running_server(
         async with trio.open_nursery() as nursery:
             with trio.fail_after(startup_timeout):
                 handle: ServerHandle = await nursery.start(_serve, app, config, serve_options)
-            async with httpx.AsyncClient(base_url=handle.urls[0], verify=verify, http2=http2,
-                                         timeout=30) as client:  # fmt: skip
+            async with _client(handle.urls[0], verify, http2) as client:
                 yield RunningServer(handle, client)
             handle.shutdown()
             nursery.cancel_scope.deadline = trio.current_time() + shutdown_timeout
     if nursery.cancel_scope.cancelled_caught:
         raise TimeoutError(f"serve_http did not return within {shutdown_timeout} s of shutdown()")
+
+
+def _client(url: str, verify: ssl.SSLContext | bool, http2: bool) -> httpx.AsyncClient:
+    scheme, _, address = url.partition("://")
+    if address.startswith("unix:"):  # hypercorn's http://unix:/path
+        transport = httpx.AsyncHTTPTransport(uds=address[5:], verify=verify, http2=http2)
+        return httpx.AsyncClient(base_url=f"{scheme}://localhost", transport=transport,
+                                 timeout=30)  # fmt: skip
+    return httpx.AsyncClient(base_url=url, verify=verify, http2=http2, timeout=30)
 
 
 async def _serve(
@@ -325,7 +367,15 @@ async def _serve(
     await serve_http(app, config, task_status=task_status, **options)
 
 
-# --- fixtures -----------------------------------------------------------------
+# --- hooks and fixtures ---------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """pytest-trio runs each test in a nursery, so a failing assert arrives
+    wrapped in an ExceptionGroup; report the one error alone."""
+    with readable_errors():
+        return (yield)
 
 
 @pytest.fixture

@@ -1,0 +1,216 @@
+"""One log format for runner lines and access lines, and the request id they share.
+
+Before, one stream mixed two timestamp formats: the runner's lines came from
+``logging.basicConfig`` (local time, comma milliseconds) and hypercorn's
+access lines from its own formatter with ``%(t)s`` (``[02/Dec/2026:...]``).
+Here one formatter serves both, in two shapes (``--log-format``):
+
+* ``text``, for a person at a terminal::
+
+    2026-12-02T03:04:05.678Z INFO [4242] trio_launcher: serving on http://127.0.0.1:8000
+    2026-12-02T03:04:06.001Z INFO [4242] hypercorn.access: 127.0.0.1:51234 "GET /v1/models
+    HTTP/1.1" 200 48 1.2ms id=5f0c9a2b1e7d-17   (one line)
+
+* ``json``, one object per line: ``time``, ``level``, ``logger``, ``message``
+  (and ``exception`` with the traceback when there is one), plus for access
+  lines ``method``, ``path``, ``query``, ``status``, ``bytes`` (the response's
+  Content-Length, null when streamed), ``duration_ms``, ``request_id`` and
+  ``client``.
+
+Times are ISO 8601 in UTC with milliseconds and a ``Z``. Access lines are
+recognised by what hypercorn passes: its access logger calls
+``logger.info(access_log_format, atoms)`` with a mapping of atoms (``m``,
+``U``, ``s``, ``D``, ``{x-request-id}o``...), so any protocol that logs through
+``config.log.access(scope, response, request_time)`` gets the same lines. A
+custom ``access_log_format`` (hypercorn's TOML setting) is honoured in the
+text shape.
+
+**Request ids.** An incoming ``X-Request-Id`` of 1 to 128 visible ASCII
+characters is kept; anything else is replaced by a new one: a random prefix
+per process and a counter (``5f0c9a2b1e7d-17``), unique across workers and
+restarts and far cheaper than a uuid. The id is echoed in the response,
+written in the access line (from the response header) and given to the app
+as ``scope["state"]["request_id"]`` (Starlette: ``request.state.request_id``;
+Quart: ``request.scope["state"]["request_id"]``). hypercorn gives each request
+a shallow copy of the lifespan state, but another protocol might hand every
+request of a connection the same dict (HTTP/2 streams run concurrently); the
+runner therefore always gives the request a fresh dict with the id added, and
+the lifespan state's entries are still there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import secrets
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+from ._hypercorn import Config
+
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_ACCESS_ID_ATOM = "{x-request-id}o"
+
+
+class RequestIds:
+    """Keeps a valid incoming ``X-Request-Id`` or makes a new one."""
+
+    def __init__(self) -> None:
+        self.prefix = secrets.token_hex(6) + "-"
+        self._counter = itertools.count(1)
+
+    def assign(self, scope: Any) -> tuple[bytes, bytes]:
+        """Set ``scope["state"]["request_id"]`` (in a fresh state dict); the header to echo."""
+        value: bytes | None = None
+        for name, incoming in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                if _VALID_ID.fullmatch(incoming):
+                    value = incoming
+                break
+        if value is None:
+            text = f"{self.prefix}{next(self._counter)}"
+            value = text.encode("ascii")
+        else:
+            text = value.decode("ascii")
+        state = scope.get("state")
+        scope["state"] = {**state, "request_id": text} if state else {"request_id": text}
+        return (REQUEST_ID_HEADER, value)
+
+
+def iso_time(created: float) -> str:
+    """``2026-12-02T03:04:05.678Z``: ISO 8601, UTC, milliseconds."""
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _atoms(record: logging.LogRecord) -> Mapping[str, Any] | None:
+    args = record.args
+    if isinstance(args, Mapping) and "m" in args and "s" in args and "D" in args:
+        return args
+    return None
+
+
+class _PlainGet(Mapping[str, Any]):
+    __slots__ = ("_d",)
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self._d = d
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict.get(self._d, key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return dict.__getitem__(self._d, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
+    """The access line's fields from hypercorn's atoms."""
+    # dict.get: hypercorn's atoms answer "-" for a missing key through [].
+    values: Mapping[str, Any] = _PlainGet(atoms) if isinstance(atoms, dict) else atoms
+    status, size = values.get("s"), values.get("b")
+    return {
+        "method": values.get("m"),
+        "path": values.get("U"),
+        "query": values.get("q") or None,
+        "status": int(status) if isinstance(status, str) and status.isdigit() else None,
+        "bytes": int(size) if isinstance(size, str) and size.isdigit() else None,
+        "duration_ms": round(int(values.get("D") or 0) / 1000, 3),
+        "request_id": values.get(_ACCESS_ID_ATOM),
+        "client": values.get("h"),
+        "protocol": values.get("H"),
+    }
+
+
+def _access_text(record: logging.LogRecord, fields: dict[str, Any]) -> str:
+    if record.msg != Config.access_log_format:
+        return record.getMessage()  # the user's own access_log_format
+    target = fields["path"] + (f"?{fields['query']}" if fields["query"] else "")
+    size = "-" if fields["bytes"] is None else fields["bytes"]
+    line = (
+        f'{fields["client"] or "-"} "{fields["method"]} {target} HTTP/{fields["protocol"]}" '
+        f"{fields['status'] or '-'} {size} {fields['duration_ms']:.1f}ms"
+    )
+    if fields["request_id"]:
+        line += f" id={fields['request_id']}"
+    return line
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL [PID] LOGGER: MESSAGE``, access lines rebuilt from their atoms."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        atoms = _atoms(record)
+        message = (
+            record.getMessage() if atoms is None else _access_text(record, access_fields(atoms))
+        )
+        stamp = iso_time(record.created)
+        line = f"{stamp} {record.levelname} [{record.process}] {record.name}: {message}"
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (see the module docstring for the fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        atoms = _atoms(record)
+        data: dict[str, Any] = {
+            "time": iso_time(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        if atoms is None:
+            data["message"] = record.getMessage()
+        else:
+            fields = access_fields(atoms)
+            data["message"] = _access_text(record, fields)
+            data.update(fields)
+        data["pid"] = record.process
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            data["exception"] = record.exc_text
+        return json.dumps(data, default=str)
+
+
+def formatter(log_format: LogFormat) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter()
+    return TextFormatter()
+
+
+def configure(level: str, log_format: LogFormat = "text") -> None:
+    """The CLI's logging: runner lines to stderr in ``log_format`` (like
+    ``logging.basicConfig``, it leaves a root logger that has handlers alone)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def format_access_log(config: Config, log_format: LogFormat) -> None:
+    """Give the handlers hypercorn made for ``config.accesslog`` our formatter."""
+    if not config.accesslog or isinstance(config.accesslog, logging.Logger):
+        return
+    logger = config.log.access_logger
+    if logger is not None:
+        for handler in logger.handlers:
+            handler.setFormatter(formatter(log_format))
