@@ -37,9 +37,16 @@ async def app(scope: Message, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "body": b""})
         return
     body = BODY_64K if path == "/body" else HELLO
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"),
-                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -29,8 +29,14 @@ def cold_start(variant: str) -> float:
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.server", variant, str(port)]
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        env=env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = start + 30
         while not _get(port):
@@ -62,8 +68,10 @@ def idle_cpu(seconds: float) -> dict[str, float]:
         tls = TLSFiles(Path(tmp))
         files = (str(tls.cert_file), str(tls.key_file))
         with server("runner-idle", files) as (_, runner), server("hypercorn", files) as (_, bare):
-            procs = {"runner (watchdog 5 s + TLS refresher 1 s)": psutil.Process(runner.pid),
-                     "bare hypercorn": psutil.Process(bare.pid)}  # fmt: skip
+            procs = {
+                "runner (watchdog 5 s + TLS refresher 1 s)": psutil.Process(runner.pid),
+                "bare hypercorn": psutil.Process(bare.pid),
+            }
             time.sleep(1)
             before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
             time.sleep(seconds)

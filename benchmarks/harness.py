@@ -64,8 +64,14 @@ def server(
     """Run ``benchmarks.server VARIANT`` pinned to core 0; yield (port, process)."""
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.server", variant, str(port), *(tls or ())]
-    proc = subprocess.Popen(pin(0, argv), env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        pin(0, argv),
+        env=env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port, proc=proc)
         yield port, proc
@@ -115,10 +121,18 @@ def wrk(url: str, connections: int, seconds: float) -> LoadResult:
 def h2load(url: str, connections: int, seconds: float) -> LoadResult:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "h2load.log"
-        argv = ["h2load", f"-c{connections}", "-m1", "-t1", f"-D{seconds:g}",
-                f"--log-file={log}", url]  # fmt: skip
-        out = subprocess.run(pin(1, argv), capture_output=True, text=True,
-                             timeout=seconds + 60).stdout  # fmt: skip
+        argv = [
+            "h2load",
+            f"-c{connections}",
+            "-m1",
+            "-t1",
+            f"-D{seconds:g}",
+            f"--log-file={log}",
+            url,
+        ]
+        out = subprocess.run(
+            pin(1, argv), capture_output=True, text=True, timeout=seconds + 60
+        ).stdout
         rows = [line.split("\t") for line in log.read_text().splitlines() if line]
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
     latencies = sorted(int(row[2]) / 1000 for row in rows if row[1] != "-1")
@@ -162,8 +176,13 @@ def python_client(host: str, port: int, path: str, connections: int, seconds: fl
     for thread in threads:
         thread.join(seconds + 30)
     latencies.sort()
-    return LoadResult(len(latencies) / seconds, percentile(latencies, 50),
-                      percentile(latencies, 99), errors[0], "python")  # fmt: skip
+    return LoadResult(
+        len(latencies) / seconds,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        errors[0],
+        "python",
+    )
 
 
 def _read_response(sock: socket.socket) -> None:

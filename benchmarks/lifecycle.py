@@ -56,33 +56,58 @@ async def partial_serve(
     config: Config, engine: object, interval: float, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
     with contextlib.suppress(EngineDeadError):  # expected: it must not cancel the probe
-        await serve_http(app, config, engine=engine, watchdog_interval=interval,
-                         handle_signals=False, task_status=task_status)  # fmt: skip
+        await serve_http(
+            app,
+            config,
+            engine=engine,
+            watchdog_interval=interval,
+            handle_signals=False,
+            task_status=task_status,
+        )
 
 
 def engine_death(runs: dict[str, int]) -> dict[str, list[float]]:
     cases = {"wait_dead()": (True, math.inf), "poll 0.1 s": (False, 0.1), "poll 5 s": (False, 5.0)}
     results: dict[str, list[float]] = {}
     for name, (wait_dead, interval) in cases.items():
-        results[name] = [trio.run(engine_death_once, wait_dead, interval)
-                         for _ in range(runs[name])]  # fmt: skip
+        results[name] = [
+            trio.run(engine_death_once, wait_dead, interval) for _ in range(runs[name])
+        ]
     return results
 
 
 def _launch(extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    argv = [sys.executable, "-m", "trio_launcher", "benchmarks.apps:app",
-            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", *extra]  # fmt: skip
-    proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "trio_launcher",
+        "benchmarks.apps:app",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        argv,
+        env=env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_port(port, proc=proc)
     return proc, port
 
 
 def sigterm_to_exit(runs: int) -> dict[str, list[float]]:
     """Seconds from SIGTERM to process exit: idle, request in flight, keep-alive client."""
-    results: dict[str, list[float]] = {"idle": [], "request in flight (0.2 s left)": [],
-                                       "idle keep-alive client": []}  # fmt: skip
+    results: dict[str, list[float]] = {
+        "idle": [],
+        "request in flight (0.2 s left)": [],
+        "idle keep-alive client": [],
+    }
     for _ in range(runs):
         for case in results:
             proc, port = _launch([])
@@ -112,9 +137,16 @@ async def cert_change_once(mode: str, interval: float) -> float:
         config.errorlog = None
         sighup = mode == "SIGHUP"
         async with trio.open_nursery() as nursery:
-            handle = await nursery.start(partial(
-                serve_http, app, config, enable_ssl_refresh=not sighup,
-                ssl_refresh_interval=interval, handle_signals=sighup))  # fmt: skip
+            handle = await nursery.start(
+                partial(
+                    serve_http,
+                    app,
+                    config,
+                    enable_ssl_refresh=not sighup,
+                    ssl_refresh_interval=interval,
+                    handle_signals=sighup,
+                )
+            )
             port = int(handle.urls[0].rsplit(":", 1)[1])
             await trio.sleep(random.uniform(0, interval) if not sighup else 0.05)
             tls.rotate("inplace" if mode == "in-place" else "rename")

@@ -73,8 +73,9 @@ def layer_cost(requests: int = 20000, repeats: int = 5) -> dict[str, float]:
     from trio_launcher._observe import Observed
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"5")]})  # fmt: skip
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]}
+        )
         await send({"type": "http.response.body", "body": b"hello"})
 
     async def send(message: Any) -> None:
@@ -84,8 +85,14 @@ def layer_cost(requests: int = 20000, repeats: int = 5) -> dict[str, float]:
         return {"type": "http.request"}
 
     def scope() -> dict[str, Any]:
-        return {"type": "http", "method": "GET", "path": "/", "query_string": b"",
-                "headers": [(b"host", b"x"), (b"user-agent", b"wrk")], "state": {}}  # fmt: skip
+        return {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "query_string": b"",
+            "headers": [(b"host", b"x"), (b"user-agent", b"wrk")],
+            "state": {},
+        }
 
     layers = {
         "off": app,
@@ -143,8 +150,10 @@ def render(results: dict[str, Any]) -> list[str]:
     plain_cpu = first["cpu_us_per_request"][0]["median"]
     for name, us in results["layer_us"].items():
         share = 100 * us / plain_cpu
-        out.append(f"| the layer alone, in-process: {name} | | +{us:.2f} us CPU per request | "
-                   f"{share:.1f} % of a plain request's CPU in this run | |")  # fmt: skip
+        out.append(
+            f"| the layer alone, in-process: {name} | | +{us:.2f} us CPU per request | "
+            f"{share:.1f} % of a plain request's CPU in this run | |"
+        )
     return out
 
 

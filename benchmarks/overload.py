@@ -53,8 +53,9 @@ HERE = Path(__file__).resolve().parent
 # --- the apps (the same routes on trio and on asyncio) -------------------------------------
 
 
-async def _app(sleep: Callable[[float], Awaitable[None]], scope: Message, receive: Receive,
-               send: Send) -> None:  # fmt: skip
+async def _app(
+    sleep: Callable[[float], Awaitable[None]], scope: Message, receive: Receive, send: Send
+) -> None:
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -67,8 +68,13 @@ async def _app(sleep: Callable[[float], Awaitable[None]], scope: Message, receiv
     if scope["path"] == "/slow":
         await sleep(SLOW_S)
     body = b'{"status":"serving"}' if scope["path"] == "/health" else b"Hello, world!"
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -124,16 +130,34 @@ def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int
     """Start a server pinned to core 0; yield (port, pid); end it by PID."""
     port = free_port()
     if variant == "uvicorn":
-        argv = [sys.executable, "-m", "uvicorn", "benchmarks.overload:asyncio_app",
-                "--port", str(port), "--limit-concurrency", str(LIMIT), "--backlog", "2048",
-                "--log-level", "error", "--no-access-log"]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.overload:asyncio_app",
+            "--port",
+            str(port),
+            "--limit-concurrency",
+            str(LIMIT),
+            "--backlog",
+            "2048",
+            "--log-level",
+            "error",
+            "--no-access-log",
+        ]
     else:
         argv = [sys.executable, "-m", "benchmarks.overload", "serve", variant, str(port)]
     environment = env()
     if snapshot:
         environment["BENCH_TRIO_LAUNCHER"] = snapshot
-    proc = subprocess.Popen(pin(0, argv), env=environment, cwd=ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        pin(0, argv),
+        env=environment,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port, proc=proc)
         yield port, proc.pid
@@ -259,8 +283,11 @@ def main_snapshot() -> Iterator[str | None]:
         return
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "main.tar"
-        made = subprocess.run(["git", "archive", "-o", str(archive), "main", "trio_launcher"],
-                              cwd=ROOT, capture_output=True)  # fmt: skip
+        made = subprocess.run(
+            ["git", "archive", "-o", str(archive), "main", "trio_launcher"],
+            cwd=ROOT,
+            capture_output=True,
+        )
         if made.returncode != 0:
             yield None
             return
@@ -305,10 +332,12 @@ def middleware_cpu(variant: str, calls: int = 50_000) -> float:
 
     kwargs: dict[str, Any] = {}
     if variant != "main":
+        from trio_launcher import _bounds
+
         kwargs["bounds"] = {
-            "defaults": _asgi.Bounds(),
-            "bounds-off": _asgi.Bounds(body_timeout=None),
-            "all-bounds": _asgi.Bounds(30.0, 1000, 60.0),
+            "defaults": _bounds.Bounds(),
+            "bounds-off": _bounds.Bounds(body_timeout=None),
+            "all-bounds": _bounds.Bounds(30.0, 1000, 60.0),
         }[variant]
 
     async def hello(scope: Message, receive: Receive, send: Send) -> None:
@@ -322,8 +351,13 @@ def middleware_cpu(variant: str, calls: int = 50_000) -> float:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     middleware = _asgi.RunnerMiddleware(hello, lambda exc: None, **kwargs)
-    scope = {"type": "http", "method": "GET", "path": "/", "http_version": "1.1",
-             "headers": [(b"host", b"x")]}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "http_version": "1.1",
+        "headers": [(b"host", b"x")],
+    }
 
     async def measure() -> float:
         best = math.inf
@@ -349,8 +383,12 @@ def middleware_cost(rounds: int) -> dict[str, list[float]]:
                     environment["BENCH_TRIO_LAUNCHER"] = snapshot
                 out = subprocess.run(
                     pin(1, [sys.executable, "-m", "benchmarks.overload", "cpu", variant]),
-                    env=environment, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                )  # fmt: skip
+                    env=environment,
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 results[variant].append(float(out.stdout.strip()))
     return results
 
@@ -359,9 +397,12 @@ def middleware_cost(rounds: int) -> dict[str, list[float]]:
 
 
 def render(results: dict[str, Any]) -> str:
-    out = ["### Overload (2000 clients at once, 2 s handler, limit 100)", "",
-           "| | trio_launcher `limit_concurrency=100` | uvicorn `--limit-concurrency 100` |",
-           "|---|---|---|"]  # fmt: skip
+    out = [
+        "### Overload (2000 clients at once, 2 s handler, limit 100)",
+        "",
+        "| | trio_launcher `limit_concurrency=100` | uvicorn `--limit-concurrency 100` |",
+        "|---|---|---|",
+    ]
     o = results["overload"]
     a, b = o["limited"], o["uvicorn"]
 
@@ -370,29 +411,48 @@ def render(results: dict[str, Any]) -> str:
 
     row("statuses of the 2000", lambda r: ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()))
     row("503 p99", lambda r: f"{r['shed_p99_ms']:.0f} ms")
-    row("health path p50 / p99 / max", lambda r: f"{r['health_p50_ms']:.1f} / "
-        f"{r['health_p99_ms']:.1f} / {r['health_max_ms']:.0f} ms")  # fmt: skip
+    row(
+        "health path p50 / p99 / max",
+        lambda r: (
+            f"{r['health_p50_ms']:.1f} / {r['health_p99_ms']:.1f} / {r['health_max_ms']:.0f} ms"
+        ),
+    )
     row(
         "health statuses", lambda r: ", ".join(f"{k}: {v}" for k, v in r["health_statuses"].items())
     )
-    row("admitted p50 / p99 (overload)", lambda r: f"{r['admitted_p50_ms']:.0f} / "
-        f"{r['admitted_p99_ms']:.0f} ms")  # fmt: skip
-    row("admitted p50 / p99 (50 alone)", lambda r: f"{r['reference']['p50_ms']:.0f} / "
-        f"{r['reference']['p99_ms']:.0f} ms")  # fmt: skip
+    row(
+        "admitted p50 / p99 (overload)",
+        lambda r: f"{r['admitted_p50_ms']:.0f} / {r['admitted_p99_ms']:.0f} ms",
+    )
+    row(
+        "admitted p50 / p99 (50 alone)",
+        lambda r: f"{r['reference']['p50_ms']:.0f} / {r['reference']['p99_ms']:.0f} ms",
+    )
     row("RSS growth", lambda r: f"{r['rss_growth_mib']:.1f} MiB")
     c = results["cost"]
-    out += ["", f"### Cost of the bounds, hello world (wrk -c64; baseline: {c['baseline']})", "",
-            "| variant | req/s per round | p99 ms per round | ratio to baseline |",
-            "|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        f"### Cost of the bounds, hello world (wrk -c64; baseline: {c['baseline']})",
+        "",
+        "| variant | req/s per round | p99 ms per round | ratio to baseline |",
+        "|---|---|---|---|",
+    ]
     for variant, values in c["rps"].items():
         ratio = c["rps_ratio"].get(variant)
-        out.append(f"| {variant} | {', '.join(f'{v:.0f}' for v in values)} | "
-                   f"{', '.join(f'{v:.1f}' for v in c['p99_ms'][variant])} | "
-                   f"{'-' if ratio is None else f'{ratio:.3f}'} |")  # fmt: skip
+        out.append(
+            f"| {variant} | {', '.join(f'{v:.0f}' for v in values)} | "
+            f"{', '.join(f'{v:.1f}' for v in c['p99_ms'][variant])} | "
+            f"{'-' if ratio is None else f'{ratio:.3f}'} |"
+        )
     m = results.get("middleware_us")
     if m:
-        out += ["", "### CPU per request in the runner's middleware (hello world, best of 7)", "",
-                "| variant | us per request, per round |", "|---|---|"]  # fmt: skip
+        out += [
+            "",
+            "### CPU per request in the runner's middleware (hello world, best of 7)",
+            "",
+            "| variant | us per request, per round |",
+            "|---|---|",
+        ]
         out += [f"| {v} | {', '.join(f'{x:.2f}' for x in xs)} |" for v, xs in m.items()]
     return "\n".join(out)
 

@@ -54,22 +54,46 @@ def main(argv: list[str]) -> None:
             "hypercorn" if variant == "runner-stock" else "lean"
         )
         http: Literal["auto", "h11"] = "h11" if variant == "runner-h11" else "auto"
-        trio.run(partial(serve_http, app, config, engine=IdleEngine(), transport=transport,
-                         http=http, enable_ssl_refresh=idle and config.ssl_enabled))  # fmt: skip
+        trio.run(
+            partial(
+                serve_http,
+                app,
+                config,
+                engine=IdleEngine(),
+                transport=transport,
+                http=http,
+                enable_ssl_refresh=idle and config.ssl_enabled,
+            )
+        )
     elif variant in ("uvicorn", "uvicorn-fast"):
         import uvicorn
 
         fast = variant == "uvicorn-fast"
-        uvicorn.run(app, host="127.0.0.1", port=port, http="httptools" if fast else "h11",
-                    loop="uvloop" if fast else "asyncio", log_level="warning", access_log=False,
-                    backlog=2048)  # fmt: skip
+        uvicorn.run(
+            app,
+            host="127.0.0.1",
+            port=port,
+            http="httptools" if fast else "h11",
+            loop="uvloop" if fast else "asyncio",
+            log_level="warning",
+            access_log=False,
+            backlog=2048,
+        )
     elif variant in ("runner-plain", "runner-observed", "runner-ids", "runner-metrics"):
         from trio_launcher import serve_http
 
         ids = variant in ("runner-observed", "runner-ids")
         metrics = variant in ("runner-observed", "runner-metrics")
-        trio.run(partial(serve_http, app, config, engine=IdleEngine(), request_ids=ids,
-                         metrics_path="/metrics" if metrics else None))  # fmt: skip
+        trio.run(
+            partial(
+                serve_http,
+                app,
+                config,
+                engine=IdleEngine(),
+                request_ids=ids,
+                metrics_path="/metrics" if metrics else None,
+            )
+        )
     elif variant == "quart-runner":
         from trio_launcher import serve_http
 

@@ -112,8 +112,11 @@ async def app(scope: Message, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             kind = message["type"].rsplit(".", 1)[-1]  # startup / shutdown
-            log.info("lifespan %s; the engine is %s", kind,
-                     "running" if current_engine().is_running else "stopped")  # fmt: skip
+            log.info(
+                "lifespan %s; the engine is %s",
+                kind,
+                "running" if current_engine().is_running else "stopped",
+            )
             await send({"type": f"{message['type']}.complete"})
             if kind == "shutdown":
                 return
@@ -130,7 +133,14 @@ async def app(scope: Message, receive: Receive, send: Send) -> None:
 
 async def _respond(send: Send, status: int, body: object) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})

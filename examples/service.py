@@ -86,8 +86,13 @@ async def app(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> 
         tokens = int(query.get("tokens", ["10"])[0])
         if engine.errored:
             raise EngineDeadError("the simulated engine is dead")
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
         async for token in engine.generate(tokens):
             await send({"type": "http.response.body", "body": token.encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"\n", "more_body": False})
@@ -109,6 +114,11 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type)]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type)],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

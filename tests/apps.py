@@ -70,8 +70,9 @@ class App:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             for i in range(int(query.get("n", "5"))):
                 await trio.sleep(float(query.get("delay", "0.05")))
-                await send({"type": "http.response.body", "body": b"chunk%d\n" % i,
-                            "more_body": True})  # fmt: skip
+                await send(
+                    {"type": "http.response.body", "body": b"chunk%d\n" % i, "more_body": True}
+                )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif path == "/raise/dead":
             raise EngineDeadError("engine is gone")
@@ -109,8 +110,13 @@ async def _raise_dead() -> None:
 
 
 async def respond(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -132,9 +138,16 @@ async def vanishing_h2_client(port: int, streams: int) -> None:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     for i in range(streams):
-        conn.send_headers(1 + 2 * i, [(":method", "GET"), (":path", "/stream?n=50&delay=0.001"),
-                                      (":scheme", "http"), (":authority", "x")],
-                          end_stream=True)  # fmt: skip
+        conn.send_headers(
+            1 + 2 * i,
+            [
+                (":method", "GET"),
+                (":path", "/stream?n=50&delay=0.001"),
+                (":scheme", "http"),
+                (":authority", "x"),
+            ],
+            end_stream=True,
+        )
     await stream.send_all(conn.data_to_send())
     with trio.move_on_after(0.02):
         await stream.receive_some(65536)

@@ -38,8 +38,9 @@ engine_task = partial(example_engine_task, load_seconds=0)
 slow_start = partial(example_engine_task, load_seconds=2)
 
 
-async def recorded_engine(*, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
-                          load_seconds: float = 0) -> None:  # fmt: skip
+async def recorded_engine(
+    *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED, load_seconds: float = 0
+) -> None:
     """The example's engine task, recording its start and the end of its cleanup."""
     record("engine started")
     try:
@@ -129,8 +130,13 @@ class App:
             body = b"slept"
         else:
             body = b"hello"
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
         record(f"answered {path}")
 

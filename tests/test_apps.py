@@ -34,9 +34,10 @@ async def open_request(port: int, extra: bytes = b"") -> tuple[trio.SocketStream
         data += await stream.receive_some(65536)
     head, _, body = data.partition(b"\r\n\r\n")
     length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n")
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
         if line.lower().startswith(b"content-length")
-    )  # fmt: skip
+    )
     while len(body) < length:
         body += await stream.receive_some(65536)
     return stream, head + b"\r\n\r\n" + body
@@ -53,8 +54,15 @@ async def wait_eof(stream: trio.SocketStream) -> None:
 
 
 async def test_readiness_turns_503_at_once_and_delay_keeps_serving() -> None:
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--health-path", "/health",
-            "--shutdown-delay", "1"]  # fmt: skip
+    args = [
+        "tests.apps:app",
+        "--bind",
+        "127.0.0.1:0",
+        "--health-path",
+        "/health",
+        "--shutdown-delay",
+        "1",
+    ]
     async with launch(args) as proc:
         async with httpx.AsyncClient(base_url=proc.url) as client:
             ready = await client.get("/health")
@@ -86,8 +94,10 @@ async def test_health_503_when_engine_dead_with_keep_alive() -> None:
         App(), engine=engine, keep_alive_on_engine_death=True, health_path="/health"
     ) as server:
         healthy = await server.client.get("/health")
-        assert (healthy.status_code, healthy.json()) == (200, {"status": "serving",
-                "engine": "alive", "in_flight": 0, "oldest_request_s": 0.0})  # fmt: skip
+        assert (healthy.status_code, healthy.json()) == (
+            200,
+            {"status": "serving", "engine": "alive", "in_flight": 0, "oldest_request_s": 0.0},
+        )
         engine.kill()
         await trio.testing.wait_all_tasks_blocked()
         dead = await server.client.get("/health")
@@ -142,9 +152,19 @@ async def test_head_size_limit_both_layers() -> None:
 
 async def test_access_log_excludes_paths(tmp_path: Path) -> None:
     log_file = tmp_path / "access.log"
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--health-path", "/health",
-            "--access-log", str(log_file), "--access-log-exclude", "/health",
-            "--access-log-exclude", "/metrics"]  # fmt: skip
+    args = [
+        "tests.apps:app",
+        "--bind",
+        "127.0.0.1:0",
+        "--health-path",
+        "/health",
+        "--access-log",
+        str(log_file),
+        "--access-log-exclude",
+        "/health",
+        "--access-log-exclude",
+        "/metrics",
+    ]
     async with launch(args) as proc:
         async with httpx.AsyncClient(base_url=proc.url) as client:
             for path in ("/", "/health", "/metrics", "/slow?s=0"):
@@ -162,8 +182,15 @@ async def test_access_log_excludes_paths(tmp_path: Path) -> None:
 
 
 async def test_engine_killed_mid_stream_ends_stream_and_exits_3() -> None:
-    args = ["tests.apps:app", "--engine", "tests.apps:engine", "--bind", "127.0.0.1:0",
-            "--graceful-timeout", "1"]  # fmt: skip
+    args = [
+        "tests.apps:app",
+        "--engine",
+        "tests.apps:engine",
+        "--bind",
+        "127.0.0.1:0",
+        "--graceful-timeout",
+        "1",
+    ]
     async with launch(args) as proc:
         params = {"n": 1000, "delay": 0.01}
         async with (
@@ -239,8 +266,15 @@ async def test_quart_errors_and_response_timeout() -> None:
 
 
 async def test_example_quart_service_streams_and_dies_with_exit_3() -> None:
-    args = ["examples.quart_service:app", "--engine", "examples.quart_service:engine",
-            "--bind", "127.0.0.1:0", "--health-path", "/health"]  # fmt: skip
+    args = [
+        "examples.quart_service:app",
+        "--engine",
+        "examples.quart_service:engine",
+        "--bind",
+        "127.0.0.1:0",
+        "--health-path",
+        "/health",
+    ]
     async with launch(args) as proc:
         async with httpx.AsyncClient(base_url=proc.url) as client:
             stream = await client.get("/generate", params={"tokens": 3})

@@ -86,8 +86,17 @@ async def client_loop(
 
 @pytest.mark.parametrize("run", range(RUNS))
 async def test_engine_dies_at_random_under_load(run: int) -> None:
-    args = ["tests.apps:app", "--engine", "tests.apps:engine", "--bind", "127.0.0.1:0",
-            "--graceful-timeout", "1", "--log-level", "warning"]  # fmt: skip
+    args = [
+        "tests.apps:app",
+        "--engine",
+        "tests.apps:engine",
+        "--bind",
+        "127.0.0.1:0",
+        "--graceful-timeout",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     async with launch(args, wait_serving=False) as proc:
         # --log-level warning hides "serving on": find the port through psutil.
         port = await _listening_port(proc.process.pid)
@@ -147,8 +156,15 @@ async def test_signal_storm_during_load(storm: list[signal.Signals], transport: 
     first = next(i for i, signum in enumerate(storm) if signum in STOP_SIGNALS)
     before, stop_signal, after = storm[:first], storm[first], storm[first + 1 :]
     forcing = [signum for signum in after if signum in STOP_SIGNALS]
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "2",
-            "--transport", transport]  # fmt: skip
+    args = [
+        "tests.apps:app",
+        "--bind",
+        "127.0.0.1:0",
+        "--graceful-timeout",
+        "2",
+        "--transport",
+        transport,
+    ]
     async with launch(args) as proc:
         tally = Tally()
         stop = trio.Event()
@@ -166,8 +182,9 @@ async def test_signal_storm_during_load(storm: list[signal.Signals], transport: 
                 proc.signal(signum)
             code = await proc.wait(timeout=10)
             stop.set()
-    record(f"signal storm ({transport})", tally.ok + tally.refused,
-           [] if forcing else tally.incomplete)  # fmt: skip
+    record(
+        f"signal storm ({transport})", tally.ok + tally.refused, [] if forcing else tally.incomplete
+    )
     assert len([line for line in proc.lines if ": draining (send it again" in line]) == 1
     if forcing:
         assert code == 128 + forcing[0], proc.stderr  # the first of them forced the stop
@@ -192,8 +209,9 @@ async def test_certificate_chaos_never_fails_a_handshake(tmp_path: Path) -> None
     tls = TLSFiles(tmp_path / "tls")
     other = TLSFiles(tmp_path / "other")
     config = tls.config()
-    async with running_server(App(), config, tls=tls, enable_ssl_refresh=True,
-                              ssl_refresh_interval=0.02) as server:  # fmt: skip
+    async with running_server(
+        App(), config, tls=tls, enable_ssl_refresh=True, ssl_refresh_interval=0.02
+    ) as server:
         failures: list[BaseException] = []
         handshakes = 0
 
@@ -281,8 +299,11 @@ async def test_oversized_head_and_body() -> None:
         assert (await server.client.get("/")).text == "hello"
 
 
-@settings(max_examples=60 * RUNS, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@settings(
+    max_examples=60 * RUNS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     st.one_of(
         st.binary(min_size=1, max_size=300),
@@ -440,12 +461,11 @@ async def test_handler_that_never_returns_is_cancelled_at_drain_deadline() -> No
 
 async def test_startup_failure_exits_1_with_one_error_line() -> None:
     result = await trio.run_process(
-        [sys.executable, "-m", "trio_launcher", "tests.apps:failing_app", "--bind",
-         "127.0.0.1:0"],
+        [sys.executable, "-m", "trio_launcher", "tests.apps:failing_app", "--bind", "127.0.0.1:0"],
         cwd=ROOT,
         env=cli_env(),
         capture_stderr=True,
         check=False,
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert len([line for line in result.stderr.decode().splitlines() if "error:" in line]) == 1

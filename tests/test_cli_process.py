@@ -81,8 +81,15 @@ async def test_engine_wait_dead_closes_listener_fast_and_exits_3() -> None:
 
 
 async def test_polling_engine_exits_3_within_interval() -> None:
-    args = [APP, "--engine", "tests.apps:polling_engine", "--watchdog-interval", "0.2",
-            "--bind", "127.0.0.1:0"]  # fmt: skip
+    args = [
+        APP,
+        "--engine",
+        "tests.apps:polling_engine",
+        "--watchdog-interval",
+        "0.2",
+        "--bind",
+        "127.0.0.1:0",
+    ]
     async with launch(args) as proc:
         async with httpx.AsyncClient() as client:
             assert (await client.post(f"{proc.url}/kill")).status_code == 202
@@ -207,16 +214,23 @@ CONSOLE_SCRIPT = shutil.which("trio-launcher", path=os.path.dirname(sys.executab
 def test_module_entry_point_and_console_script_agree() -> None:
     assert CONSOLE_SCRIPT is not None
     module = run_cli(["--help"])
-    script = subprocess.run([CONSOLE_SCRIPT, "--help"], capture_output=True, text=True,
-                            timeout=30, cwd=ROOT)  # fmt: skip
+    script = subprocess.run(
+        [CONSOLE_SCRIPT, "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
     assert module.returncode == script.returncode == 0
     assert module.stdout == script.stdout
     assert module.stdout.startswith("usage: trio-launcher [-h]")
     for code in ("0 clean", "2 usage/config", "3 engine died", "4 cannot bind"):
         assert code in module.stdout
     bad = run_cli(["tests.nope:app"])
-    bad_script = subprocess.run([CONSOLE_SCRIPT, "tests.nope:app"], capture_output=True,
-                                text=True, timeout=30, cwd=ROOT, env=cli_env())  # fmt: skip
+    bad_script = subprocess.run(
+        [CONSOLE_SCRIPT, "tests.nope:app"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=cli_env(),
+    )
     assert bad.returncode == bad_script.returncode == 2
     assert bad.stderr == bad_script.stderr
 

@@ -89,8 +89,15 @@ async def test_notify_reloading_around_certificate_reload(tmp_path: Path) -> Non
     notify_path = str(tmp_path / "notify.sock")
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
         await notify_sock.bind(notify_path)
-        args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--certfile", str(tls.cert_file),
-                "--keyfile", str(tls.key_file)]  # fmt: skip
+        args = [
+            "tests.apps:app",
+            "--bind",
+            "127.0.0.1:0",
+            "--certfile",
+            str(tls.cert_file),
+            "--keyfile",
+            str(tls.key_file),
+        ]
         async with launch(args, env={"NOTIFY_SOCKET": notify_path}) as proc:
 
             async def next_message() -> str:

@@ -32,9 +32,9 @@ from trio_launcher import (
     current_engine,
     serve_http,
 )
+from trio_launcher._engine_task import run_engine_task
 from trio_launcher._hypercorn import Config
 from trio_launcher._options import Transport
-from trio_launcher._watchdog import run_engine_task
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import engine_tasks
@@ -65,8 +65,9 @@ class Ends:
         self.stuck_at.append(trio.current_time())
 
 
-async def crash_after_start(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-                            ) -> None:  # fmt: skip
+async def crash_after_start(
+    *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
     task_status.started("the engine")
     await trio.sleep(3)
     raise ValueError("boom")
@@ -89,8 +90,14 @@ async def test_crash_after_start_is_reported_not_raised(
 async def test_return_after_start_is_a_death_with_no_error() -> None:
     ends = Ends()
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_engine_task, engine_tasks.returns_at_once, trio.Event(), 10.0,
-                            ends.on_end, ends.on_stuck)  # fmt: skip
+        await nursery.start(
+            run_engine_task,
+            engine_tasks.returns_at_once,
+            trio.Event(),
+            10.0,
+            ends.on_end,
+            ends.on_stuck,
+        )
     assert ends.ends == [None]
 
 
@@ -98,8 +105,14 @@ async def test_crash_before_start_raises_the_tasks_own_exception() -> None:
     ends = Ends()
     async with trio.open_nursery() as nursery:
         with pytest.raises(OSError, match="model file missing"):
-            await nursery.start(run_engine_task, engine_tasks.crashes_while_loading,
-                                trio.Event(), 10.0, ends.on_end, ends.on_stuck)  # fmt: skip
+            await nursery.start(
+                run_engine_task,
+                engine_tasks.crashes_while_loading,
+                trio.Event(),
+                10.0,
+                ends.on_end,
+                ends.on_stuck,
+            )
     assert ends.ends == []
 
 
@@ -108,8 +121,9 @@ async def test_stop_cancels_and_a_cut_cleanup_logs_error(
 ) -> None:
     ends, stop = Ends(), trio.Event()
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_engine_task, engine_tasks.cut_cleanup, stop, 10.0, ends.on_end,
-                            ends.on_stuck)  # fmt: skip
+        await nursery.start(
+            run_engine_task, engine_tasks.cut_cleanup, stop, 10.0, ends.on_end, ends.on_stuck
+        )
         await trio.sleep(5)
         stop.set()
     assert trio.current_time() == 15  # cut at the deadline, not later
@@ -119,8 +133,9 @@ async def test_stop_cancels_and_a_cut_cleanup_logs_error(
     assert errors == ["the engine task's cleanup did not finish within 10 s: it was cut short"]
 
 
-async def unbounded_cleanup(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                            ) -> None:  # fmt: skip
+async def unbounded_cleanup(
+    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     task_status.started()
     try:
         await trio.sleep_forever()
@@ -134,8 +149,9 @@ async def test_a_task_that_ignores_cancellation_is_reported_stuck(
 ) -> None:
     ends, stop = Ends(), trio.Event()
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_engine_task, unbounded_cleanup, stop, 10.0, ends.on_end,
-                            ends.on_stuck)  # fmt: skip
+        await nursery.start(
+            run_engine_task, unbounded_cleanup, stop, 10.0, ends.on_end, ends.on_stuck
+        )
         stop.set()
     assert ends.stuck_at == [11.0]  # the deadline plus the grace for a cut cleanup
     assert "it ignores cancellation" in caplog.text
@@ -148,8 +164,17 @@ async def test_outside_cancellation_leaves_a_bounded_cleanup_unless_cut(
     ends, cut = Ends(), trio.Event()
     with trio.move_on_after(5):
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(run_engine_task, engine_tasks.cut_cleanup, trio.Event(),
-                                        10.0, ends.on_end, ends.on_stuck, cut=cut))  # fmt: skip
+            await nursery.start(
+                partial(
+                    run_engine_task,
+                    engine_tasks.cut_cleanup,
+                    trio.Event(),
+                    10.0,
+                    ends.on_end,
+                    ends.on_stuck,
+                    cut=cut,
+                )
+            )
             if second_signal:
                 cut.set()
             await trio.sleep_forever()
@@ -164,8 +189,17 @@ async def test_second_signal_cuts_a_cleanup_in_progress(
 ) -> None:
     ends, stop, cut = Ends(), trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_engine_task, engine_tasks.cut_cleanup, stop, 10.0,
-                                    ends.on_end, ends.on_stuck, cut=cut))  # fmt: skip
+        await nursery.start(
+            partial(
+                run_engine_task,
+                engine_tasks.cut_cleanup,
+                stop,
+                10.0,
+                ends.on_end,
+                ends.on_stuck,
+                cut=cut,
+            )
+        )
         stop.set()
         await trio.sleep(3)  # the cleanup runs...
         cut.set()  # ...a second signal
@@ -194,8 +228,9 @@ async def test_cancellation_is_never_swallowed(autojump_clock: trio.testing.Mock
     ends = Ends()
     with trio.move_on_after(4) as scope:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_engine_task, crash_after_start, trio.Event(), 10.0,
-                                ends.on_end, ends.on_stuck)  # fmt: skip
+            await nursery.start(
+                run_engine_task, crash_after_start, trio.Event(), 10.0, ends.on_end, ends.on_stuck
+            )
             await trio.sleep_forever()
     assert scope.cancelled_caught
     assert isinstance(ends.ends[0], ValueError)  # died at 3 s, before the cancel
@@ -214,8 +249,12 @@ async def test_engine_starts_before_the_app_and_stops_after_it() -> None:
     async with running_server(App(), engine_task=recorded_engine, health_path="/health") as server:
         assert (await get_ok(server.client, "/ask?q=hi")).text == "HI"
         health = await get_ok(server.client, "/health")
-        assert health.json() == {"status": "serving", "engine": "alive", "in_flight": 0,
-                                 "oldest_request_s": 0.0}  # fmt: skip
+        assert health.json() == {
+            "status": "serving",
+            "engine": "alive",
+            "in_flight": 0,
+            "oldest_request_s": 0.0,
+        }
         assert engine_tasks.events == [
             "engine started",
             "lifespan startup (engine running: True)",
@@ -293,8 +332,9 @@ async def test_engine_crashing_while_loading_is_a_death_and_the_app_never_starts
     bound = socket.socket()
     bound.bind(("127.0.0.1", 0))
     with pytest.raises(EngineDeadError, match="into its start: model file missing") as info:
-        await serve_http(App(), engine_task=engine_tasks.crashes_while_loading, sock=bound,
-                         handle_signals=False)  # fmt: skip
+        await serve_http(
+            App(), engine_task=engine_tasks.crashes_while_loading, sock=bound, handle_signals=False
+        )
     assert isinstance(info.value.__cause__, OSError)
     assert engine_tasks.events == []
 
@@ -317,9 +357,19 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         is_ready = trio.Event()
 
         async def serve() -> None:
-            ready.append(await nursery.start(partial(
-                serve_http, App(), engine_task=gated, sock=bound, handle_signals=False,
-                health_path="/health", transport=transport)))  # fmt: skip
+            ready.append(
+                await nursery.start(
+                    partial(
+                        serve_http,
+                        App(),
+                        engine_task=gated,
+                        sock=bound,
+                        handle_signals=False,
+                        health_path="/health",
+                        transport=transport,
+                    )
+                )
+            )
             is_ready.set()
 
         nursery.start_soon(serve)
@@ -383,9 +433,18 @@ async def test_an_http2_connection_opened_while_starting_sees_the_lifespan_state
         is_ready = trio.Event()
 
         async def serve() -> None:
-            ready.append(await nursery.start(partial(
-                serve_http, StateApp(), tls_files.config(), engine_task=gated, sock=bound,
-                handle_signals=False)))  # fmt: skip
+            ready.append(
+                await nursery.start(
+                    partial(
+                        serve_http,
+                        StateApp(),
+                        tls_files.config(),
+                        engine_task=gated,
+                        sock=bound,
+                        handle_signals=False,
+                    )
+                )
+            )
             is_ready.set()
 
         nursery.start_soon(serve)
@@ -444,8 +503,11 @@ async def test_shutdown_during_the_engine_start_cancels_it_and_skips_the_app() -
     bound.bind(("127.0.0.1", 0))
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(serve_http, App(), engine_task=never_ready, sock=bound,
-                                       handle_signals=False))  # fmt: skip
+            nursery.start_soon(
+                partial(
+                    serve_http, App(), engine_task=never_ready, sock=bound, handle_signals=False
+                )
+            )
             await started_loading.wait()
             nursery.cancel_scope.cancel()
     assert engine_tasks.events == ["load cancelled"]
@@ -463,8 +525,10 @@ async def test_the_example_as_documented(caplog: pytest.LogCaptureFixture) -> No
     lines = [r.getMessage() for r in caplog.records if r.name == "examples.engine_task"]
     # (the crashed engine's cleanup and the drain run side by side)
     assert lines[0] == "lifespan startup; the engine is running"
-    assert sorted(lines[1:]) == ["engine task: cleanup done",
-                                 "lifespan shutdown; the engine is stopped"]  # fmt: skip
+    assert sorted(lines[1:]) == [
+        "engine task: cleanup done",
+        "lifespan shutdown; the engine is stopped",
+    ]
 
 
 async def test_a_busy_port_fails_before_the_engine_starts() -> None:
@@ -496,11 +560,40 @@ async def test_a_signal_during_the_engine_start_still_ends_the_start_with_a_hand
                 signal.raise_signal(signal.SIGTERM)
 
             nursery.start_soon(raise_sigterm)
-            handle = await nursery.start(partial(serve_http, App(), engine_task=never_ready,
-                                                 sock=bound))  # fmt: skip
+            handle = await nursery.start(
+                partial(serve_http, App(), engine_task=never_ready, sock=bound)
+            )
     assert handle.stopping
     assert handle.stop_reason is StopReason.SIGNAL
     assert engine_tasks.events == []  # the app never started
+
+
+class Probed:
+    """A started() value with the engine attributes and check_health()."""
+
+    errored = False
+    is_running = True
+
+    def __init__(self) -> None:
+        self.sick = trio.Event()
+
+    async def check_health(self) -> None:
+        if self.sick.is_set():
+            raise RuntimeError("out of GPU memory")
+
+
+async def test_the_started_value_gets_the_health_probe() -> None:
+    probed = Probed()
+
+    async def task(*, task_status: trio.TaskStatus[Probed] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(probed)
+        await trio.sleep_forever()
+
+    with pytest.raises(EngineDeadError, match="out of GPU memory"):
+        async with running_server(App(), engine_task=task, engine_health_interval=0.01):
+            probed.sick.set()
+            with trio.fail_after(10):
+                await trio.sleep_forever()  # until the probe's death drains the server
 
 
 async def test_current_engine_outside_serve_http() -> None:
@@ -537,8 +630,7 @@ async def test_cli_engine_crash_mid_request_drains_and_exits_3() -> None:
 
 
 async def test_cli_sigterm_with_a_slow_request_that_needs_the_engine_at_its_end() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:recorded_engine", "--bind",
-            "127.0.0.1:0"]  # fmt: skip
+    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:recorded_engine", "--bind", "127.0.0.1:0"]
     async with launch(args) as proc, httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
         result: dict[str, httpx.Response] = {}
         async with trio.open_nursery() as nursery:
@@ -561,8 +653,15 @@ async def test_cli_sigterm_with_a_slow_request_that_needs_the_engine_at_its_end(
 
 
 async def test_cli_slow_engine_start_port_bound_at_once_503_until_ready() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:slow_start", "--bind", "127.0.0.1:0",
-            "--health-path", "/health"]  # fmt: skip
+    args = [
+        f"{ENGINE}:app",
+        "--engine-task",
+        f"{ENGINE}:slow_start",
+        "--bind",
+        "127.0.0.1:0",
+        "--health-path",
+        "/health",
+    ]
     async with launch(args, wait_serving=False) as proc:
         line = await proc.wait_for_line(r"accepting on http://\S+")
         url = line.split("accepting on ")[1].split(";")[0]
@@ -588,8 +687,15 @@ async def test_cli_slow_engine_start_port_bound_at_once_503_until_ready() -> Non
 
 
 async def test_cli_cleanup_that_ignores_cancellation_exits_after_the_timeout() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:hanging_cleanup", "--bind",
-            "127.0.0.1:0", "--engine-shutdown-timeout", "0.5"]  # fmt: skip
+    args = [
+        f"{ENGINE}:app",
+        "--engine-task",
+        f"{ENGINE}:hanging_cleanup",
+        "--bind",
+        "127.0.0.1:0",
+        "--engine-shutdown-timeout",
+        "0.5",
+    ]
     async with launch(args) as proc:
         proc.signal(signal.SIGTERM)
         await proc.wait_for_line("event: cleanup hangs")
@@ -613,10 +719,18 @@ async def test_cli_sigterm_during_the_engine_start_cancels_it_and_exits_0() -> N
     assert not any("serving on" in line for line in proc.lines)
 
 
-async def test_cli_sigterm_during_a_load_that_ignores_cancellation_exits_after_the_timeout(
-) -> None:  # fmt: skip
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:blocking_load", "--bind", "127.0.0.1:0",
-            "--engine-shutdown-timeout", "0.5"]  # fmt: skip
+async def test_cli_sigterm_during_a_load_that_ignores_cancellation_exits_after_the_timeout() -> (
+    None
+):
+    args = [
+        f"{ENGINE}:app",
+        "--engine-task",
+        f"{ENGINE}:blocking_load",
+        "--bind",
+        "127.0.0.1:0",
+        "--engine-shutdown-timeout",
+        "0.5",
+    ]
     async with launch(args, wait_serving=False) as proc:
         await proc.wait_for_line("event: loading in a thread")
         proc.signal(signal.SIGTERM)
@@ -627,8 +741,15 @@ async def test_cli_sigterm_during_a_load_that_ignores_cancellation_exits_after_t
 
 
 async def test_cli_second_signal_exits_130() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:cut_cleanup", "--bind", "127.0.0.1:0",
-            "--graceful-timeout", "30"]  # fmt: skip
+    args = [
+        f"{ENGINE}:app",
+        "--engine-task",
+        f"{ENGINE}:cut_cleanup",
+        "--bind",
+        "127.0.0.1:0",
+        "--graceful-timeout",
+        "30",
+    ]
     async with launch(args) as proc, trio.open_nursery() as nursery:
 
         async def long_request() -> None:
@@ -645,13 +766,17 @@ async def test_cli_second_signal_exits_130() -> None:
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--engine", "tests.apps:engine", "--engine-task", f"{ENGINE}:engine_task"],
-         ["argument --engine-task: not allowed with argument --engine"]),
+        (
+            ["--engine", "tests.apps:engine", "--engine-task", f"{ENGINE}:engine_task"],
+            ["argument --engine-task: not allowed with argument --engine"],
+        ),
         (["--engine-task", f"{ENGINE}:nope"], ["engine task", "has no attribute 'nope'"]),
-        (["--engine-task", f"{ENGINE}:engine_task", "--engine-shutdown-timeout", "0"],
-         ["--engine-shutdown-timeout", "must be > 0"]),
+        (
+            ["--engine-task", f"{ENGINE}:engine_task", "--engine-shutdown-timeout", "0"],
+            ["--engine-shutdown-timeout", "must be > 0"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_cli_bad_engine_task_usage_exits_2_with_one_line(
     args: list[str], needles: list[str]
 ) -> None:
@@ -664,8 +789,15 @@ def test_cli_bad_engine_task_usage_exits_2_with_one_line(
 
 
 async def test_cli_workers_each_run_their_engine_task() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:engine_task", "--bind", "127.0.0.1:0",
-            "--workers", "2"]  # fmt: skip
+    args = [
+        f"{ENGINE}:app",
+        "--engine-task",
+        f"{ENGINE}:engine_task",
+        "--bind",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]
     async with launch(args, wait_serving=False) as proc:
         await proc.wait_for_line("all 2 workers are serving", timeout=30)
         started = [line for line in proc.lines if "the engine task started" in line]

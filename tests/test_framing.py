@@ -12,7 +12,7 @@ import pytest
 import trio
 from hypercorn.config import Config
 
-from trio_launcher.testing import running_server
+from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import App
 from .test_http1 import Response, responses
@@ -84,24 +84,41 @@ async def still_serves(client: Client) -> bool:
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
-        pytest.param(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 41\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-                     b"GET /raise/value HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="cl-te-smuggling"),
+        pytest.param(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 41\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"GET /raise/value HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            id="cl-te-smuggling",
+        ),
         pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, id="missing-host"),
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, id="repeated-host"),
         pytest.param(b"GET / HTTP/1.1\nHost: x\n\n", 400, id="bare-lf"),
-        pytest.param(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
-                     b"0\r\n\r\n", 400, id="obs-fold-te"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+            400,
+            id="obs-fold-te",
+        ),
         pytest.param(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 400, id="http-2.0-in-http1"),
         pytest.param(b"GET / HTTP/1.7\r\nHost: x\r\n\r\n", 400, id="http-1.7"),
-        pytest.param(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"-1\r\nabc\r\n0\r\n\r\n", 400, id="bad-chunk-size"),
-        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-H: v\r\n" * 300 + b"\r\n", 431,
-                     id="too-many-headers"),
-        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nX-H: " + b"v" * 20000 + b"\r\n\r\n", 431,
-                     id="head-too-large"),
+        pytest.param(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"-1\r\nabc\r\n0\r\n\r\n",
+            400,
+            id="bad-chunk-size",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-H: v\r\n" * 300 + b"\r\n",
+            431,
+            id="too-many-headers",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-H: " + b"v" * 20000 + b"\r\n\r\n",
+            431,
+            id="head-too-large",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_refused_and_closed(request_bytes: bytes, status: int, connect: Connect) -> None:
     async with running_server(App()) as server:
         client = await connect(server.port)
@@ -126,8 +143,9 @@ async def test_head_response_has_no_body_and_keeps_the_connection(connect: Conne
 async def test_expect_100_continue(connect: Connect) -> None:
     async with running_server(App()) as server:
         client = await connect(server.port)
-        await client.stream.send_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-                                     b"Expect: 100-continue\r\n\r\n")  # fmt: skip
+        await client.stream.send_all(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+        )
         [interim] = await client.responses(1)
         assert interim.status == 100
         await client.stream.send_all(b"abc")
@@ -139,9 +157,11 @@ async def test_expect_100_continue(connect: Connect) -> None:
 async def test_chunked_request_body_trailers_discarded(connect: Connect) -> None:
     async with running_server(App()) as server:
         client = await connect(server.port)
-        await client.stream.send_all(b"POST /upload HTTP/1.1\r\nHost: x\r\n"
-                                     b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n"
-                                     b"0\r\nX-Trailer: 1\r\n\r\n")  # fmt: skip
+        await client.stream.send_all(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n"
+            b"0\r\nX-Trailer: 1\r\n\r\n"
+        )
         [response] = await client.responses(1)
         assert response.body == b"4"
         assert await still_serves(client)
@@ -273,8 +293,9 @@ async def test_fast_sender_is_back_pressured(connect: Connect) -> None:
     async with running_server(app) as server:
         client = await connect(server.port)
         size = 200 * 2**20
-        await client.stream.send_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                                     % size)  # fmt: skip
+        await client.stream.send_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+        )
         sent = 0
         block = b"x" * 2**16
         with trio.move_on_after(1.5):
@@ -304,9 +325,10 @@ async def test_h2c_upgrade_is_handed_to_hypercorn(connect: Connect) -> None:
         client = await connect(server.port)
         h2 = h2_connection(client_side=True)
         settings = h2.initiate_upgrade_connection()
-        await client.stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, "
-                                     b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: "
-                                     + settings + b"\r\n\r\n")  # fmt: skip
+        await client.stream.send_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, "
+            b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n"
+        )
         with trio.fail_after(5):
             while b"\r\n\r\n" not in client.data:
                 client.data += await client.stream.receive_some(65536)
@@ -329,3 +351,22 @@ def h2_connection(client_side: bool) -> Any:
     import h2.connection
 
     return h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side))
+
+
+async def test_client_leaving_over_tls_cancels_handler(tls_files: TLSFiles) -> None:
+    app = Forever()
+    async with running_server(app, tls_files.config(), tls=tls_files) as server:
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1",
+            server.port,
+            ssl_context=tls_files.client_context(),
+            https_compatible=True,
+        )
+        try:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with trio.fail_after(5):
+                await app.started.wait()
+        finally:
+            await trio.aclose_forcefully(stream)
+        with trio.fail_after(1):  # generous for a busy machine
+            await app.cancelled.wait()

@@ -21,8 +21,12 @@ from .proc import launch
 
 async def run_probe(engine: ProbedEngine, interval: float, timeout: float) -> tuple[str, float]:
     deaths: list[tuple[str, float]] = []
-    probe = HealthProbe(engine.check_health, interval, timeout,
-                        lambda how: deaths.append((how, trio.current_time())))  # fmt: skip
+    probe = HealthProbe(
+        engine.check_health,
+        interval,
+        timeout,
+        lambda how: deaths.append((how, trio.current_time())),
+    )
     start = trio.current_time()
     await probe.run()
     assert len(deaths) == 1
@@ -158,9 +162,17 @@ async def test_an_engine_task_value_with_check_health_is_probed() -> None:
 )
 async def test_cli_dead_probe_drains_and_exits_3_in_time(engine: str, why: str) -> None:
     interval, timeout = 0.3, 0.5
-    args = ["tests.bounds_apps:app", "--engine", f"tests.bounds_apps:{engine}",
-            "--bind", "127.0.0.1:0", "--engine-health-interval", str(interval),
-            "--engine-health-timeout", str(timeout)]  # fmt: skip
+    args = [
+        "tests.bounds_apps:app",
+        "--engine",
+        f"tests.bounds_apps:{engine}",
+        "--bind",
+        "127.0.0.1:0",
+        "--engine-health-interval",
+        str(interval),
+        "--engine-health-timeout",
+        str(timeout),
+    ]
     async with launch(args) as proc:
         serving = trio.current_time()
         line = await proc.wait_for_line("the engine died")

@@ -79,8 +79,13 @@ class Recorder:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif path == "/close":
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"connection", b"close")]})  # fmt: skip
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"connection", b"close")],
+                }
+            )
             await send({"type": "http.response.body", "body": b"bye"})
         elif path == "/ignore-body":
             await respond(send, b"not read")
@@ -95,8 +100,13 @@ class Recorder:
 
 
 async def respond(send: Any, body: bytes, more: bool = False) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain")]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": more})
 
 
@@ -106,9 +116,17 @@ async def protocol(app: Any, **settings: Any) -> AsyncIterator[tuple[HTTP1, Fake
     async with trio.open_nursery() as nursery:
         transport = FakeTransport()
         wrapped: Any = wrap_app(app, config.wsgi_max_body_size, "asgi")
-        http1 = HTTP1(wrapped, config, WorkerContext(None), nursery, transport, ssl=False,
-                      client=("10.0.0.1", 5000), server=("127.0.0.1", 80),
-                      state={"k": 1})  # fmt: skip
+        http1 = HTTP1(
+            wrapped,
+            config,
+            WorkerContext(None),
+            nursery,
+            transport,
+            ssl=False,
+            client=("10.0.0.1", 5000),
+            server=("127.0.0.1", 80),
+            state={"k": 1},
+        )
         yield http1, transport
         nursery.cancel_scope.cancel()
 
@@ -206,25 +224,35 @@ async def test_connection_close_answers_first_and_discards_the_rest() -> None:
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        pytest.param(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", id="cl-and-te"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            id="cl-and-te",
+        ),
         pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="missing-host"),
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", id="repeated-host"),
         pytest.param(b"GET / HTTP/1.1\nHost: x\n\n", id="bare-lf"),
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n", id="obs-fold"),
-        pytest.param(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked\r\n\r\n",
-                     id="obs-fold-te"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked\r\n\r\n",
+            id="obs-fold-te",
+        ),
         pytest.param(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", id="http-2.0"),
         pytest.param(b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", id="http-1.2"),
         pytest.param(b"GET /\r\n\r\n", id="http-0.9"),
-        pytest.param(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"zz\r\nabc\r\n0\r\n\r\n", id="bad-chunk-size"),
-        pytest.param(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
-                     b"Content-Length: 2\r\n\r\nab", id="two-content-lengths"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\nabc\r\n0\r\n\r\n",
+            id="bad-chunk-size",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            id="two-content-lengths",
+        ),
         pytest.param(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", id="space-before-colon"),
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", id="nul-in-value"),
     ],
-)  # fmt: skip
+)
 async def test_bad_requests_get_400_and_close(request_bytes: bytes) -> None:
     app = Recorder()
     async with protocol(app) as (http1, transport):
@@ -396,11 +424,16 @@ async def test_error_in_a_pipelined_request_is_answered_after_the_first() -> Non
 async def test_websocket_upgrade_is_handed_over_with_its_bytes() -> None:
     app = Recorder()
     async with protocol(app) as (http1, _):
-        await feed(http1, b"GET /ws?a=1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                          b"Upgrade: websocket\r\n\r\nFRAME")  # fmt: skip
+        await feed(
+            http1,
+            b"GET /ws?a=1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\nFRAME",
+        )
         assert app.scopes == []
-        assert http1.upgrade == (b"GET /ws?a=1 HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\n"
-                                 b"upgrade: websocket\r\n\r\nFRAME")  # fmt: skip
+        assert http1.upgrade == (
+            b"GET /ws?a=1 HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\n"
+            b"upgrade: websocket\r\n\r\nFRAME"
+        )
 
 
 async def test_http2_preface_is_handed_over() -> None:
@@ -427,8 +460,13 @@ async def test_head_timeout_answer_only_while_a_head_arrives() -> None:
 
 async def test_invalid_response_header_is_refused() -> None:
     async def app(scope: Message, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"x", b"a\r\nset-cookie: evil")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"x", b"a\r\nset-cookie: evil")],
+            }
+        )
 
     async with protocol(app) as (http1, transport):
         await feed(http1, GET)
@@ -457,13 +495,43 @@ def test_http_option_picks_the_protocol() -> None:
     [
         (["--http", "fast"], "invalid choice: 'fast'"),
         (["--header-timeout", "0"], "--header-timeout: '0' must be > 0"),
-        (["--http", "httptools", "--transport", "hypercorn"],
-         "--http httptools needs the lean transport"),
+        (
+            ["--http", "httptools", "--transport", "hypercorn"],
+            "--http httptools needs the lean transport",
+        ),
     ],
-)  # fmt: skip
+)
 def test_cli_flags_refuse_bad_values(
     argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["tests.apps:app", "--bind", "127.0.0.1:0", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+async def test_unknown_server_name_gets_404_and_close() -> None:
+    app = Recorder()
+    async with protocol(app, server_names=["good"]) as (http1, transport):
+        await feed(http1, b"GET / HTTP/1.1\r\nHost: evil\r\n\r\n")
+        [response] = responses(transport.written)
+        assert response.status == 404
+        assert transport.closed and app.scopes == []
+    async with protocol(Recorder(), server_names=["good"]) as (http1, transport):
+        await feed(http1, b"GET / HTTP/1.1\r\nHost: good\r\n\r\n")
+        assert responses(transport.written)[0].status == 200
+
+
+async def test_keep_alive_max_requests_closes_after_the_last() -> None:
+    async with protocol(Recorder(), keep_alive_max_requests=2) as (http1, transport):
+        await feed(http1, GET * 3)
+        got = responses(transport.written)
+        assert [r.status for r in got] == [200, 200]
+        assert got[1].headers[b"connection"] == b"close"
+        assert transport.closed
+
+
+async def test_raw_header_names_when_configured() -> None:
+    app = Recorder()
+    async with protocol(app, h11_pass_raw_headers=True) as (http1, _):
+        await feed(http1, b"GET / HTTP/1.1\r\nHOST: x\r\nX-Mixed: v\r\n\r\n")
+        assert app.scopes[0]["headers"] == [(b"HOST", b"x"), (b"X-Mixed", b"v")]

@@ -51,8 +51,9 @@ def recording_app(outcome: Outcome) -> Any:
             if not message.get("more_body"):
                 break
         outcome.requests.append((*(scope[k] for k in SCOPE_KEYS), body))
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
         await send({"type": "http.response.body", "body": b"ok"})
 
     return app
@@ -70,8 +71,17 @@ async def run_ours(data: bytes) -> Outcome:
     app: Any = wrap_app(recording_app(outcome), config.wsgi_max_body_size, "asgi")
     transport = FakeTransport()
     async with trio.open_nursery() as nursery:
-        http1 = HTTP1(app, config, WorkerContext(None), nursery, transport, ssl=False,
-                      client=("1.2.3.4", 1), server=("5.6.7.8", 2), state={})  # fmt: skip
+        http1 = HTTP1(
+            app,
+            config,
+            WorkerContext(None),
+            nursery,
+            transport,
+            ssl=False,
+            client=("1.2.3.4", 1),
+            server=("5.6.7.8", 2),
+            state={},
+        )
         await http1.data_received(data)
         for _ in range(20):  # pipelined requests: each one's turn
             await trio.testing.wait_all_tasks_blocked()
@@ -97,8 +107,17 @@ async def run_hypercorn(data: bytes) -> Outcome:
 
     async with trio.open_nursery() as nursery:
         group: Any = LeanTaskGroup(nursery)
-        protocol = H11Protocol(app, config, WorkerContext(None), group, ConnectionState({}),
-                               False, ("1.2.3.4", 1), ("5.6.7.8", 2), send)  # fmt: skip
+        protocol = H11Protocol(
+            app,
+            config,
+            WorkerContext(None),
+            group,
+            ConnectionState({}),
+            False,
+            ("1.2.3.4", 1),
+            ("5.6.7.8", 2),
+            send,
+        )
         with trio.move_on_after(5):
             await protocol.handle(RawData(data))
             await trio.testing.wait_all_tasks_blocked()
@@ -121,10 +140,16 @@ SAME = [
     ("get", b"GET /p?q=1 HTTP/1.1\r\n" + H + b"\r\n"),
     ("quoted-path", b"GET /a%20b%2F/c HTTP/1.1\r\n" + H + b"\r\n"),
     ("post-cl", b"POST /u HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nhello"),
-    ("post-chunked", b"POST /u HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
-                     b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n"),
-    ("chunked-trailer", b"POST /u HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
-                        b"1\r\nx\r\n0\r\nX-T: 1\r\n\r\n"),
+    (
+        "post-chunked",
+        b"POST /u HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+    ),
+    (
+        "chunked-trailer",
+        b"POST /u HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+        b"1\r\nx\r\n0\r\nX-T: 1\r\n\r\n",
+    ),
     ("pipelined-2", b"GET /1 HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n"),
     ("header-ows", b"GET / HTTP/1.1\r\n" + H + b"X-A:   spaced  \r\nX-B:\tt\r\n\r\n"),
     ("header-case", b"GET / HTTP/1.1\r\nHOST: x\r\nX-Mixed-Case: V\r\n\r\n"),
@@ -134,15 +159,19 @@ SAME = [
     ("connection-close", b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"),
     ("missing-host", b"GET / HTTP/1.1\r\n\r\n"),
     ("repeated-host", b"GET / HTTP/1.1\r\n" + H + H + b"\r\n"),
-    ("two-content-lengths", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1\r\n"
-                            b"Content-Length: 2\r\n\r\nab"),
-    ("bad-chunk-size", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
-                       b"zz\r\nabc\r\n0\r\n\r\n"),
+    (
+        "two-content-lengths",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    ),
+    (
+        "bad-chunk-size",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    ),
     ("te-gzip", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\nabc"),
     ("space-before-colon", b"GET / HTTP/1.1\r\nHost : x\r\n\r\n"),
     ("nul-in-value", b"GET / HTTP/1.1\r\n" + H + b"X: a\x00b\r\n\r\n"),
     ("non-ascii-target", b"GET /\xc3\xa9 HTTP/1.1\r\n" + H + b"\r\n"),
-]  # fmt: skip
+]
 
 # The one table of differences: id -> (request, RFC reason ours is right).
 DIFFERENCES: dict[str, tuple[bytes, str]] = {
@@ -214,16 +243,19 @@ def test_listed_differences_are_real_and_ours_refuses_or_serves_right(case: str)
     assert reason
     theirs, ours = both(data)
     assert (ours.requests, ours.statuses, ours.closed) != (
-        theirs.requests, theirs.statuses, theirs.closed
-    )  # fmt: skip
+        theirs.requests,
+        theirs.statuses,
+        theirs.closed,
+    )
     if ours.statuses and ours.statuses[-1] >= 400:
         assert ours.closed  # every refusal closes
 
 
 # --- generated requests ----------------------------------------------------------
 
-TOKEN = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1,
-                max_size=12)  # fmt: skip
+TOKEN = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=12
+)
 VALUE = st.text("".join(chr(c) for c in range(0x21, 0x7F)), max_size=20)
 PATH = st.text("abcxyz0123456789-._~%!$&'()*+,;=:@/", max_size=20)
 
@@ -234,8 +266,17 @@ def valid_requests(draw: st.DrawFn) -> bytes:
     path = "/" + draw(PATH).replace("%", "%25")
     query = draw(st.one_of(st.just(""), VALUE.map(lambda v: "?" + v.replace("#", ""))))
     names = draw(st.lists(TOKEN, max_size=6))
-    reserved = {"host", "content-length", "transfer-encoding", "connection", "expect", "upgrade",
-                "te", "trailer", "keep-alive"}  # fmt: skip
+    reserved = {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "expect",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+    }
     headers = [(n, draw(VALUE)) for n in names if n.lower() not in reserved]
     body = draw(st.binary(max_size=200)) if method in ("POST", "PUT", "PATCH") else b""
     chunked = bool(body) and draw(st.booleans())
@@ -251,8 +292,9 @@ def valid_requests(draw: st.DrawFn) -> bytes:
     return (head + "\r\n").encode() + body
 
 
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+SETTINGS = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @SETTINGS

@@ -232,8 +232,15 @@ async def test_drain_within_graceful_timeout_cuts_nothing(
 
 
 async def test_cli_drain_that_cuts_requests_says_so_and_exits_0() -> None:
-    args = ["tests.bounds_apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5",
-            "--health-path", "/health"]  # fmt: skip
+    args = [
+        "tests.bounds_apps:app",
+        "--bind",
+        "127.0.0.1:0",
+        "--graceful-timeout",
+        "0.5",
+        "--health-path",
+        "/health",
+    ]
     async with launch(args) as proc, httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
 
         async def slow() -> None:
@@ -304,9 +311,19 @@ async def test_startup_timeout_exceeded_is_an_app_startup_error(
     assert trio.current_time() == pytest.approx(30.0)
 
 
+async def test_running_server_passes_startup_timeout_to_serve_http(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # running_server's own bound is ready_timeout: startup_timeout is serve_http's.
+    with pytest.raises(AppStartupError, match=r"longer than 30 s \(the startup timeout\)"):
+        async with running_server(SlowStartApp(3600.0), startup_timeout=30, ready_timeout=60):
+            pass
+
+
 def test_cli_startup_timeout_and_failure_exit_1_naming_the_cause() -> None:
-    result = run_cli(["tests.test_limits:slow_start_app", "--bind", "127.0.0.1:0",
-                      "--startup-timeout", "0.5"])  # fmt: skip
+    result = run_cli(
+        ["tests.test_limits:slow_start_app", "--bind", "127.0.0.1:0", "--startup-timeout", "0.5"]
+    )
     assert result.returncode == 1, result.stderr
     assert "longer than 0.5 s (the startup timeout)" in result.stderr
     result = run_cli(["tests.test_limits:failing_start_app", "--bind", "127.0.0.1:0"])
@@ -429,8 +446,16 @@ async def test_trickling_body_on_one_http2_stream_gets_408_and_the_connection_li
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
-        conn.send_headers(1, [(":method", "POST"), (":path", "/upload"), (":scheme", "http"),
-                              (":authority", "t"), ("content-length", "1000")])  # fmt: skip
+        conn.send_headers(
+            1,
+            [
+                (":method", "POST"),
+                (":path", "/upload"),
+                (":scheme", "http"),
+                (":authority", "t"),
+                ("content-length", "1000"),
+            ],
+        )
         await stream.send_all(conn.data_to_send())
         statuses: dict[int, str] = {}
         start = trio.current_time()
@@ -455,8 +480,11 @@ async def test_trickling_body_on_one_http2_stream_gets_408_and_the_connection_li
                 while 1 not in statuses:
                     await _h2_read(stream, conn, statuses, flush)
                 took = elapsed_since(start)
-                conn.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                                      (":authority", "t")], end_stream=True)  # fmt: skip
+                conn.send_headers(
+                    3,
+                    [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t")],
+                    end_stream=True,
+                )
                 await flush()
                 while 3 not in statuses:
                     await _h2_read(stream, conn, statuses, flush)
@@ -525,8 +553,11 @@ async def _leave(app: BoundsApp, stream: trio.abc.Stream, protocol: str, how: st
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     if protocol == "h2":
         conn.initiate_connection()
-        conn.send_headers(1, [(":method", "GET"), (":path", "/forever"), (":scheme", "http"),
-                              (":authority", "t")], end_stream=True)  # fmt: skip
+        conn.send_headers(
+            1,
+            [(":method", "GET"), (":path", "/forever"), (":scheme", "http"), (":authority", "t")],
+            end_stream=True,
+        )
         await stream.send_all(conn.data_to_send())
     else:
         await stream.send_all(b"GET /forever HTTP/1.1\r\nhost: t\r\n\r\n")
@@ -557,10 +588,15 @@ async def _leave(app: BoundsApp, stream: trio.abc.Stream, protocol: str, how: st
         ("h2", True, "rst_stream", "lean"),
         # A known gap, in the connection layer: hypercorn's own TaskGroup waits
         # for the handler after the connection closed.
-        pytest.param("http/1.1", False, "close", "hypercorn", marks=pytest.mark.xfail(
-            strict=True, reason="stock hypercorn connection")),
+        pytest.param(
+            "http/1.1",
+            False,
+            "close",
+            "hypercorn",
+            marks=pytest.mark.xfail(strict=True, reason="stock hypercorn connection"),
+        ),
     ],
-)  # fmt: skip
+)
 async def test_client_that_leaves_cancels_its_handler_promptly(
     protocol: str, secure: bool, how: str, transport: str, tmp_path: Path
 ) -> None:

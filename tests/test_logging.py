@@ -150,15 +150,23 @@ async def test_quart_sees_it_in_the_request_scope() -> None:
 
 def access_record(request_id: str | None = "rid-1") -> logging.LogRecord:
     """A record exactly as hypercorn's access logger makes it."""
-    scope: Any = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/v1/x",
-                  "query_string": b"a=1", "scheme": "http", "client": ("10.0.0.7", 5555),
-                  "headers": [(b"user-agent", b"t")]}  # fmt: skip
+    scope: Any = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/v1/x",
+        "query_string": b"a=1",
+        "scheme": "http",
+        "client": ("10.0.0.7", 5555),
+        "headers": [(b"user-agent", b"t")],
+    }
     headers = [(b"content-length", b"42")]
     if request_id is not None:
         headers.append((b"x-request-id", request_id.encode()))
     atoms = AccessLogAtoms(scope, {"status": 201, "headers": headers}, 0.0123456)
-    return logging.LogRecord("hypercorn.access", logging.INFO, __file__, 1,
-                             Config.access_log_format, (atoms,), None)  # fmt: skip
+    return logging.LogRecord(
+        "hypercorn.access", logging.INFO, __file__, 1, Config.access_log_format, (atoms,), None
+    )
 
 
 def test_json_access_line_has_every_field() -> None:
@@ -196,8 +204,9 @@ def test_runner_lines_and_exceptions() -> None:
     try:
         raise ValueError("boom")
     except ValueError:
-        record = logging.LogRecord("trio_launcher", logging.ERROR, __file__, 1, "failed %s",
-                                   ("x",), sys.exc_info())  # fmt: skip
+        record = logging.LogRecord(
+            "trio_launcher", logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info()
+        )
     data = json.loads(JsonFormatter().format(record))
     assert data["message"] == "failed x"
     assert data["level"] == "ERROR"
@@ -228,8 +237,15 @@ async def read_lines(path: Path, count: int) -> list[str]:
 
 async def test_cli_json_lines_for_runner_and_access(tmp_path: Path) -> None:
     access = tmp_path / "access.log"
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--log-format", "json",
-            "--access-log", str(access)]  # fmt: skip
+    args = [
+        "tests.apps:app",
+        "--bind",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--access-log",
+        str(access),
+    ]
     async with launch(args, wait_serving=False) as proc:
         line = await proc.wait_for_line(r'"message": "serving on ')
         url = json.loads(line)["message"].split()[-1]
@@ -244,8 +260,12 @@ async def test_cli_json_lines_for_runner_and_access(tmp_path: Path) -> None:
     assert first["request_id"] == "from-lb-7"
     assert second["request_id"] == generated
     assert (first["method"], first["path"], first["query"], first["status"], first["bytes"]) == (
-        "GET", "/", "q=1", 200, 5,
-    )  # fmt: skip
+        "GET",
+        "/",
+        "q=1",
+        200,
+        5,
+    )
     assert first["client"].startswith("127.0.0.1:")
     assert first["duration_ms"] >= 0
     # Every stderr line is one JSON object with an ISO 8601 UTC time.

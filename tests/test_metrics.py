@@ -65,8 +65,12 @@ async def test_values_move_with_real_requests() -> None:
         get_200 = {"http_request_method": "GET", "http_response_status_code": "200"}
         assert value(after, DURATION_COUNT, **get_200) == 3
         assert value(after, DURATION_COUNT, http_response_status_code="404") == 1
-        assert value(after, DURATION_COUNT, http_request_method="POST",
-                     http_response_status_code="500") == 1  # fmt: skip
+        assert (
+            value(
+                after, DURATION_COUNT, http_request_method="POST", http_response_status_code="500"
+            )
+            == 1
+        )
         # The bare app has no routes: the label is empty, never the raw path.
         assert all(dict(ls).get("http_route") == "" for n, ls in after if n == DURATION_COUNT)
         assert value(after, "http_server_request_duration_seconds_sum") > 0
@@ -131,8 +135,9 @@ def test_route_template_shapes() -> None:
 
 async def test_separate_listener_and_engine_up() -> None:
     engine = FakeEngine()
-    async with running_server(App(), metrics_bind="127.0.0.1:0", engine=engine,
-                              keep_alive_on_engine_death=True) as server:  # fmt: skip
+    async with running_server(
+        App(), metrics_bind="127.0.0.1:0", engine=engine, keep_alive_on_engine_death=True
+    ) as server:
         url = server.handle.metrics_url
         assert url is not None and url.startswith("http://127.0.0.1:")
         assert url != server.handle.urls[0]
@@ -152,8 +157,9 @@ async def test_separate_listener_and_engine_up() -> None:
 
 async def test_tls_reload_counters_and_expiry(tls_files: TLSFiles) -> None:
     options: dict[str, Any] = {"enable_ssl_refresh": True, "ssl_refresh_interval": 0.1}
-    async with running_server(App(), tls_files.config(), tls=tls_files, metrics_path="/metrics",
-                              **options) as server:  # fmt: skip
+    async with running_server(
+        App(), tls_files.config(), tls=tls_files, metrics_path="/metrics", **options
+    ) as server:
         refresher = server.handle.tls
         assert refresher is not None
         samples = await scrape(server.client)
@@ -289,14 +295,79 @@ async def test_workers_counts_survive_a_restart_and_are_never_doubled() -> None:
             async with httpx.AsyncClient() as keep_alive:
                 assert (await keep_alive.get(url + "/")).text == "hello"
                 with trio.fail_after(10):
-                    while not value(await scrape(client, metrics_url, headers=CLOSE),
-                                    "http_server_open_connections"):  # fmt: skip
+                    while not value(
+                        await scrape(client, metrics_url, headers=CLOSE),
+                        "http_server_open_connections",
+                    ):
                         await trio.sleep(0.05)
             for _ in range(10):
                 assert (
                     await client.get(url + "/", headers={"connection": "close"})
                 ).text == "hello"
-            assert value(await scrape(client, metrics_url), DURATION_COUNT,
-                         http_response_status_code="200") == 31  # fmt: skip
+            assert (
+                value(
+                    await scrape(client, metrics_url),
+                    DURATION_COUNT,
+                    http_response_status_code="200",
+                )
+                == 31
+            )
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0, proc.stderr
+
+
+# --- the bounds: 503 shed, 504 and 408 timed out; the engine health probe -----------
+
+
+async def test_shed_and_timed_out_requests_are_counted() -> None:
+    app = App()
+    bounds: dict[str, Any] = {"limit_concurrency": 1, "request_timeout": 1.0, "body_timeout": 0.3}
+    async with running_server(app, metrics_path="/metrics", **bounds) as server:
+        async with trio.open_nursery() as nursery:
+            slow: list[int] = []
+
+            async def slow_request() -> None:
+                slow.append((await server.client.get("/slow?s=5")).status_code)
+
+            nursery.start_soon(slow_request)
+            with trio.fail_after(10):
+                await app.slow_started.wait()
+            async with httpx.AsyncClient(base_url=server.handle.urls[0]) as other:
+                assert (await other.get("/")).status_code == 503
+                # The scrape is answered before the limits: never shed.
+                assert value(await scrape(other), "trio_launcher_requests_shed_total") == 1
+        assert slow == [504]
+        # A body that stalls: 408.
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(
+            b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123"
+        )
+        with trio.fail_after(10):
+            reply = await stream.receive_some(4096)
+        await stream.aclose()
+        assert reply.startswith(b"HTTP/1.1 408")
+        samples = await scrape(server.client)
+    assert value(samples, "trio_launcher_requests_shed_total") == 1
+    assert value(samples, "trio_launcher_requests_timed_out_total", kind="response") == 1
+    assert value(samples, "trio_launcher_requests_timed_out_total", kind="body") == 1
+    for status in ("503", "504", "408"):
+        assert value(samples, DURATION_COUNT, http_response_status_code=status) == 1
+
+
+async def test_health_probe_latency_is_measured() -> None:
+    from .bounds_apps import ProbedEngine
+
+    engine = ProbedEngine("healthy")
+    async with running_server(
+        App(), engine=engine, engine_health_interval=0.05, metrics_path="/metrics"
+    ) as server:
+        with trio.fail_after(10):
+            while engine.calls < 3:
+                await trio.sleep(0.02)
+        samples = await scrape(server.client)
+    probes = value(samples, "trio_launcher_engine_health_probe_duration_seconds_count")
+    assert probes >= 2
+    assert (
+        value(samples, "trio_launcher_engine_health_probe_duration_seconds_bucket", le="1.0") >= 2
+    )
+    assert value(samples, "trio_launcher_engine_up") == 1

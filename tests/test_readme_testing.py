@@ -33,8 +33,12 @@ def readme_files() -> dict[str, str]:
 
 
 def test_section_has_the_files_a_project_needs() -> None:
-    assert set(readme_files()) == {"pyproject.toml", "conftest.py", "myservice.py",
-                                   "test_service.py"}  # fmt: skip
+    assert set(readme_files()) == {
+        "pyproject.toml",
+        "conftest.py",
+        "myservice.py",
+        "test_service.py",
+    }
     assert "trio_mode = true" in readme_files()["pyproject.toml"]
 
 

@@ -108,7 +108,11 @@ def test_recognised_without_importing_starlette() -> None:
         "assert 'starlette' not in sys.modules, 'starlette was imported'\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
         timeout=60,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr

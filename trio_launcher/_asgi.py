@@ -6,32 +6,8 @@ protocol (hypercorn has no header-count limit at all), bounds every request
 (load shedding, a deadline for the response to start, a minimum rate for the
 request body) and handles engine errors.
 
-Bounds live here, not in the connection layer, because here they mean the
-same thing for every protocol: one HTTP/2 stream is one request, exactly as
-one HTTP/1.1 request is, and the handler is a trio task we can cancel.
-
-* **Load shedding** (``limit_concurrency``) counts *requests* in flight, not
-  connections: 2000 clients that connect at once are 2000 connections, but
-  only the requests beyond the limit are refused (uvicorn counts connections
-  and refused all 2000). A refused request gets 503, ``Retry-After`` and a
-  JSON body at once; nothing is queued, so overload costs no memory and the
-  health path (exempt from the limit) stays fast.
-* **Request deadline** (``request_timeout``): the handler runs in a cancel
-  scope whose deadline is S seconds away until the response starts; then
-  the deadline is lifted, so a started response (a stream) is never cut by
-  it. A missed deadline cancels the handler (its nurseries too: it is plain
-  trio cancellation) and answers 504 with a JSON body.
-* **Body timeout** (``body_timeout``, mod_reqtimeout's rule): only the time
-  the handler spends *waiting* in ``receive()`` for body bytes counts, and
-  it may not exceed ``body_timeout + received / BODY_MIN_RATE`` seconds in
-  total, nor ``body_timeout`` seconds for any one wait. A client that keeps
-  up ``BODY_MIN_RATE`` (1 KiB/s) on average is never cut; a trickling or
-  stalled one is answered 408 (with ``connection: close`` on HTTP/1.x) and
-  the handler is cancelled. A handler that stops reading to think does not
-  burn the client's allowance.
-* **In-flight table**: every request is in it from arrival to the handler's
-  return; the health JSON reports ``in_flight`` and ``oldest_request_s`` and
-  a drain that reaches its deadline names what it cut.
+The bounds themselves (load shedding, the request deadline, the body
+timeout, the in-flight table) are explained in ``_bounds``.
 
 vLLM registers FastAPI exception handlers so that an engine error becomes a
 500 and a dead engine stops the server. We do the same below any framework,
@@ -58,14 +34,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from ._bounds import (
+    RETRY_AFTER,
+    BodyClock,
+    BodyTimeoutError,
+    Bounds,
+    InFlight,
+    StreamReset,
+    has_body,
+    is_http1,
+)
 from ._errors import EngineDeadError, EngineGenerateError
+from ._metrics import recorder
 
 log = logging.getLogger("trio_launcher")
 
@@ -89,59 +75,6 @@ class Limits:
 
     max_header_count: int | None = 256
     max_head_size: int | None = None
-
-
-BODY_MIN_RATE = 1024.0
-"""Bytes per second a request body must keep up on average, after the allowance."""
-RETRY_AFTER = b"1"
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """Per-request bounds (see the module docstring for the rules).
-
-    Attributes:
-        request_timeout: seconds for the response to start; None: no deadline.
-        limit_concurrency: most requests in flight; more get 503 at once.
-        body_timeout: the request body's allowance in seconds; None: no limit.
-    """
-
-    request_timeout: float | None = None
-    limit_concurrency: int | None = None
-    body_timeout: float | None = 60.0
-
-
-class InFlight:
-    """The requests now in the app: arrival time, method and path, oldest first."""
-
-    def __init__(self) -> None:
-        self._requests: dict[int, tuple[float, str, str]] = {}
-        self._next = 0
-        self.shed = 0  # requests refused by the concurrency limit
-
-    def __len__(self) -> int:
-        return len(self._requests)
-
-    def add(self, method: str, path: str) -> int:
-        key = self._next = self._next + 1
-        self._requests[key] = (time.monotonic(), method, path)
-        return key
-
-    def remove(self, key: int) -> None:
-        del self._requests[key]
-
-    def oldest_age(self) -> float:
-        """Seconds since the oldest request in flight arrived (0 when none is)."""
-        for arrived, _, _ in self._requests.values():  # insertion order: oldest first
-            return time.monotonic() - arrived
-        return 0.0
-
-    def describe(self, most: int = 5) -> str:
-        """``GET /a, POST /b (and 3 more)``: the oldest requests in flight."""
-        items = [f"{method} {path}" for _, method, path in list(self._requests.values())[:most]]
-        if len(self._requests) > most:
-            items.append(f"and {len(self._requests) - most} more")
-        return ", ".join(items)
 
 
 class RunnerMiddleware:
@@ -187,12 +120,11 @@ class RunnerMiddleware:
             return
         refusal = self._over_limit(scope)
         if refusal is not None:
-            log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"),
-                        refusal)  # fmt: skip
+            log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"), refusal)
             if scope["type"] == "http":
                 # HTTP/1.x: the connection closes after a 431 (RFC 9110 15.5.1: the
                 # rest of the head may still be arriving; nobody knows where it ends).
-                close = [(b"connection", b"close")] if _is_http1(scope) else []
+                close = [(b"connection", b"close")] if is_http1(scope) else []
                 error = {"error": {"type": "HeadersTooLarge", "message": refusal}}
                 await send_json(send, 431, error, extra_headers=close)
             else:
@@ -211,6 +143,7 @@ class RunnerMiddleware:
         limit = self.bounds.limit_concurrency
         if limit is not None and len(in_flight) >= limit:
             in_flight.shed += 1
+            recorder().request_shed()
             await self._shed(scope, send, limit)
             return
         key = in_flight.add(scope["method"], scope["path"])
@@ -219,7 +152,7 @@ class RunnerMiddleware:
             if (
                 bounds.request_timeout is None
                 and scope.get("http_version") != "2"
-                and (bounds.body_timeout is None or not _has_body(scope))
+                and (bounds.body_timeout is None or not has_body(scope))
             ):
                 # Nothing to bound: no cancel scope (entering one costs more than
                 # the rest of this middleware; hello world pays nothing for it).
@@ -242,7 +175,7 @@ class RunnerMiddleware:
             (b"content-length", str(len(body)).encode()),
             (b"retry-after", RETRY_AFTER),
         ]
-        if _is_http1(scope):
+        if is_http1(scope):
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -276,13 +209,13 @@ class RunnerMiddleware:
         deadline = trio.CancelScope()
         if bounds.request_timeout is not None:
             deadline.deadline = trio.current_time() + bounds.request_timeout
-        reset: _StreamReset | None = None
+        reset: StreamReset | None = None
         if scope.get("http_version") == "2":
-            reset = _StreamReset(receive, deadline, lambda: complete)
+            reset = StreamReset(receive, deadline, lambda: complete)
             receive = reset.receive
-        body: _BodyClock | None = None
+        body: BodyClock | None = None
         if bounds.body_timeout is not None:
-            body = _BodyClock(receive, bounds.body_timeout, deadline)
+            body = BodyClock(receive, bounds.body_timeout, deadline)
             receive = body.receive
 
         async def runner_send(message: Message) -> None:
@@ -308,19 +241,39 @@ class RunnerMiddleware:
             return
         method, path = scope.get("method"), scope.get("path")
         if body is not None and body.timed_out:
-            log.warning("408 for %s %s: the request body was too slow (%d bytes in %.1f s); "
-                        "handler cancelled", method, path, body.received, body.waited)  # fmt: skip
+            log.warning(
+                "408 for %s %s: the request body was too slow (%d bytes in %.1f s); "
+                "handler cancelled",
+                method,
+                path,
+                body.received,
+                body.waited,
+            )
+            recorder().request_timed_out("body")
             if started:
                 raise BodyTimeoutError("the request body was too slow")
-            close = [(b"connection", b"close")] if _is_http1(scope) else []
+            close = [(b"connection", b"close")] if is_http1(scope) else []
             message = "the request body arrived too slowly"
             error = {"error": {"type": "RequestTimeout", "message": message}}
             await send_json(send, 408, error, extra_headers=close)
             return
-        log.warning("504 for %s %s: no response within %s s; handler cancelled", method, path,
-                    bounds.request_timeout)  # fmt: skip
-        await send_json(send, 504, {"error": {"type": "RequestTimeout", "message":
-                        f"no response within {bounds.request_timeout} s"}})  # fmt: skip
+        log.warning(
+            "504 for %s %s: no response within %s s; handler cancelled",
+            method,
+            path,
+            bounds.request_timeout,
+        )
+        recorder().request_timed_out("response")
+        await send_json(
+            send,
+            504,
+            {
+                "error": {
+                    "type": "RequestTimeout",
+                    "message": f"no response within {bounds.request_timeout} s",
+                }
+            },
+        )
 
     async def _call_guarded(
         self, scope: Scope, receive: Receive, send: Send, started: Callable[[], bool]
@@ -339,8 +292,13 @@ class RunnerMiddleware:
             if engine_errors is None or started():
                 raise
             first = next(leaves(engine_errors))
-            log.error("%s in %s %s: %s", type(first).__name__, scope.get("method"),
-                      scope.get("path"), first)  # fmt: skip
+            log.error(
+                "%s in %s %s: %s",
+                type(first).__name__,
+                scope.get("method"),
+                scope.get("path"),
+                first,
+            )
             await send_json(send, 500, error_body(first))
             if rest is not None:
                 raise rest from None
@@ -364,117 +322,6 @@ def leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
-class ClientGoneStatus(logging.Filter):
-    """Access-log status 499 for a request whose client left before its response ended.
-
-    hypercorn logs such a request with status ``-``. It is nginx's 499 (Client
-    Closed Request), unless ``cutting()`` says the drain deadline passed: then
-    the server cut it, and ``-`` stays.
-    """
-
-    def __init__(self, cutting: Callable[[], bool]) -> None:
-        super().__init__()
-        self.cutting = cutting
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        atoms = record.args
-        if isinstance(atoms, MutableMapping) and atoms.get("s") == "-" and not self.cutting():
-            atoms["s"], atoms["st"] = "499", "Client Closed Request"
-        return True
-
-
-class _StreamReset:
-    """HTTP/2: cancel the handler when the client resets its stream.
-
-    When a client closes the *connection*, the transport cancels every handler
-    on it. A reset stream (``RST_STREAM``, connection kept) only queues
-    ``http.disconnect`` for a handler that calls ``receive()``, and one busy
-    with the engine never does. So for HTTP/2 a small task reads ``receive()``
-    on the handler's behalf (in order, one message ahead) and cancels the
-    handler if the disconnect comes before its response ended (after that,
-    ASGI lets a handler run on: background tasks). One task per HTTP/2
-    request; HTTP/1.1 has one request per connection and needs none.
-    """
-
-    def __init__(
-        self, receive: Receive, scope: trio.CancelScope, complete: Callable[[], bool]
-    ) -> None:
-        self._receive = receive
-        self._scope = scope
-        self._complete = complete
-        self._to_app, self._from_pump = trio.open_memory_channel[Message](1)
-        self.gone = False
-
-    async def pump(self) -> None:
-        async with self._to_app:
-            while True:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    if not self._complete():
-                        self.gone = True
-                        self._scope.cancel()
-                    await self._to_app.send(message)
-                    return
-                await self._to_app.send(message)
-
-    async def receive(self) -> Message:
-        try:
-            return await self._from_pump.receive()
-        except trio.EndOfChannel:
-            return {"type": "http.disconnect"}
-
-
-class BodyTimeoutError(Exception):
-    """A request body stalled after its response had started: the response is cut."""
-
-
-class _BodyClock:
-    """``receive()`` with the body timeout (the rule is in the module docstring)."""
-
-    __slots__ = ("_receive", "done", "received", "scope", "timed_out", "timeout", "waited")
-
-    def __init__(self, receive: Receive, timeout: float, scope: trio.CancelScope) -> None:
-        self._receive = receive
-        self.timeout = timeout
-        self.scope = scope
-        self.received = 0
-        self.waited = 0.0
-        self.done = False
-        self.timed_out = False
-
-    async def receive(self) -> Message:
-        if self.done:
-            return await self._receive()
-        began = trio.current_time()
-        allowance = min(self.timeout, self.timeout + self.received / BODY_MIN_RATE - self.waited)
-        with trio.move_on_at(began + max(allowance, 0.0)) as waiting:
-            message = await self._receive()
-        self.waited += trio.current_time() - began
-        if waiting.cancelled_caught:
-            self.timed_out = self.done = True
-            self.scope.cancel()
-            await trio.lowlevel.checkpoint()  # raises Cancelled unless the handler shields
-            return {"type": "http.disconnect"}
-        if message["type"] == "http.request":
-            self.received += len(message.get("body", b""))
-            self.done = not message.get("more_body", False)
-        else:
-            self.done = True
-        return message
-
-
-def _has_body(scope: Scope) -> bool:
-    """An HTTP/1.x request that says it has a body (HTTP/2 is treated apart)."""
-    for name, value in scope.get("headers") or ():
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
-
-
-def _is_http1(scope: Scope) -> bool:
-    return str(scope.get("http_version", "1.1")).startswith("1")
-
-
 class StartingGate:
     """503 for every request while the runner is starting (its engine task loads).
 
@@ -488,8 +335,9 @@ class StartingGate:
     request's state once serving (a few keys, only in this mode).
     """
 
-    def __init__(self, app: ASGIApp, is_starting: Callable[[], bool],
-                 health_path: str | None) -> None:  # fmt: skip
+    def __init__(
+        self, app: ASGIApp, is_starting: Callable[[], bool], health_path: str | None
+    ) -> None:
         self.app = app
         self.is_starting = is_starting
         self.health_path = health_path
@@ -511,8 +359,9 @@ class StartingGate:
         await self.app(scope, receive, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        data = json.dumps({"error": {"type": "Starting", "message":
-                                     "the service is starting; retry later"}}).encode()  # fmt: skip
+        data = json.dumps(
+            {"error": {"type": "Starting", "message": "the service is starting; retry later"}}
+        ).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(data)).encode()),

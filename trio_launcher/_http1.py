@@ -68,7 +68,6 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-_DISCONNECT = {"type": "http.disconnect"}
 _UNKNOWN_CODING = "Request has invalid `Transfer-Encoding`"  # llhttp's words
 
 
@@ -359,8 +358,13 @@ class HTTP1:
         if self.context.max_requests is not None:
             await self.context.mark_request()
         try:
-            await self.app(cycle.scope, cycle.receive, cycle.send,  # type: ignore[arg-type]
-                           trio.to_thread.run_sync, trio.from_thread.run)  # fmt: skip
+            await self.app(
+                cycle.scope,  # type: ignore[arg-type]
+                cycle.receive,  # type: ignore[arg-type]
+                cycle.send,  # type: ignore[arg-type]
+                trio.to_thread.run_sync,
+                trio.from_thread.run,
+            )
         except trio.Cancelled:
             raise
         except BaseExceptionGroup as group:
@@ -416,8 +420,10 @@ class HTTP1:
         cycle = self.pipeline.pop()
         self.receiving = None
         scope = cycle.scope
-        head = [b"%s %s HTTP/%s\r\n" % (scope["method"].encode(), self._url,
-                                        scope["http_version"].encode())]  # fmt: skip
+        head = [
+            b"%s %s HTTP/%s\r\n"
+            % (scope["method"].encode(), self._url, scope["http_version"].encode())
+        ]
         head += [b"%s: %s\r\n" % header for header in scope["headers"]]
         self.upgrade = b"".join(head) + b"\r\n" + rest
         self._wake()
@@ -476,7 +482,7 @@ class Cycle:
         """ASGI ``receive``: the body as it arrives, then ``http.disconnect``."""
         while True:
             if self.disconnected or self.complete:
-                return _DISCONNECT
+                return {"type": "http.disconnect"}
             if self.body or (not self.more_body and not self.delivered):
                 body = bytes(self.body)
                 self.body.clear()

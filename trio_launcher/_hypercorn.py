@@ -172,8 +172,19 @@ def _quart_has_error_handler_spec() -> bool:
     return isinstance(quart_error_handlers(Quart("contract")), dict)
 
 
-_PROTOCOL_WRAPPER_PARAMS = ["self", "app", "config", "context", "task_group", "state",
-                            "ssl", "client", "server", "send", "alpn_protocol"]  # fmt: skip
+_PROTOCOL_WRAPPER_PARAMS = [
+    "self",
+    "app",
+    "config",
+    "context",
+    "task_group",
+    "state",
+    "ssl",
+    "client",
+    "server",
+    "send",
+    "alpn_protocol",
+]
 _HANDLE_PARAMS = ["app", "config", "scope", "receive", "send", "sync_spawn", "call_soon"]
 
 
@@ -187,27 +198,39 @@ def _assigns(method: Callable[..., Any], attribute: str) -> Callable[[], bool]:
 
 
 CONTRACT: list[tuple[str, Callable[[], bool]]] = [
-    ("hypercorn.protocol.ProtocolWrapper(...) keywords",
-     lambda: _params(ProtocolWrapper.__init__) == _PROTOCOL_WRAPPER_PARAMS),
+    (
+        "hypercorn.protocol.ProtocolWrapper(...) keywords",
+        lambda: _params(ProtocolWrapper.__init__) == _PROTOCOL_WRAPPER_PARAMS,
+    ),
     ("hypercorn.protocol.ProtocolWrapper.protocol", _assigns(ProtocolWrapper.__init__, "protocol")),
-    ("hypercorn.trio.task_group._handle(...) parameters",
-     lambda: _params(_handle) == _HANDLE_PARAMS),
+    (
+        "hypercorn.trio.task_group._handle(...) parameters",
+        lambda: _params(_handle) == _HANDLE_PARAMS,
+    ),
     ("hypercorn.protocol.h2.H2Protocol.idle", lambda: isinstance(H2Protocol.idle, property)),
     ("hypercorn.protocol.h11.H11Protocol.stream", _assigns(H11Protocol.__init__, "stream")),
     ("hypercorn.trio.tcp_server.TCPServer._idle_timeout", _has(TCPServer, "_idle_timeout")),
-    ("hypercorn.trio.tcp_server.TCPServer._initiate_server_close",
-     _has(TCPServer, "_initiate_server_close")),
+    (
+        "hypercorn.trio.tcp_server.TCPServer._initiate_server_close",
+        _has(TCPServer, "_initiate_server_close"),
+    ),
     ("hypercorn.trio.tcp_server.TCPServer.protocol", _assigns(TCPServer.run, "protocol")),
-    ("hypercorn.trio.tcp_server.TCPServer._read_data/protocol_send",
-     _has(TCPServer, "_read_data", "protocol_send")),
-    ("hypercorn.trio.lifespan.Lifespan.handle_lifespan/asgi_send/wait_for_startup/"
-     "wait_for_shutdown",
-     _has(Lifespan, "handle_lifespan", "asgi_send", "wait_for_startup", "wait_for_shutdown")),
-    ("hypercorn.trio.worker_context.WorkerContext.terminate/terminated/mark_request/"
-     "max_requests",
-     _has(WorkerContext(None), "terminate", "terminated", "mark_request", "max_requests")),
+    (
+        "hypercorn.trio.tcp_server.TCPServer._read_data/protocol_send",
+        _has(TCPServer, "_read_data", "protocol_send"),
+    ),
+    (
+        "hypercorn.trio.lifespan.Lifespan.handle_lifespan/asgi_send/wait_for_startup/"
+        "wait_for_shutdown",
+        _has(Lifespan, "handle_lifespan", "asgi_send", "wait_for_startup", "wait_for_shutdown"),
+    ),
+    (
+        "hypercorn.trio.worker_context.WorkerContext.terminate/terminated/mark_request/"
+        "max_requests",
+        _has(WorkerContext(None), "terminate", "terminated", "mark_request", "max_requests"),
+    ),
     ("quart.Quart.error_handler_spec[None][None]", _quart_has_error_handler_spec),
-]  # fmt: skip
+]
 
 
 def broken_contract() -> list[str]:

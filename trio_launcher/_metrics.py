@@ -58,8 +58,7 @@ log = logging.getLogger("trio_launcher")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "TRIO_LAUNCHER_METRICS"
 # OpenTelemetry's advice for http.server.request.duration.
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                    7.5, 10.0)  # fmt: skip
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -183,16 +182,22 @@ class Metrics(Recorder):
         else:
             self.requests = LocalRequests()
             reg.register(self.requests)
-        self.shed = Counter("trio_launcher_requests_shed", "Requests refused with 503 because "
-                            "the server was at its limit.", registry=reg)  # fmt: skip
+        self.shed = Counter(
+            "trio_launcher_requests_shed",
+            "Requests refused with 503 because the server was at its limit.",
+            registry=reg,
+        )
         self.timed_out = Counter(
             "trio_launcher_requests_timed_out",
             "Requests that timed out: kind=response (504), kind=body (408).",
             ["kind"],
             registry=reg,
         )
-        self.cut = Counter("trio_launcher_requests_cut_by_drain", "In-flight requests cancelled "
-                           "at the end of a drain (graceful timeout).", registry=reg)  # fmt: skip
+        self.cut = Counter(
+            "trio_launcher_requests_cut_by_drain",
+            "In-flight requests cancelled at the end of a drain (graceful timeout).",
+            registry=reg,
+        )
         self.drains = Counter("trio_launcher_drains", "Drains started.", registry=reg)
         self.tls_reloads = Counter(
             "trio_launcher_tls_reloads", "Certificate reloads that went live.", registry=reg
@@ -367,8 +372,9 @@ class SharedRequests:
     def __init__(self, registry: Any) -> None:
         from prometheus_client import Gauge, Histogram
 
-        self.duration = Histogram(*DURATION, DURATION_LABELS, buckets=DURATION_BUCKETS,
-                                  registry=registry)  # fmt: skip
+        self.duration = Histogram(
+            *DURATION, DURATION_LABELS, buckets=DURATION_BUCKETS, registry=registry
+        )
         self._active = Gauge(*ACTIVE, registry=registry, multiprocess_mode="livesum")
         self._connections = Gauge(*CONNECTIONS, registry=registry, multiprocess_mode="livesum")
         self._children: dict[_Key, Any] = {}

@@ -148,10 +148,12 @@ async def send_metrics(send: Send, metrics: Metrics, head_only: bool = False) ->
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", CONTENT_TYPE),
-                        (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", CONTENT_TYPE),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
-    )  # fmt: skip
+    )
     await send({"type": "http.response.body", "body": b"" if head_only else body})
 
 
@@ -208,8 +210,10 @@ def partial_answer(metrics: Metrics) -> Callable[[trio.SocketStream], Awaitable[
                     status, body, ctype = b"405 Method Not Allowed", b"", b"text/plain"
                 else:
                     status, body, ctype = b"200 OK", metrics.exposition(), CONTENT_TYPE
-                response = b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n" \
-                    b"connection: close\r\n\r\n" % (status, ctype, len(body))  # fmt: skip
+                response = (
+                    b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n" % (status, ctype, len(body))
+                )
                 if words and words[0] != b"HEAD":
                     response += body
                 await stream.send_all(response)

@@ -179,8 +179,13 @@ def _bind_unix(address: str, path: str, config: Config) -> socket.socket:
         if stat.S_ISSOCK(os.stat(path).st_mode):
             if _answers(path):
                 pid = _unix_holder(path)
-                raise BindError(errno_mod.EADDRINUSE, "a live server answers there", address,
-                                pid, _cmdline(pid) if pid is not None else None)  # fmt: skip
+                raise BindError(
+                    errno_mod.EADDRINUSE,
+                    "a live server answers there",
+                    address,
+                    pid,
+                    _cmdline(pid) if pid is not None else None,
+                )
             os.remove(path)  # a stale socket: its server is gone
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(config.umask) if config.umask is not None else None

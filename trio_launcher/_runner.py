@@ -47,16 +47,9 @@ from typing import Any, Unpack
 
 import trio
 
-from ._asgi import (
-    ENGINE_ERRORS,
-    Bounds,
-    ClientGoneStatus,
-    InFlight,
-    Limits,
-    RunnerMiddleware,
-    StartingGate,
-    describe_routes,
-)
+from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, StartingGate, describe_routes
+from ._bounds import Bounds, ClientGoneStatus, InFlight
+from ._engine_task import EngineSlot, engine_slot, run_engine_task
 from ._errors import (
     ConfigError,
     EngineDeadError,
@@ -75,15 +68,7 @@ from ._server import AppStart, serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
-from ._watchdog import (
-    EngineSlot,
-    HealthProbe,
-    check_engine,
-    engine_is_dead,
-    engine_slot,
-    run_engine_task,
-    watch_engine,
-)
+from ._watchdog import HealthProbe, check_engine, engine_is_dead, watch_engine
 
 log = logging.getLogger("trio_launcher")
 
@@ -157,8 +142,10 @@ class _Control:
         """Task: after a stop signal, keep serving ``shutdown_delay`` s, then drain."""
         await self.stopping.wait()
         if not self.drain.is_set():
-            log.info("shutdown delay: serving %s s more before draining (readiness is 503)",
-                     self.shutdown_delay)  # fmt: skip
+            log.info(
+                "shutdown delay: serving %s s more before draining (readiness is 503)",
+                self.shutdown_delay,
+            )
             with trio.move_on_after(self.shutdown_delay):
                 await self.drain.wait()
         self.drain.set()
@@ -186,9 +173,14 @@ class _Control:
         self.cutting = True
         self.cut_requests = len(self.in_flight)
         if self.cut_requests:
-            log.error("drain: graceful_timeout (%g s) reached with %d request%s still running; "
-                      "cutting them: %s", graceful_timeout, self.cut_requests,
-                      "" if self.cut_requests == 1 else "s", self.in_flight.describe())  # fmt: skip
+            log.error(
+                "drain: graceful_timeout (%g s) reached with %d request%s still running; "
+                "cutting them: %s",
+                graceful_timeout,
+                self.cut_requests,
+                "" if self.cut_requests == 1 else "s",
+                self.in_flight.describe(),
+            )
 
     def on_stop_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -263,9 +255,12 @@ class _Control:
             nursery.start_soon(self.probe.run)
 
     async def start_engine_then_app(
-        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], opts: ServeOptions,
+        self,
+        nursery: trio.Nursery,
+        fn: Callable[..., Awaitable[object]],
+        opts: ServeOptions,
         urls: list[str],
-    ) -> bool:  # fmt: skip
+    ) -> bool:
         """The sockets accept (503); start the engine task, then the app. False
         if the server stopped first (the app is then never started)."""
         for url in urls:
@@ -288,14 +283,21 @@ class _Control:
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         try:
-            await run_engine_task(fn, self.engine_stop, shutdown_timeout, self.on_engine_task_end,
-                                  self._engine_stuck, cut=self.engine_cut,
-                                  task_status=task_status)  # fmt: skip
+            await run_engine_task(
+                fn,
+                self.engine_stop,
+                shutdown_timeout,
+                self.on_engine_task_end,
+                self._engine_stuck,
+                cut=self.engine_cut,
+                task_status=task_status,
+            )
         finally:
             self.engine_done.set()
 
-    def on_engine_task_end(self, error: BaseException | None, starting: float | None = None
-                           ) -> None:  # fmt: skip
+    def on_engine_task_end(
+        self, error: BaseException | None, starting: float | None = None
+    ) -> None:
         """The engine task ended by itself (``starting``: seconds into its start)."""
         self.engine_error = error
         when = "" if starting is None else f" {starting:.1f} s into its start"
@@ -445,14 +447,20 @@ async def serve_http(
         outer = StartingGate(outer, lambda: control.starting, opts.health_path)
     metrics = server_metrics(opts.metrics_path, opts.metrics_bind)
     if metrics is not None or opts.request_ids:
-        outer = Observed(outer, metrics, metrics_path=opts.metrics_path,
-                         request_ids=opts.request_ids, draining=control.drain.is_set)  # fmt: skip
+        outer = Observed(
+            outer,
+            metrics,
+            metrics_path=opts.metrics_path,
+            request_ids=opts.request_ids,
+            draining=control.drain.is_set,
+        )
     wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
         interval = opts.ssl_refresh_interval if opts.enable_ssl_refresh else math.inf
-        control.refresher = CertificateRefresher(config, ssl_context, interval,
-                                                 control.notify_reloading)  # fmt: skip
+        control.refresher = CertificateRefresher(
+            config, ssl_context, interval, control.notify_reloading
+        )
 
     sockets = bind_sockets(config, opts.sock)
     ports = tcp_ports(sockets)

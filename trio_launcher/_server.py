@@ -136,8 +136,9 @@ async def serve_sockets(
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
-            handler = _connection_handler(transport, app, config, context, lifespan_state, registry,
-                                          http, header_timeout)  # fmt: skip
+            handler = _connection_handler(
+                transport, app, config, context, lifespan_state, registry, http, header_timeout
+            )
             handler = recorder().connection_handler(handler)
             task_status.started(urls)
             with _one_line_accept_errors():
@@ -299,8 +300,9 @@ def _connection_handler(
 ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
     """The connection layer, chosen once: a function of the accepted stream."""
     if transport == "lean":
-        return partial(serve_connection, app, config, context, lifespan_state, registry, http,
-                       header_timeout)  # fmt: skip
+        return partial(
+            serve_connection, app, config, context, lifespan_state, registry, http, header_timeout
+        )
     return partial(serve_stock_connection, app, config, context, lifespan_state)
 
 

@@ -56,8 +56,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trio_launcher")
 
-EXPIRY_THRESHOLDS = (datetime.timedelta(days=30), datetime.timedelta(days=7),
-                     datetime.timedelta(days=1))  # fmt: skip
+EXPIRY_THRESHOLDS = (
+    datetime.timedelta(days=30),
+    datetime.timedelta(days=7),
+    datetime.timedelta(days=1),
+)
 EXPIRY_REPEAT = datetime.timedelta(days=1)
 FULL_READ_EVERY = 30  # polls between reads even when stat says nothing changed
 
@@ -230,14 +233,22 @@ def warn_if_expiring(loaded: LoadedSet, now: datetime.datetime) -> float:
     the seconds until the next check (a day, or sooner if a threshold comes first)."""
     left = loaded.not_after - now
     if left <= datetime.timedelta(0):
-        log.error("the live TLS certificate EXPIRED %s ago: clients refuse it (%s)",
-                  _span(-left), describe(loaded))  # fmt: skip
+        log.error(
+            "the live TLS certificate EXPIRED %s ago: clients refuse it (%s)",
+            _span(-left),
+            describe(loaded),
+        )
         return EXPIRY_REPEAT.total_seconds()
     under = [t for t in EXPIRY_THRESHOLDS if left < t]
     if under:
         days = under[-1].days
-        log.warning("the live TLS certificate expires in %s (less than %d day%s left; %s)",
-                    _span(left), days, "s" if days > 1 else "", describe(loaded))  # fmt: skip
+        log.warning(
+            "the live TLS certificate expires in %s (less than %d day%s left; %s)",
+            _span(left),
+            days,
+            "s" if days > 1 else "",
+            describe(loaded),
+        )
     # Wake just past the next threshold below us (or the expiry itself).
     nxt = max(t for t in (*EXPIRY_THRESHOLDS, datetime.timedelta(0)) if t < left)
     until = (left - nxt).total_seconds() + 1.0
@@ -308,8 +319,16 @@ class CertificateRefresher:
         for path in _paths(self.config):
             try:
                 st = os.stat(path)
-                parts.append((os.path.realpath(path), st.st_ino, st.st_dev, st.st_size,
-                              st.st_mtime_ns, st.st_ctime_ns))  # fmt: skip
+                parts.append(
+                    (
+                        os.path.realpath(path),
+                        st.st_ino,
+                        st.st_dev,
+                        st.st_size,
+                        st.st_mtime_ns,
+                        st.st_ctime_ns,
+                    )
+                )
             except OSError as exc:
                 parts.append((path, exc.errno))
         return tuple(parts)

@@ -113,8 +113,9 @@ class TLSFiles:
 
     # --- what clients use -----------------------------------------------------
 
-    def client_context(self, *, with_cert: bool = True, ca: trustme.CA | None = None,
-                       http2: bool = False) -> ssl.SSLContext:  # fmt: skip
+    def client_context(
+        self, *, with_cert: bool = True, ca: trustme.CA | None = None, http2: bool = False
+    ) -> ssl.SSLContext:
         """An SSLContext that trusts the server's CA and presents the client cert."""
         context = ssl.create_default_context()
         (ca or self.ca).configure_trust(context)
@@ -160,8 +161,9 @@ class TLSFiles:
 
     def write_raw(self, name: Literal["cert", "key", "client_ca"], data: bytes) -> None:
         """Write arbitrary bytes over one file (in place), for bad-write tests."""
-        target = {"cert": self.cert_file, "key": self.key_file,
-                  "client_ca": self.client_ca_file}[name]  # fmt: skip
+        target = {"cert": self.cert_file, "key": self.key_file, "client_ca": self.client_ca_file}[
+            name
+        ]
         target.resolve().write_bytes(data)
 
     async def presented_cert(
@@ -294,7 +296,7 @@ async def running_server(
     bind: Sequence[str] | None = None,
     client_cert: bool = True,
     http2: bool = False,
-    startup_timeout: float = 10.0,
+    ready_timeout: float = 10.0,
     shutdown_timeout: float = 10.0,
     **serve_options: Any,
 ) -> AsyncIterator[RunningServer]:
@@ -309,7 +311,9 @@ async def running_server(
             and presents the client certificate (unless ``client_cert=False``).
         bind: addresses to listen on instead of 127.0.0.1:0 (``unix:PATH``...).
         http2: the client speaks HTTP/2 (with ``tls``).
-        startup_timeout, shutdown_timeout: bounds, in seconds.
+        ready_timeout, shutdown_timeout: bounds of the test, in seconds, on the
+            server becoming ready and on its shutdown (``startup_timeout`` is
+            ``serve_http``'s own limit on the app's lifespan startup).
         **serve_options: ``serve_http``'s keyword arguments (``engine``,
             ``health_path``, ``watchdog_interval``...). ``handle_signals``
             defaults to False (the test process keeps Ctrl-C) and
@@ -338,7 +342,7 @@ async def running_server(
     )
     with readable_errors():
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(startup_timeout):
+            with trio.fail_after(ready_timeout):
                 handle: ServerHandle = await nursery.start(_serve, app, config, serve_options)
             async with _client(handle.urls[0], verify, http2) as client:
                 yield RunningServer(handle, client)
@@ -352,8 +356,7 @@ def _client(url: str, verify: ssl.SSLContext | bool, http2: bool) -> httpx.Async
     scheme, _, address = url.partition("://")
     if address.startswith("unix:"):  # hypercorn's http://unix:/path
         transport = httpx.AsyncHTTPTransport(uds=address[5:], verify=verify, http2=http2)
-        return httpx.AsyncClient(base_url=f"{scheme}://localhost", transport=transport,
-                                 timeout=30)  # fmt: skip
+        return httpx.AsyncClient(base_url=f"{scheme}://localhost", transport=transport, timeout=30)
     return httpx.AsyncClient(base_url=url, verify=verify, http2=http2, timeout=30)
 
 

@@ -1,0 +1,209 @@
+"""Per-request bounds, applied by the runner's middleware (``_asgi``).
+
+Bounds live here, not in the connection layer, because here they mean the
+same thing for every protocol: one HTTP/2 stream is one request, exactly as
+one HTTP/1.1 request is, and the handler is a trio task we can cancel.
+
+* **Load shedding** (``limit_concurrency``) counts *requests* in flight, not
+  connections: 2000 clients that connect at once are 2000 connections, but
+  only the requests beyond the limit are refused (uvicorn counts connections
+  and refused all 2000). A refused request gets 503, ``Retry-After`` and a
+  JSON body at once; nothing is queued, so overload costs no memory and the
+  health path (exempt from the limit) stays fast.
+* **Request deadline** (``request_timeout``): the handler runs in a cancel
+  scope whose deadline is S seconds away until the response starts; then
+  the deadline is lifted, so a started response (a stream) is never cut by
+  it. A missed deadline cancels the handler (its nurseries too: it is plain
+  trio cancellation) and answers 504 with a JSON body.
+* **Body timeout** (``body_timeout``, mod_reqtimeout's rule): only the time
+  the handler spends *waiting* in ``receive()`` for body bytes counts, and
+  it may not exceed ``body_timeout + received / BODY_MIN_RATE`` seconds in
+  total, nor ``body_timeout`` seconds for any one wait. A client that keeps
+  up ``BODY_MIN_RATE`` (1 KiB/s) on average is never cut; a trickling or
+  stalled one is answered 408 (with ``connection: close`` on HTTP/1.x) and
+  the handler is cancelled. A handler that stops reading to think does not
+  burn the client's allowance.
+* **In-flight table**: every request is in it from arrival to the handler's
+  return; the health JSON reports ``in_flight`` and ``oldest_request_s`` and
+  a drain that reaches its deadline names what it cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+
+
+BODY_MIN_RATE = 1024.0
+"""Bytes per second a request body must keep up on average, after the allowance."""
+
+
+RETRY_AFTER = b"1"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Per-request bounds (see the module docstring for the rules).
+
+    Attributes:
+        request_timeout: seconds for the response to start; None: no deadline.
+        limit_concurrency: most requests in flight; more get 503 at once.
+        body_timeout: the request body's allowance in seconds; None: no limit.
+    """
+
+    request_timeout: float | None = None
+    limit_concurrency: int | None = None
+    body_timeout: float | None = 60.0
+
+
+class InFlight:
+    """The requests now in the app: arrival time, method and path, oldest first."""
+
+    def __init__(self) -> None:
+        self._requests: dict[int, tuple[float, str, str]] = {}
+        self._next = 0
+        self.shed = 0  # requests refused by the concurrency limit
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def add(self, method: str, path: str) -> int:
+        key = self._next = self._next + 1
+        self._requests[key] = (time.monotonic(), method, path)
+        return key
+
+    def remove(self, key: int) -> None:
+        del self._requests[key]
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest request in flight arrived (0 when none is)."""
+        for arrived, _, _ in self._requests.values():  # insertion order: oldest first
+            return time.monotonic() - arrived
+        return 0.0
+
+    def describe(self, most: int = 5) -> str:
+        """``GET /a, POST /b (and 3 more)``: the oldest requests in flight."""
+        items = [f"{method} {path}" for _, method, path in list(self._requests.values())[:most]]
+        if len(self._requests) > most:
+            items.append(f"and {len(self._requests) - most} more")
+        return ", ".join(items)
+
+
+class ClientGoneStatus(logging.Filter):
+    """Access-log status 499 for a request whose client left before its response ended.
+
+    hypercorn logs such a request with status ``-``. It is nginx's 499 (Client
+    Closed Request), unless ``cutting()`` says the drain deadline passed: then
+    the server cut it, and ``-`` stays.
+    """
+
+    def __init__(self, cutting: Callable[[], bool]) -> None:
+        super().__init__()
+        self.cutting = cutting
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args
+        if isinstance(atoms, MutableMapping) and atoms.get("s") == "-" and not self.cutting():
+            atoms["s"], atoms["st"] = "499", "Client Closed Request"
+        return True
+
+
+class StreamReset:
+    """HTTP/2: cancel the handler when the client resets its stream.
+
+    When a client closes the *connection*, the transport cancels every handler
+    on it. A reset stream (``RST_STREAM``, connection kept) only queues
+    ``http.disconnect`` for a handler that calls ``receive()``, and one busy
+    with the engine never does. So for HTTP/2 a small task reads ``receive()``
+    on the handler's behalf (in order, one message ahead) and cancels the
+    handler if the disconnect comes before its response ended (after that,
+    ASGI lets a handler run on: background tasks). One task per HTTP/2
+    request; HTTP/1.1 has one request per connection and needs none.
+    """
+
+    def __init__(
+        self, receive: Receive, scope: trio.CancelScope, complete: Callable[[], bool]
+    ) -> None:
+        self._receive = receive
+        self._scope = scope
+        self._complete = complete
+        self._to_app, self._from_pump = trio.open_memory_channel[Message](1)
+        self.gone = False
+
+    async def pump(self) -> None:
+        async with self._to_app:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    if not self._complete():
+                        self.gone = True
+                        self._scope.cancel()
+                    await self._to_app.send(message)
+                    return
+                await self._to_app.send(message)
+
+    async def receive(self) -> Message:
+        try:
+            return await self._from_pump.receive()
+        except trio.EndOfChannel:
+            return {"type": "http.disconnect"}
+
+
+class BodyTimeoutError(Exception):
+    """A request body stalled after its response had started: the response is cut."""
+
+
+class BodyClock:
+    """``receive()`` with the body timeout (the rule is in the module docstring)."""
+
+    __slots__ = ("_receive", "done", "received", "scope", "timed_out", "timeout", "waited")
+
+    def __init__(self, receive: Receive, timeout: float, scope: trio.CancelScope) -> None:
+        self._receive = receive
+        self.timeout = timeout
+        self.scope = scope
+        self.received = 0
+        self.waited = 0.0
+        self.done = False
+        self.timed_out = False
+
+    async def receive(self) -> Message:
+        if self.done:
+            return await self._receive()
+        began = trio.current_time()
+        allowance = min(self.timeout, self.timeout + self.received / BODY_MIN_RATE - self.waited)
+        with trio.move_on_at(began + max(allowance, 0.0)) as waiting:
+            message = await self._receive()
+        self.waited += trio.current_time() - began
+        if waiting.cancelled_caught:
+            self.timed_out = self.done = True
+            self.scope.cancel()
+            await trio.lowlevel.checkpoint()  # raises Cancelled unless the handler shields
+            return {"type": "http.disconnect"}
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+        else:
+            self.done = True
+        return message
+
+
+def has_body(scope: Scope) -> bool:
+    """An HTTP/1.x request that says it has a body (HTTP/2 is treated apart)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
+
+
+def is_http1(scope: Scope) -> bool:
+    return str(scope.get("http_version", "1.1")).startswith("1")
