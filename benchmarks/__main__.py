@@ -1,8 +1,9 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--only SECTION ...]``.
 
 Sections: throughput, http1, quart, engine, sigterm, certs, cost, workers, overload,
-observability (``benchmarks/overload.py``: 2000 clients against limit_concurrency, beside
-uvicorn; ``benchmarks/observability.py``: metrics and request ids on and off). Results go to
+observability, rolling (``benchmarks/overload.py``: 2000 clients against limit_concurrency,
+beside uvicorn; ``benchmarks/observability.py``: metrics and request ids on and off;
+``benchmarks/rolling.py``: rolling restarts and recycling under load). Results go to
 ``benchmarks/results.json`` and a markdown report to stdout and
 ``benchmarks/last-run.md``; BENCHMARKS.md records a run of it.
 """
@@ -36,7 +37,7 @@ from benchmarks.harness import (
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("throughput", "http1", "quart", "engine", "sigterm", "certs", "cost", "workers",
-            "overload", "observability")  # fmt: skip
+            "overload", "observability", "rolling")  # fmt: skip
 HTTP1_VARIANTS = ["uvicorn", "hypercorn", "runner-h11", "runner", "uvicorn-fast"]
 HTTP1_TARGETS = {"hello": 1.5, "10-chunk stream": 1.2}  # x uvicorn (h11), issue 14.5
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    from benchmarks import cost, lifecycle
+    from benchmarks import cost, lifecycle, rolling
 
     for section in opts.only:
         print(f"[{section}]", file=sys.stderr, flush=True)
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import observability
 
             results[section] = observability.side_by_side(2 * rounds, seconds)
+        elif section == "rolling":
+            results[section] = rolling.run(10.0 if opts.quick else 20.0)
         elif section == "cost":
             variants = ("runner", "hypercorn")
             n = 3 if opts.quick else 5
@@ -360,6 +363,10 @@ def render(results: dict[str, Any]) -> str:
                 "|---|---|"]  # fmt: skip
         out += [f"| {name} | {_fmt(summary)} |" for name, summary in w.items()]
         out.append("")
+    if "rolling" in results:
+        from benchmarks import rolling
+
+        out += [*rolling.render(results["rolling"]), ""]
     if "cost" in results:
         c = results["cost"]
         out += ["| cost of being there | runner | bare hypercorn |", "|---|---|---|"]

@@ -35,3 +35,15 @@ def test_statistics_and_report() -> None:
     )
     assert "| wait_dead() | 1.0 ms (max 1.0, n=1) | <= 20 ms: met |" in report
     assert "| idle | 30.0 ms" in report
+
+
+async def test_rolling_benchmark_client_checks_bodies() -> None:
+    from benchmarks import rolling
+
+    async with running_server(apps.app) as server:
+        result = await trio.to_thread.run_sync(rolling.python_client, server.port, 0.3, 4)
+    assert result["failures"] == 0, result
+    assert result["requests"] > 0
+    figures = {**result, "rps": 1, "workers_replaced": 0, "exit_code": 0}
+    rows = rolling.render({"seconds": 1, "x / trio-launcher / python": figures})
+    assert rows[2].startswith("| x | trio-launcher | Python")

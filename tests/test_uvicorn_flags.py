@@ -14,7 +14,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from trio_launcher._workers import worker_argv
+from trio_launcher._worker import worker_argv
 from trio_launcher.testing import TLSFiles, running_server
 
 from . import echo_app

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from trio_launcher import _cli, _signals, _systemd, _workers
+from trio_launcher import _cli, _signals, _systemd, _worker
 from trio_launcher._cli import _UsageError, build_parser, main
 from trio_launcher._errors import ConfigError
 from trio_launcher._ports import BoundSockets
-from trio_launcher._workers import SUPERVISOR_ONLY, worker_argv
+from trio_launcher._worker import SUPERVISOR_ONLY, worker_argv
 
 
 @pytest.fixture
@@ -125,13 +125,50 @@ def test_worker_argv_refuses_a_value_that_does_not_read_back(sockets: BoundSocke
 
 def test_worker_argv_needs_no_code_for_a_new_flag(sockets: BoundSockets) -> None:
     parser = build_parser()
-    parser.add_argument("--mount-at", "-r", default="")
-    parser.add_argument("--made-up-count", type=int)
-    parser.add_argument("--trust-headers", action=argparse.BooleanOptionalAction, default=True)
-    opts = parser.parse_args(["app:x", "-r/api", "--made-up-count=9", "--no-trust-headers"])
+    parser.add_argument("--future-path", "-Z", default="")
+    parser.add_argument("--future-limit", type=int)
+    parser.add_argument("--future-switch", action=argparse.BooleanOptionalAction, default=True)
+    opts = parser.parse_args(["app:x", "-Z/api", "--future-limit=9", "--no-future-switch"])
     argv = worker_argv(parser, opts, sockets, sys.executable)
     worker = parser.parse_args(argv[3:])
-    assert (worker.mount_at, worker.made_up_count, worker.trust_headers) == ("/api", 9, False)
+    assert (worker.future_path, worker.future_limit, worker.future_switch) == ("/api", 9, False)
+
+
+SAMPLES = ("7", "0.5", "/x", "mod:attr", "127.0.0.1", "ECDHE+AESGCM")
+
+
+def test_every_flag_of_the_real_parser_reaches_the_worker(sockets: BoundSockets) -> None:
+    """Whatever flags the parser has today (others add them): each set to a value
+    its type accepts, all of them at once, read back the same in the worker."""
+    parser = build_parser()
+    args = ["app:x"]
+    # Of options that exclude each other, the first of each group.
+    excluded = {id(a) for g in parser._mutually_exclusive_groups for a in g._group_actions[1:]}
+    for action in parser._actions:
+        if id(action) in excluded:
+            continue
+        if not action.option_strings or action.dest in SUPERVISOR_ONLY or action.nargs == 0:
+            if action.nargs == 0 and action.dest not in ("help", "version"):
+                args.append(action.option_strings[-1])
+            continue
+        if action.choices:
+            value = str(list(action.choices)[-1])
+        else:
+            value = next(v for v in SAMPLES if _accepts(action, v))
+        args += [action.option_strings[-1], value]
+    opts = parser.parse_args(args)
+    argv = worker_argv(parser, opts, sockets, sys.executable)
+    same_except_supervisor(opts, parse(argv[3:]))
+
+
+def _accepts(action: argparse.Action, value: str) -> bool:
+    if not callable(action.type):
+        return True
+    try:
+        action.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+    return True
 
 
 @pytest.mark.parametrize(
@@ -176,10 +213,10 @@ def as_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This process looks like a worker (its order pipe's variable is set); the
     module state and signal handlers a worker sets are put back afterwards."""
     read_end, write_end = os.pipe()
-    monkeypatch.setattr(_workers, "_role", {})
+    monkeypatch.setattr(_worker, "_role", {})
     monkeypatch.setattr(_signals, "_orders_fd", None)
     monkeypatch.setattr(_systemd, "_parent_is_listening", False)
-    monkeypatch.setenv(_workers.ORDERS_ENV, str(read_end))
+    monkeypatch.setenv(_worker.ORDERS_ENV, str(read_end))
     handlers = {sig: signal.getsignal(sig) for sig in _signals.HANDLED_SIGNALS}
 
     def no_supervisor(*args: object) -> int:

@@ -16,12 +16,15 @@ import httpx
 import psutil
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 
 from trio_launcher._ports import BoundSockets
 from trio_launcher._workers import RestartPolicy, run_workers
-from trio_launcher.testing import TLSFiles
+from trio_launcher.testing import TLSFiles, running_server
 
-from .net import get
+from .apps import App
+from .net import aborted, get, wait_refused
 from .proc import ROOT, Launched, launch, run_cli, wait_gone, wait_workers, worker_pids
 
 
@@ -242,11 +245,11 @@ async def test_a_second_ctrl_c_forces_every_worker_and_exits_130() -> None:
 
 FAKE_WORKER = """
 import os, sys
-from trio_launcher import _workers, _systemd
-fd = _workers.take_worker_role()
+from trio_launcher import _worker, _systemd
+fd = _worker.take_worker_role()
 _systemd.notify("READY=1")
 os.read(fd, 100)  # the parent's order
-_workers.report_cut_requests(3)
+_worker.report_cut_requests(3)
 """
 
 
@@ -444,3 +447,89 @@ async def test_sighup_with_workers_loads_tls_files_afresh(tmp_path: Path) -> Non
             assert await tls.presented_cert(proc.port) == tls.server_fingerprint()
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0, proc.stderr
+
+
+async def test_a_connection_accepted_just_before_the_drain_gets_its_answer() -> None:
+    """What a rolling restart needs from the drain: a worker that is told to drain
+    may have accepted a connection whose request has not arrived yet. Closing
+    it as idle loses that request ('server disconnected without a response')."""
+    async with running_server(App()) as server:
+        fresh = await trio.open_tcp_stream("127.0.0.1", server.port)
+        # Accepted once a later connection is answered (the backlog is FIFO).
+        assert (await server.client.get("/")).text == "hello"
+        server.handle.shutdown()
+        await wait_refused(server.port, timeout=5)  # the drain has begun
+        await trio.testing.wait_all_tasks_blocked()  # and idle connections were closed
+        await fresh.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await fresh.receive_some(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        assert data.endswith(b"hello")
+        await fresh.aclose()
+
+
+async def test_a_response_sent_during_the_drain_says_connection_close() -> None:
+    """Else a keep-alive client sends its next request on a connection that the
+    draining worker closes after this response: wrk counts each as an error."""
+    app = App()
+    async with running_server(app) as server, trio.open_nursery() as nursery:
+        responses: list[httpx.Response] = []
+
+        async def slow() -> None:
+            responses.append(await server.client.get("/slow", params={"s": "0.3"}))
+
+        nursery.start_soon(slow)
+        await app.slow_started.wait()
+        server.handle.shutdown()
+    assert responses[0].text == "slept"
+    assert responses[0].headers["connection"] == "close"
+
+
+async def test_a_worker_killed_during_the_drain_makes_the_parent_exit_128_plus_n() -> None:
+    async with launch(WORKER_ARGS, wait_serving=False) as proc:
+        pids = await serving(proc)
+
+        async def drain_then_kill_them() -> None:
+            proc.signal(signal.SIGTERM)
+            await proc.wait_for_line("SIGTERM: workers drain")
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)  # (the OOM killer, say)
+
+        bodies = await four_streams_through(proc, drain_then_kill_them)
+        assert await proc.wait() == 128 + signal.SIGKILL, proc.stderr
+    assert STREAM_BODY not in bodies
+    await proc.wait_for_line(r"was forced to stop \(was killed by signal 9\)")
+
+
+async def test_a_stop_does_not_wait_for_a_worker_that_is_still_starting(tmp_path: Path) -> None:
+    """An app that takes minutes to load (a model, say): SIGTERM during its import
+    ends the worker at once (it has no request to finish), and the exit stays 0."""
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(60)\napp = None\n")
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    args = ["slow_import:app", "--workers", "2", "--bind", "127.0.0.1:0"]
+    async with launch(args, env=env, wait_serving=False) as proc:
+        await proc.wait_for_line(r"worker 0 started \(PID \d+\)")
+        pids = await wait_workers(proc.process.pid, 1)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=10) == 0, proc.stderr
+        await wait_gone(pids, timeout=5)
+
+
+async def test_requests_a_real_worker_cuts_at_graceful_timeout_are_counted_by_the_parent() -> None:
+    args = [*WORKERS, "--graceful-timeout", "0.5"]
+    async with launch(args, wait_serving=False) as proc:
+        await serving(proc)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(aborted, f"{proc.url}/slow?s=30")
+            with trio.fail_after(10):
+                while sum("slow request started" in line for line in proc.lines) < 3:
+                    await proc.wait_for_line("slow request started")
+                    await trio.sleep(0.01)
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0, proc.stderr
+    cut = re.compile(r"ERROR.*trio_launcher: worker \d \(PID \d+\): its drain cut (\d+)")
+    counts = [int(m.group(1)) for line in proc.lines if (m := cut.search(line))]
+    assert sum(counts) == 3, proc.stderr

@@ -52,18 +52,17 @@ from ._options import ServeOptions, option_flags
 from ._ports import bind_sockets
 from ._proxy import DEFAULT_FORWARDED_ALLOW_IPS, parse_trusted
 from ._reload import watch_lifeline as watch_reload_parent
-from ._runner import exit_process_if_engine_stuck, serve_http
+from ._runner import ServerHandle, exit_process_if_engine_stuck, serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
 from ._systemd import listen_fds, notify_parent_instead
-from ._workers import (
-    Recycling,
+from ._worker import (
     ask_to_retire,
     report_cut_requests,
-    run_workers,
     take_worker_role,
     worker_argv,
     worker_max_requests,
 )
+from ._workers import Recycling, run_workers
 
 log = logging.getLogger("trio_launcher")
 
@@ -516,8 +515,12 @@ def _main(argv: Sequence[str] | None) -> int:
     debug = opts.log_level == "debug"
     _setup_logging(opts.log_level, opts.log_format)
     orders = take_worker_role()
-    if orders is not None and (problem := _not_for_a_worker(opts)):
-        return _fail(f"{problem} (see {PROG} --help)", ExitCode.USAGE)
+    if orders is not None:
+        if problem := _not_for_a_worker(opts):
+            return _fail(f"{problem} (see {PROG} --help)", ExitCode.USAGE)
+        # A SIGINT/SIGTERM that reaches a starting worker directly (systemd's
+        # control group) must not kill it: the parent's order to drain follows.
+        absorb_signals_for_process()
     try:
         config = build_config(opts, base)
         if opts.reload:
@@ -552,10 +555,12 @@ def _main(argv: Sequence[str] | None) -> int:
         options = options_from_args(opts, engine, task)
         if orders is not None:
             options = options.replace(on_max_requests=ask_to_retire)
-        trio.run(partial(serve_http, app, config, options=options))
-        # The runner's count of requests cut at graceful_timeout goes here.
-        cut_requests = 0
-        report_cut_requests(cut_requests)
+        started = _Started()
+        try:
+            trio.run(partial(serve_http, app, config, options=options, task_status=started))
+        finally:
+            if started.handle is not None:  # a worker tells its parent what its drain cut
+                report_cut_requests(started.handle.cut_requests)
     except OptionError as exc:
         return _fail(exc.with_name(flag_for(exc.option)), ExitCode.USAGE, debug)
     except ConfigError as exc:
@@ -621,6 +626,15 @@ def options_from_args(
 def flag_for(option: str) -> str:
     """The CLI flag that sets ``option`` (its own name if it has none)."""
     return option_flags().get(option) or option
+
+
+class _Started:
+    """serve_http's ``task_status`` when nothing else waits for it: keeps the handle."""
+
+    handle: ServerHandle | None = None
+
+    def started(self, value: ServerHandle | None = None) -> None:
+        self.handle = value
 
 
 def _not_for_a_worker(opts: argparse.Namespace) -> str | None:

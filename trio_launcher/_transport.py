@@ -25,7 +25,11 @@ replaces that transport:
   before the drain and its client has sent, or is about to send, a request.
   Closing it would lose that request (a rolling restart drains a worker
   while clients keep connecting), so it gets ``FRESH_GRACE`` seconds to
-  bring it in.
+  bring it in. So does an idle keep-alive connection whose next request
+  already waits, unread, in the socket (a busy worker under load). Every
+  HTTP/1.1 response sent during the drain says ``connection: close`` (as
+  uvicorn's do), so the client does not send another request on a
+  connection that closes after this response.
 * **Sends without a shield, and mostly without the scheduler.** On plain TCP
   a response is written straight to the non-blocking socket; only a write
   the kernel does not take whole goes through trio's ``send_all`` (under a
@@ -54,6 +58,7 @@ import contextlib
 import logging
 import math
 import os
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -123,6 +128,8 @@ class Connection:
         self.held = b""  # an HTTP/1.1 response head from hypercorn waiting for its body
         # Plain TCP: the descriptor, for writes that skip the scheduler.
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        raw = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+        self._raw_fd = raw.fileno() if raw is not None else -1  # TLS too: bytes waiting
         self._keep_alive = float(config.keep_alive_timeout)
         self._read_timeout = float(config.read_timeout) if config.read_timeout else math.inf
         self._header_timeout = header_timeout
@@ -348,10 +355,18 @@ class Connection:
 
     def drain(self) -> None:
         """The server is draining: close now if idle (no checkpoint between check and close)."""
-        if self.idle and self.fresh:
+        if self.idle and (self.fresh or self._bytes_waiting()):
             self._set_due(min(self._due, trio.current_time() + FRESH_GRACE))
         elif self.idle:
             self.close()
+
+    def _bytes_waiting(self) -> bool:
+        """A request (or the client's FIN) is already in the socket, not yet read."""
+        if self._raw_fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(self._raw_fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     async def _protocol_send(self, event: Event) -> None:
         """hypercorn's protocol speaks: bytes, the end of the connection, idle or busy."""
@@ -380,7 +395,7 @@ class Connection:
         if self.held:
             data, self.held = self.held + data, b""
         elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
-            self.held = data
+            self.held = _closing(data) if self.context.terminated.is_set() else data
             return b""
         return data
 
@@ -461,6 +476,15 @@ class ControlFrameBudget:
         self._tokens = min(self.BURST, self._tokens + (now - self._at) * self.RATE) - frames
         self._at = now
         return self._tokens >= 0
+
+
+def _closing(head: bytes) -> bytes:
+    """An HTTP/1.1 response head that says ``connection: close`` (the drain is on)."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0 or b"\r\nconnection:" in head[:end].lower():
+        return head
+    status_end = head.find(b"\r\n")
+    return head[:status_end] + b"\r\nconnection: close" + head[status_end:]
 
 
 class _Inbox:

@@ -24,10 +24,8 @@ streams. So:
   worker to stop at once and exits 128+N.
 
 **The worker's command line is built from the parsed options**, never by
-editing argv text (``worker_argv``): every option whose value differs from
-its default is written out again under its canonical long name, except the
-supervisor's own (``--workers``, ``--bind``, recycling), and ``--bind fd://N``
-is added for each inherited socket. New flags need no code here. A worker is
+editing argv text (``_worker.worker_argv``), without the supervisor's own
+options, plus ``--bind fd://N`` for each inherited socket. A worker is
 marked by its environment (the order pipe's variable); it refuses
 ``--workers`` and any address but ``fd://`` (exit 2), and ignores a TOML
 ``workers`` setting: a worker can never start workers or bind.
@@ -52,6 +50,8 @@ systemd ``READY=1`` once every slot serves.
 * Recycling (``--max-requests`` with jitter, ``--worker-max-rss``,
   ``--worker-lifetime``): a worker past a limit is replaced the same way. One
   task does every replacement, so never more than one at a time.
+* Stopping: serving workers drain; a worker still starting (importing the
+  app, loading a model) has no request yet and is killed at once.
 * A worker that crashes is restarted with a doubling backoff; more than
   ``max_restarts`` crashes within ``window`` seconds means something is wrong
   for good: every worker drains and the parent exits 1. A worker that exits 2
@@ -61,7 +61,6 @@ systemd ``READY=1`` once every slot serves.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import logging
@@ -79,156 +78,17 @@ from dataclasses import dataclass, field
 import psutil
 import trio
 
-from ._errors import ConfigError, ExitCode
+from ._errors import ExitCode
 from ._metrics import recorder
 from ._ports import BoundSockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
+from ._worker import MAX_REQUESTS_ENV, ORDERS_ENV
 
 log = logging.getLogger("trio_launcher")
 
 EXIT_USAGE = ExitCode.USAGE
 EXIT_ENGINE_DEAD = ExitCode.ENGINE_DEAD
-
-ORDERS_ENV = "TRIO_LAUNCHER_LIFELINE"
-"""Set in a worker's environment: the read end of its order pipe. Marks a worker."""
-MAX_REQUESTS_ENV = "TRIO_LAUNCHER_MAX_REQUESTS"
-"""Set in a worker's environment: after this many requests, ask to be retired."""
-
-SUPERVISOR_ONLY = frozenset(
-    {
-        "workers",
-        "bind",
-        "max_requests",
-        "max_requests_jitter",
-        "worker_max_rss",
-        "worker_lifetime",
-        "metrics_bind",  # the parent's listener adds up every worker's numbers
-        # uvicorn-style spellings of an address, should they come: the parent binds.
-        "host",
-        "port",
-        "uds",
-        "fd",
-    }
-)
-"""Option destinations the parent keeps for itself; a worker never sees them."""
-
-
-# --- the worker's command line ------------------------------------------------
-
-
-def worker_argv(
-    parser: argparse.ArgumentParser,
-    opts: argparse.Namespace,
-    sockets: BoundSockets,
-    executable: str,
-) -> list[str]:
-    """The worker's command line, from the parser's actions and the parsed options.
-
-    Raises:
-        ConfigError: a value that would not read back the same in the worker.
-    """
-    options: list[str] = []
-    positionals: list[str] = []
-    for action in parser._actions:
-        if action.dest in SUPERVISOR_ONLY or action.default == argparse.SUPPRESS:
-            continue
-        value = getattr(opts, action.dest, action.default)
-        if not action.option_strings:
-            positionals += [_text(action, v) for v in _as_list(value)]
-            continue
-        flag = _canonical(action)
-        if isinstance(action, argparse.BooleanOptionalAction):
-            if value is not None and value != action.default:
-                options.append(flag if value else "--no-" + flag[2:])
-        elif action.nargs == 0:
-            if isinstance(action, argparse._CountAction):
-                options += [flag] * ((value or 0) - (action.default or 0))
-            elif value != action.default:
-                options.append(flag)
-        elif isinstance(action, argparse._AppendAction):
-            already = len(action.default or [])
-            options += [f"{flag}={_text(action, v)}" for v in (value or [])[already:]]
-        elif value != action.default and value is not None:
-            if action.nargs is None or action.nargs == argparse.OPTIONAL:
-                options.append(f"{flag}={_text(action, value)}")
-            else:
-                options += [flag, *(_text(action, v) for v in _as_list(value))]
-    binds = [f"--bind=fd://{sock.fileno()}" for sock in sockets.all()]
-    return [executable, "-m", "trio_launcher", *options, *binds, "--", *positionals]
-
-
-def _canonical(action: argparse.Action) -> str:
-    longs = [s for s in action.option_strings if s.startswith("--")]
-    return longs[0] if longs else action.option_strings[0]
-
-
-def _as_list(value: object) -> list[object]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _text(action: argparse.Action, value: object) -> str:
-    text = value if isinstance(value, str) else str(value)
-    if not isinstance(value, str) and callable(action.type):
-        try:
-            same = action.type(text) == value
-        except (ValueError, TypeError, argparse.ArgumentTypeError):
-            same = False
-        if not same:
-            flag = _canonical(action) if action.option_strings else action.dest
-            raise ConfigError(f"{flag}: {value!r} cannot be passed on to the workers")
-    return text
-
-
-# --- the worker's side --------------------------------------------------------
-
-
-_role: dict[str, int | None] = {}
-
-
-def take_worker_role() -> int | None:
-    """In a worker: the read end of the order pipe (None in any other process).
-
-    Takes the variables out of the environment: the app's own subprocesses
-    are not workers.
-    """
-    if "orders" not in _role:
-        orders = os.environ.pop(ORDERS_ENV, None)
-        max_requests = os.environ.pop(MAX_REQUESTS_ENV, None)
-        _role["orders"] = int(orders) if orders else None
-        _role["max_requests"] = int(max_requests) if orders and max_requests else None
-    return _role["orders"]
-
-
-def is_worker() -> bool:
-    """True in a process started by the supervisor."""
-    return take_worker_role() is not None
-
-
-def worker_max_requests() -> int | None:
-    """In a worker: the request count after which to ask for retirement, if any."""
-    take_worker_role()
-    return _role["max_requests"]
-
-
-def ask_to_retire() -> None:
-    """In a worker: ``--max-requests`` reached; the parent replaces us, then we drain."""
-    log.info("max_requests reached: asking the parent process for a replacement")
-    notify("RETIRE=1")
-
-
-def report_cut_requests(count: int) -> None:
-    """In a worker: our drain cut ``count`` requests at graceful_timeout; tell the parent.
-
-    The worker's CLI calls this after serve_http returns.
-    """
-    if count > 0 and is_worker():
-        notify(f"CUT={count}")
-
-
-# --- the parent's side --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -268,6 +128,7 @@ class _Worker:
     code: int | None = None
     retire_asked: bool = False
     retired: bool = False
+    dismissed: bool = False  # killed by the parent while starting
 
     @property
     def pid(self) -> int:
@@ -327,8 +188,19 @@ class _Supervisor:
         self._close_sockets_once_idle()
         self.replace_send.close()
         for worker in list(self.by_pid.values()):
-            worker.order("drain")
+            self._dismiss(worker)
         self._poke()
+
+    def _dismiss(self, worker: _Worker) -> None:
+        """Stopping: a serving worker drains; one still starting (no request yet, and
+        its startup may take minutes) is killed at once."""
+        if worker.ready.is_set():
+            worker.order("drain")
+        elif not worker.exited.is_set():
+            worker.dismissed = True
+            # Its process group (its own session): what its startup spawned goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
 
     def on_stop_signal(self, signum: int) -> None:
         log.info("%s: workers drain", signal.Signals(signum).name)
@@ -339,7 +211,7 @@ class _Supervisor:
         self.forced_by = signum
         self.stop()
         for worker in list(self.by_pid.values()):
-            worker.order(f"force {signum}")
+            worker.order(f"force {signum}")  # (stop() killed those still starting)
 
     def on_reload_signal(self) -> None:
         if self.stopping:
@@ -403,7 +275,7 @@ class _Supervisor:
         log.info("worker %d started (PID %d)", slot, process.pid)
         self.workers.start_soon(self._watch, worker)
         if self.stopping:
-            worker.order("drain")
+            self._dismiss(worker)
         return worker
 
     async def _watch(self, worker: _Worker) -> None:
@@ -422,6 +294,8 @@ class _Supervisor:
     def _note_exit_in_stop(self, worker: _Worker) -> None:
         code = worker.code
         assert code is not None
+        if worker.dismissed:
+            return
         if code == EXIT_ENGINE_DEAD:
             self.stop(EXIT_ENGINE_DEAD)
         elif code < 0 or code > 128:
