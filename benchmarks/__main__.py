@@ -36,8 +36,19 @@ from benchmarks.harness import (
 )
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "http1", "quart", "engine", "sigterm", "certs", "cost", "workers",
-            "overload", "observability", "rolling")  # fmt: skip
+SECTIONS = (
+    "throughput",
+    "http1",
+    "quart",
+    "engine",
+    "sigterm",
+    "certs",
+    "cost",
+    "workers",
+    "overload",
+    "observability",
+    "rolling",
+)
 HTTP1_VARIANTS = ["uvicorn", "hypercorn", "runner-h11", "runner", "uvicorn-fast"]
 HTTP1_TARGETS = {"hello": 1.5, "10-chunk stream": 1.2}  # x uvicorn (h11), issue 14.5
 
@@ -54,8 +65,14 @@ def load(kind: str, port: int, path: str, seconds: float, tls: bool) -> LoadResu
     return python_client("127.0.0.1", port, path, 64, seconds)
 
 
-def compare(variants: list[str], kind: str, path: str, rounds: int, seconds: float,
-            tls: tuple[str, str] | None) -> dict[str, Any]:  # fmt: skip
+def compare(
+    variants: list[str],
+    kind: str,
+    path: str,
+    rounds: int,
+    seconds: float,
+    tls: tuple[str, str] | None,
+) -> dict[str, Any]:
     """Interleaved rounds (the order rotates); each run on a fresh server.
 
     Ratios are paired per round against the first variant (the baseline).
@@ -125,8 +142,11 @@ def http1(rounds: int, seconds: float) -> dict[str, Any]:
 
 
 def quart(rounds: int, seconds: float) -> dict[str, Any]:
-    return {"Quart-Trio hello, HTTP/1.1": compare(["quart-own", "quart-runner"], "h1", "/",
-                                                   rounds, seconds, None)}  # fmt: skip
+    return {
+        "Quart-Trio hello, HTTP/1.1": compare(
+            ["quart-own", "quart-runner"], "h1", "/", rounds, seconds, None
+        )
+    }
 
 
 def workers(rounds: int, seconds: float) -> dict[str, Any]:
@@ -141,10 +161,21 @@ def workers(rounds: int, seconds: float) -> dict[str, Any]:
         for name in sorted(results, reverse=i % 2 == 1):
             port = free_port()
             count = "2" if name == "2 workers" else "1"
-            argv = [sys.executable, "-m", "trio_launcher", "benchmarks.apps:app", "--workers",
-                    count, "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]  # fmt: skip
-            proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "trio_launcher",
+                "benchmarks.apps:app",
+                "--workers",
+                count,
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--log-level",
+                "warning",
+            ]
+            proc = subprocess.Popen(
+                argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             try:
                 wait_port(port, proc=proc)
                 url = f"http://127.0.0.1:{port}/"
@@ -160,8 +191,12 @@ def wrk_unpinned(url: str, seconds: float) -> float:
     import re
     import subprocess
 
-    out = subprocess.run(["wrk", "-t1", "-c64", f"-d{seconds:g}s", url], capture_output=True,
-                         text=True, timeout=seconds + 60).stdout  # fmt: skip
+    out = subprocess.run(
+        ["wrk", "-t1", "-c64", f"-d{seconds:g}s", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     return float(match.group(1)) if match else 0.0
 
@@ -286,19 +321,25 @@ def _render_http1(section: dict[str, Any]) -> list[str]:
             target = ""
             if v == "runner":
                 goal = HTTP1_TARGETS[name]
-                target = (f">= {goal}x: {'met' if ratio >= goal else 'MISSED'}; "
-                          f"p99 <= 3x p50: {'met' if tail <= 3 else 'MISSED'}")  # fmt: skip
-            out.append(f"| {name} | {v} | {_fmt(r['rps'][v])} | {ratio:.2f} | {p50:.3g} | "
-                       f"{p99:.3g} | {tail:.2f} | {r['errors'][v]} | {target} |")  # fmt: skip
+                target = (
+                    f">= {goal}x: {'met' if ratio >= goal else 'MISSED'}; "
+                    f"p99 <= 3x p50: {'met' if tail <= 3 else 'MISSED'}"
+                )
+            out.append(
+                f"| {name} | {v} | {_fmt(r['rps'][v])} | {ratio:.2f} | {p50:.3g} | "
+                f"{p99:.3g} | {tail:.2f} | {r['errors'][v]} | {target} |"
+            )
     out.append("")
     return out
 
 
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
-    out = [f"Run {results['date']} on {m['cpus']} x {m['cpu']}, Linux {m['kernel']}, "
-           f"Python {m['python']}, server/load pinned to separate cores: {m['pinned']}.",
-           f"Command: `{results['command']}`"]  # fmt: skip
+    out = [
+        f"Run {results['date']} on {m['cpus']} x {m['cpu']}, Linux {m['kernel']}, "
+        f"Python {m['python']}, server/load pinned to separate cores: {m['pinned']}.",
+        f"Command: `{results['command']}`",
+    ]
     for partial in results.get("partial_runs", []):
         out.append(f"Sections re-run {partial['date']}: `{partial['command']}`")
     out.append("")
@@ -350,8 +391,11 @@ def render(results: dict[str, Any]) -> str:
         out += [f"| {name} | {_ms(values)} |" for name, values in results["sigterm"].items()]
         out.append("")
     if "certs" in results:
-        out += ["| certificate on disk -> first handshake presenting it (interval 1 s) | "
-                "median (max, runs) | target |", "|---|---|---|"]  # fmt: skip
+        out += [
+            "| certificate on disk -> first handshake presenting it (interval 1 s) | "
+            "median (max, runs) | target |",
+            "|---|---|---|",
+        ]
         for name, values in results["certs"].items():
             limit = 0.050 if name == "SIGHUP" else 1.050
             ok = "met" if max(values) <= limit else "MISSED"
@@ -359,8 +403,10 @@ def render(results: dict[str, Any]) -> str:
         out.append("")
     if "workers" in results:
         w = results["workers"]
-        out += ["| workers (hello, HTTP/1.1, wrk 64 connections, nothing pinned) | req/s |",
-                "|---|---|"]  # fmt: skip
+        out += [
+            "| workers (hello, HTTP/1.1, wrk 64 connections, nothing pinned) | req/s |",
+            "|---|---|",
+        ]
         out += [f"| {name} | {_fmt(summary)} |" for name, summary in w.items()]
         out.append("")
     if "rolling" in results:
@@ -371,11 +417,14 @@ def render(results: dict[str, Any]) -> str:
         c = results["cost"]
         out += ["| cost of being there | runner | bare hypercorn |", "|---|---|---|"]
         cs = c["cold start s"]
-        out.append(f"| cold start (spawn -> first 200) | {_ms(cs['runner'])} | "
-                   f"{_ms(cs['hypercorn'])} |")  # fmt: skip
+        out.append(
+            f"| cold start (spawn -> first 200) | {_ms(cs['runner'])} | {_ms(cs['hypercorn'])} |"
+        )
         rss = c["idle RSS MiB"]
-        out.append(f"| idle RSS | {statistics.median(rss['runner']):.1f} MiB | "
-                   f"{statistics.median(rss['hypercorn']):.1f} MiB |")  # fmt: skip
+        out.append(
+            f"| idle RSS | {statistics.median(rss['runner']):.1f} MiB | "
+            f"{statistics.median(rss['hypercorn']):.1f} MiB |"
+        )
         cpu = c["idle CPU %"]
         names = list(cpu)
         out.append(f"| idle CPU, % of one core | {cpu[names[0]]:.3f} % | {cpu[names[1]]:.3f} % |")

@@ -55,21 +55,50 @@ class Server:
     def __init__(self, variant: str, extra: list[str]) -> None:
         app = "benchmarks.apps:app"
         if variant == "trio-launcher":
-            argv = [sys.executable, "-m", "trio_launcher", app, "--workers", "2",
-                    "--bind", "127.0.0.1:0", *extra]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "trio_launcher",
+                app,
+                "--workers",
+                "2",
+                "--bind",
+                "127.0.0.1:0",
+                *extra,
+            ]
             self.port, ready, self.ready_count = 0, "all 2 workers are serving", 1
         else:
             self.port, ready, self.ready_count = free_port(), "Application startup complete", 2
             if variant == "uvicorn":
-                argv = [sys.executable, "-m", "uvicorn", app, "--workers", "2",
-                        "--port", str(self.port), "--no-access-log"]  # fmt: skip
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    app,
+                    "--workers",
+                    "2",
+                    "--port",
+                    str(self.port),
+                    "--no-access-log",
+                ]
             else:
                 worker = "uvicorn.workers.UvicornWorker"
-                argv = [sys.executable, "-m", "gunicorn", app, "-w", "2", "-b",
-                        f"127.0.0.1:{self.port}", "-k", worker]  # fmt: skip
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    app,
+                    "-w",
+                    "2",
+                    "-b",
+                    f"127.0.0.1:{self.port}",
+                    "-k",
+                    worker,
+                ]
             argv += _translated(variant, extra)
-        self.proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         self.lines: list[str] = []
         self.ready_line = ready
         self.ready = threading.Event()
@@ -106,19 +135,23 @@ def _translated(variant: str, extra: list[str]) -> list[str]:
     if "--max-requests" not in opts:
         return []
     prefix = "--limit-" if variant == "uvicorn" else "--"
-    return [f"{prefix}max-requests", opts["--max-requests"],
-            f"{prefix}max-requests-jitter", opts.get("--max-requests-jitter", "0")]  # fmt: skip
+    return [
+        f"{prefix}max-requests",
+        opts["--max-requests"],
+        f"{prefix}max-requests-jitter",
+        opts.get("--max-requests-jitter", "0"),
+    ]
 
 
 def wrk(port: int, seconds: float) -> dict[str, Any]:
-    argv = ["wrk", "-t2", "-c64", f"-d{seconds:g}s", "--timeout", "5s",
-            f"http://127.0.0.1:{port}/"]  # fmt: skip
+    argv = ["wrk", "-t2", "-c64", f"-d{seconds:g}s", "--timeout", "5s", f"http://127.0.0.1:{port}/"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
     requests = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
-    if sock := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                         out):  # fmt: skip
+    if sock := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    ):
         errors = dict(zip(errors, map(int, sock.groups()), strict=True))
     return {
         "requests": int(requests.group(1)) if requests else 0,
@@ -187,8 +220,9 @@ def python_client(port: int, seconds: float, connections: int = 32) -> dict[str,
     return {**totals, "failure_samples": failures[:5]}
 
 
-def scenario(variant: str, client: str, extra: list[str], sighups: int,
-             seconds: float) -> dict[str, Any]:  # fmt: skip
+def scenario(
+    variant: str, client: str, extra: list[str], sighups: int, seconds: float
+) -> dict[str, Any]:
     server = Server(variant, extra)
     try:
         result: dict[str, Any] = {}
@@ -251,8 +285,10 @@ def render(results: dict[str, Any]) -> list[str]:
         name, variant, client = key.split(" / ")
         if client == "wrk":
             errs = r["socket_errors"]
-            failed = (f"- (socket errors: connect {errs['connect']}, read {errs['read']}, "
-                      f"write {errs['write']})")  # fmt: skip
+            failed = (
+                f"- (socket errors: connect {errs['connect']}, read {errs['read']}, "
+                f"write {errs['write']})"
+            )
             non2xx, timeouts = str(r["non_2xx"]), str(r["timeouts"])
             label = "wrk -c64"
         else:
@@ -260,9 +296,11 @@ def render(results: dict[str, Any]) -> list[str]:
             non2xx = timeouts = "-"
             label = "Python, 32 keep-alive, bodies checked"
         replaced = "-" if r["workers_replaced"] is None else r["workers_replaced"]
-        out.append(f"| {name} | {variant} | {label} | {r['requests']} ({r['rps']}) | "
-                   f"{replaced} | {non2xx} | {timeouts} | {failed} | "
-                   f"{r['exit_code']} |")  # fmt: skip
+        out.append(
+            f"| {name} | {variant} | {label} | {r['requests']} ({r['rps']}) | "
+            f"{replaced} | {non2xx} | {timeouts} | {failed} | "
+            f"{r['exit_code']} |"
+        )
     return out
 
 

@@ -69,8 +69,16 @@ def test_flags_override_the_toml_file(tmp_path: Path) -> None:
 
 
 def test_tls_flags_reach_the_config() -> None:
-    args = parse("--certfile", "c.pem", "--keyfile", "k.pem", "--ca-certs", "ca.pem",
-                 "--verify-mode", "required")  # fmt: skip
+    args = parse(
+        "--certfile",
+        "c.pem",
+        "--keyfile",
+        "k.pem",
+        "--ca-certs",
+        "ca.pem",
+        "--verify-mode",
+        "required",
+    )
     config = build_config(args)
     assert (config.certfile, config.keyfile, config.ca_certs) == ("c.pem", "k.pem", "ca.pem")
     assert config.verify_mode == ssl.CERT_REQUIRED
@@ -78,8 +86,16 @@ def test_tls_flags_reach_the_config() -> None:
 
 def test_options_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRIO_LAUNCHER_KEEP_ALIVE_ON_ENGINE_DEATH", raising=False)
-    args = parse("--health-path", "/health", "--access-log-exclude", "/health",
-                 "--access-log-exclude", "/metrics", "--shutdown-delay", "2")  # fmt: skip
+    args = parse(
+        "--health-path",
+        "/health",
+        "--access-log-exclude",
+        "/health",
+        "--access-log-exclude",
+        "/metrics",
+        "--shutdown-delay",
+        "2",
+    )
     options = options_from_args(args, None)
     assert options.health_path == "/health"
     assert options.access_log_exclude == ("/health", "/metrics")

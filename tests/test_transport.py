@@ -64,8 +64,9 @@ async def test_graceful_drain_finishes_in_flight_request(transport: str) -> None
 
 
 async def test_tls_alpn_h2(transport: str, tls_files: TLSFiles) -> None:
-    async with running_server(App(), tls_files.config(), tls=tls_files, http2=True,
-                              **variant(transport)) as server:  # fmt: skip
+    async with running_server(
+        App(), tls_files.config(), tls=tls_files, http2=True, **variant(transport)
+    ) as server:
         for _ in range(3):
             response = await server.client.get("/")
             assert (response.http_version, response.text) == ("HTTP/2", "hello")

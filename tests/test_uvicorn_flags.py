@@ -41,8 +41,10 @@ async def test_host_and_port_are_one_bind() -> None:
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["--host", "127.0.0.1", "--bind", "127.0.0.1:0"],
-         "--host/--port and --bind both say where to listen: use one"),
+        (
+            ["--host", "127.0.0.1", "--bind", "127.0.0.1:0"],
+            "--host/--port and --bind both say where to listen: use one",
+        ),
         (["--port", "70000"], "argument --port: '70000' is not in 0-65535"),
         (["--forwarded-allow-ips", "10.0.0.300"], "argument --forwarded-allow-ips:"),
         (["--ssl-ciphers", "NO-SUCH-CIPHER"], "argument --ssl-ciphers: 'NO-SUCH-CIPHER'"),
@@ -50,7 +52,7 @@ async def test_host_and_port_are_one_bind() -> None:
         (["--forwarded-allow-ips", "*"], "--forwarded-allow-ips needs --proxy-headers"),
         (["--reload-dir", "."], "--reload-dir needs --reload"),
     ],
-)  # fmt: skip
+)
 def test_bad_uvicorn_flags_exit_2_naming_the_flag(args: list[str], line: str) -> None:
     result = run_cli([ECHO, *args])
     assert result.returncode == 2, result.stderr
@@ -126,9 +128,19 @@ async def test_encrypted_key_with_password_and_ciphers(tmp_path: Path) -> None:
             serialization.BestAvailableEncryption(b"s3cret"),
         )
     )
-    args = [ECHO, "--port", "0", "--ssl-certfile", str(tls.cert_file), "--ssl-keyfile",
-            str(encrypted), "--ssl-keyfile-password", "s3cret",
-            "--ssl-ciphers", "ECDHE+AESGCM"]  # fmt: skip
+    args = [
+        ECHO,
+        "--port",
+        "0",
+        "--ssl-certfile",
+        str(tls.cert_file),
+        "--ssl-keyfile",
+        str(encrypted),
+        "--ssl-keyfile-password",
+        "s3cret",
+        "--ssl-ciphers",
+        "ECDHE+AESGCM",
+    ]
     async with launch(args) as proc:
         assert proc.url.startswith("https://")
         context = tls.client_context(with_cert=False)
@@ -147,13 +159,29 @@ def test_workers_get_fds_instead_of_host_port_and_uds() -> None:
     from trio_launcher._ports import BoundSockets
 
     parser = build_parser()
-    argv = [ECHO, "--host", "0.0.0.0", "--port=8000", "--uds", "/run/x.sock", "--workers", "2",
-            "--forwarded-allow-ips", "10.0.0.0/8,127.0.0.1", "--proxy-headers"]  # fmt: skip
+    argv = [
+        ECHO,
+        "--host",
+        "0.0.0.0",
+        "--port=8000",
+        "--uds",
+        "/run/x.sock",
+        "--workers",
+        "2",
+        "--forwarded-allow-ips",
+        "10.0.0.0/8,127.0.0.1",
+        "--proxy-headers",
+    ]
     opts = parser.parse_args(argv)
     assert worker_argv(parser, opts, BoundSockets(), sys.executable) == [
-        sys.executable, "-m", "trio_launcher", "--proxy-headers",
-        "--forwarded-allow-ips=10.0.0.0/8,127.0.0.1", "--", ECHO,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "trio_launcher",
+        "--proxy-headers",
+        "--forwarded-allow-ips=10.0.0.0/8,127.0.0.1",
+        "--",
+        ECHO,
+    ]
 
 
 # --- --reload ------------------------------------------------------------------
@@ -197,8 +225,12 @@ def test_reload_without_watchfiles_exits_2_naming_the_extra(tmp_path: Path) -> N
     env = cli_env({"PYTHONPATH": f"{tmp_path}:{ROOT}"})
     result = subprocess.run(
         [sys.executable, "-m", "trio_launcher", ECHO, "--reload"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=30,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         "trio-launcher: error: --reload needs watchfiles: pip install 'trio-launcher[reload]'"

@@ -105,8 +105,9 @@ def test_an_abbreviated_workers_flag_exits_2_at_once() -> None:
 
 
 async def test_attached_short_bind_serves_exactly_one_port() -> None:
-    async with launch(["tests.apps:app", "--workers", "2", "-b127.0.0.1:0"],
-                      wait_serving=False) as proc:  # fmt: skip
+    async with launch(
+        ["tests.apps:app", "--workers", "2", "-b127.0.0.1:0"], wait_serving=False
+    ) as proc:
         pids = await serving(proc)
         assert listening_ports([proc.process.pid, *pids]) == {proc.port}
         assert (await get(proc.url)).text == "hello"

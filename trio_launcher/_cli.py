@@ -477,13 +477,23 @@ def _add_bound_flags(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds between calls of the engine's check_health(), if any (default 10)",
     )
-    add("--engine-health-timeout", type=_positive_seconds, default=10.0, metavar="S",
-        help="a check_health() that raises or takes longer means the engine died "
-        "(default 10)")  # fmt: skip
+    add(
+        "--engine-health-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="a check_health() that raises or takes longer means the engine died (default 10)",
+    )
 
 
-BOUND_OPTIONS = ("request_timeout", "limit_concurrency", "body_timeout", "startup_timeout",
-                 "engine_health_interval", "engine_health_timeout")  # fmt: skip
+BOUND_OPTIONS = (
+    "request_timeout",
+    "limit_concurrency",
+    "body_timeout",
+    "startup_timeout",
+    "engine_health_interval",
+    "engine_health_timeout",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -661,8 +671,13 @@ def _recycling(opts: argparse.Namespace, config: Config) -> Recycling:
     return Recycling(max_requests, jitter, opts.worker_max_rss, opts.worker_lifetime)
 
 
-def _run_workers(parser: argparse.ArgumentParser, opts: argparse.Namespace, config: Config,
-                 count: int, recycling: Recycling) -> int:  # fmt: skip
+def _run_workers(
+    parser: argparse.ArgumentParser,
+    opts: argparse.Namespace,
+    config: Config,
+    count: int,
+    recycling: Recycling,
+) -> int:
     """The parent of ``--workers N``: bind once, supervise; BindError -> exit 4."""
     if config.ssl_enabled and config.insecure_bind:
         raise ConfigError("--workers: the config file's insecure_bind beside TLS is not supported")
@@ -747,8 +762,10 @@ def _log_level(flag: str | None, config: Config, path: str | None) -> str:
         return flag
     level = str(config.loglevel or "info").lower()
     if level not in LOG_LEVELS:
-        raise ConfigError(f"config file {path}: loglevel {config.loglevel!r} is not one of "
-                          f"{', '.join(LOG_LEVELS)}")  # fmt: skip
+        raise ConfigError(
+            f"config file {path}: loglevel {config.loglevel!r} is not one of "
+            f"{', '.join(LOG_LEVELS)}"
+        )
     return level
 
 
@@ -807,10 +824,18 @@ def build_config(opts: argparse.Namespace, config: Config | None = None) -> Conf
 
 
 _CONFIG_KEYS = {name for name in dir(Config) if not name.startswith("_")} - {
-    "from_mapping", "from_pyfile", "from_toml", "from_object", "create_ssl_context",
-    "create_sockets", "response_headers", "set_statsd_logger_class", "set_cert_reqs", "log",
+    "from_mapping",
+    "from_pyfile",
+    "from_toml",
+    "from_object",
+    "create_ssl_context",
+    "create_sockets",
+    "response_headers",
+    "set_statsd_logger_class",
+    "set_cert_reqs",
+    "log",
     "ssl_enabled",
-}  # fmt: skip
+}
 
 
 def load_toml_config(path: str) -> Config:

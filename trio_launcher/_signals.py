@@ -55,8 +55,7 @@ def obey_parent(fd: int) -> None:
 
 
 def _ignore_late(signum: int, frame: FrameType | None) -> None:
-    log.info("ignoring %s that arrived while the runner was not running",
-             signal.strsignal(signum))  # fmt: skip
+    log.info("ignoring %s that arrived while the runner was not running", signal.strsignal(signum))
 
 
 def absorb_signals_for_process() -> None:

@@ -168,8 +168,17 @@ class Connection:
         async with trio.open_nursery() as nursery:
             handover: bytes | None = b""
             if alpn != "h2" and self.http == "httptools":
-                http1 = HTTP1(self.app, self.config, self.context, nursery, self, ssl=ssl,
-                              client=client, server=server, state=self.state)  # fmt: skip
+                http1 = HTTP1(
+                    self.app,
+                    self.config,
+                    self.context,
+                    nursery,
+                    self,
+                    ssl=ssl,
+                    client=client,
+                    server=server,
+                    state=self.state,
+                )
                 handover = await self._serve_http1(http1)
             if handover is not None:
                 await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
@@ -445,9 +454,11 @@ class Connection:
         with trio.CancelScope(shield=True):
             if isinstance(self.stream, trio.SocketStream):
                 with contextlib.suppress(  # a FIN after the last response, as hypercorn
-                    trio.BrokenResourceError, trio.BusyResourceError,
-                    trio.ClosedResourceError, OSError,
-                ):  # fmt: skip
+                    trio.BrokenResourceError,
+                    trio.BusyResourceError,
+                    trio.ClosedResourceError,
+                    OSError,
+                ):
                     await self.stream.send_eof()
             await trio.aclose_forcefully(self.stream)
 
@@ -553,8 +564,9 @@ async def serve_connection(
 ) -> None:
     """Serve one accepted stream; anything it raises stays with it."""
     async with contained(stream):
-        await Connection(app, config, context, lifespan_state, stream, registry, http,
-                         header_timeout).run()  # fmt: skip
+        await Connection(
+            app, config, context, lifespan_state, stream, registry, http, header_timeout
+        ).run()
 
 
 @contextlib.asynccontextmanager

@@ -143,9 +143,15 @@ class _Worker:
 
 
 class _Supervisor:
-    def __init__(self, argv: Sequence[str], count: int, sockets: BoundSockets,
-                 policy: RestartPolicy, recycling: Recycling,
-                 rng: random.Random) -> None:  # fmt: skip
+    def __init__(
+        self,
+        argv: Sequence[str],
+        count: int,
+        sockets: BoundSockets,
+        policy: RestartPolicy,
+        recycling: Recycling,
+        rng: random.Random,
+    ) -> None:
         self.argv = list(argv)
         self.count = count
         self.sockets = sockets
@@ -286,8 +292,7 @@ class _Supervisor:
         if self.stopping:
             self._note_exit_in_stop(worker)
         elif worker.retired and worker.code != 0:
-            log.warning("retired worker %d (PID %d) %s", worker.slot, worker.pid,
-                        _how(worker.code))  # fmt: skip
+            log.warning("retired worker %d (PID %d) %s", worker.slot, worker.pid, _how(worker.code))
         worker.exited.set()
         self._poke()
 
@@ -300,12 +305,12 @@ class _Supervisor:
             self.stop(EXIT_ENGINE_DEAD)
         elif code < 0 or code > 128:
             signum = -code if code < 0 else code - 128
-            log.warning("worker %d (PID %d) was forced to stop (%s)", worker.slot, worker.pid,
-                        _how(code))  # fmt: skip
+            log.warning(
+                "worker %d (PID %d) was forced to stop (%s)", worker.slot, worker.pid, _how(code)
+            )
             self.worker_forced = self.worker_forced or signum
         elif code != 0:
-            log.warning("worker %d (PID %d) %s while stopping", worker.slot, worker.pid,
-                        _how(code))  # fmt: skip
+            log.warning("worker %d (PID %d) %s while stopping", worker.slot, worker.pid, _how(code))
             self.stop(code)
 
     async def keep_slot(self, slot: int, worker: _Worker) -> None:
@@ -322,13 +327,15 @@ class _Supervisor:
             code = worker.code
             assert code is not None
             if code == EXIT_USAGE:
-                log.error("worker %d (PID %d) exited 2: bad usage or config; stopping",
-                          slot, worker.pid)  # fmt: skip
+                log.error(
+                    "worker %d (PID %d) exited 2: bad usage or config; stopping", slot, worker.pid
+                )
                 self.stop(EXIT_USAGE)
                 return
             if code == EXIT_ENGINE_DEAD:
-                log.error("worker %d (PID %d): its engine died; stopping all workers",
-                          slot, worker.pid)  # fmt: skip
+                log.error(
+                    "worker %d (PID %d): its engine died; stopping all workers", slot, worker.pid
+                )
                 self.stop(EXIT_ENGINE_DEAD)
                 return
             if code == 0:
@@ -340,12 +347,22 @@ class _Supervisor:
                 while crashes and crashes[0] < now - self.policy.window:
                     crashes.popleft()
                 if len(crashes) > self.policy.max_restarts:
-                    log.error("worker %d crashed %d times in %g s (last: %s); giving up",
-                              slot, len(crashes), self.policy.window, _how(code))  # fmt: skip
+                    log.error(
+                        "worker %d crashed %d times in %g s (last: %s); giving up",
+                        slot,
+                        len(crashes),
+                        self.policy.window,
+                        _how(code),
+                    )
                     self.stop(ExitCode.ERROR)
                     return
-                log.warning("worker %d (PID %d) crashed (%s); restarting in %.1f s",
-                            slot, worker.pid, _how(code), backoff)  # fmt: skip
+                log.warning(
+                    "worker %d (PID %d) crashed (%s); restarting in %.1f s",
+                    slot,
+                    worker.pid,
+                    _how(code),
+                    backoff,
+                )
                 recorder().worker_restart("crash")
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self.policy.max_backoff)
@@ -401,8 +418,13 @@ class _Supervisor:
         if self.stopping:
             return False
         if not new.ready.is_set():
-            log.error("worker %d: the new worker (PID %d) %s before serving; PID %d serves on",
-                      slot, new.pid, _how(new.code), old.pid)  # fmt: skip
+            log.error(
+                "worker %d: the new worker (PID %d) %s before serving; PID %d serves on",
+                slot,
+                new.pid,
+                _how(new.code),
+                old.pid,
+            )
             old.retire_asked = False
             return False
         if self.current[slot] is not old:  # the old one crashed meanwhile, already restarted
@@ -457,8 +479,9 @@ class _Supervisor:
             except OSError:  # nothing left (or the socket is gone)
                 return
 
-    def _on_datagram(self, data: bytes, ancillary: list[tuple[int, int, bytes]],
-                     *_: object) -> None:  # fmt: skip
+    def _on_datagram(
+        self, data: bytes, ancillary: list[tuple[int, int, bytes]], *_: object
+    ) -> None:
         for level, kind, cdata in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 pid = _UCRED.unpack(cdata[: _UCRED.size])[0]
@@ -474,8 +497,12 @@ class _Supervisor:
             elif state == "RETIRE=1":
                 self.ask_replacement(worker, "reached --max-requests", "max_requests")
             elif key == "CUT" and value.isdigit():
-                log.error("worker %d (PID %d): its drain cut %s requests at graceful_timeout",
-                          worker.slot, worker.pid, value)  # fmt: skip
+                log.error(
+                    "worker %d (PID %d): its drain cut %s requests at graceful_timeout",
+                    worker.slot,
+                    worker.pid,
+                    value,
+                )
 
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
