@@ -27,7 +27,7 @@ import trio
 import yaml
 
 from trio_launcher._errors import ExitCode
-from trio_launcher.testing import TLSFiles
+from trio_launcher.testing import TLSFiles, presented_cert
 
 from .net import wait_refused
 from .proc import ROOT, launch
@@ -136,7 +136,7 @@ async def test_kubernetes_pod_life(tmp_path: Path) -> None:
             assert (await client.get(probe_path)).status_code == 200
             secret.rotate()  # the kubelet's ..data swap: served after validation
             with trio.fail_after(10):
-                while await secret.presented_cert(proc.port) != secret.server_fingerprint():
+                while await presented_cert(proc.port, secret) != secret.server_cert_der():
                     await trio.sleep(0.05)
             # The kubelet's SIGTERM: readiness fails at once, the pod keeps serving.
             proc.signal(signal.SIGTERM)

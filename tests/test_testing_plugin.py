@@ -27,7 +27,7 @@ USER_TEST = """
 import ssl
 
 import trio
-from trio_launcher.testing import TLSFiles, running_server
+from trio_launcher.testing import TLSFiles, presented_cert, running_server
 
 
 async def app(scope, receive, send):
@@ -43,10 +43,10 @@ async def test_tls_rotation(tls_files: TLSFiles) -> None:
         app, config, tls=tls_files, enable_ssl_refresh=True, ssl_refresh_interval=0.05
     ) as server:
         assert (await server.client.get("/")).text == "hi"
-        assert await tls_files.presented_cert(server.port) == tls_files.server_fingerprint()
+        assert await presented_cert(server.port, tls_files) == tls_files.server_cert_der()
         tls_files.rotate()
         with trio.fail_after(5):
-            while await tls_files.presented_cert(server.port) != tls_files.server_fingerprint():
+            while await presented_cert(server.port, tls_files) != tls_files.server_cert_der():
                 await trio.sleep(0.02)
         assert (await server.client.get("/")).text == "hi"
 """

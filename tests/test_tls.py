@@ -18,7 +18,7 @@ import trio.lowlevel
 import trustme
 
 from trio_launcher import ConfigError, serve_http
-from trio_launcher.testing import RunningServer, TLSFiles, running_server
+from trio_launcher.testing import RunningServer, TLSFiles, presented_cert, running_server
 
 from .apps import App
 from .proc import launch, run_cli
@@ -29,9 +29,9 @@ MARGIN = 1.0  # one poll may just have missed the write, a handshake, a busy mac
 
 async def wait_served(tls: TLSFiles, server: RunningServer, timeout: float) -> None:
     """Wait until the server presents ``tls``'s current certificate."""
-    expected = tls.server_fingerprint()
+    expected = tls.server_cert_der()
     with trio.fail_after(timeout):
-        while await tls.presented_cert(server.port) != expected:
+        while await presented_cert(server.port, tls) != expected:
             await trio.sleep(0.01)
 
 
@@ -42,7 +42,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
 
 
 async def serves(tls: TLSFiles, server: RunningServer, expected: bytes) -> bool:
-    return await tls.presented_cert(server.port) == expected
+    return await presented_cert(server.port, tls) == expected
 
 
 def refreshing(tls: TLSFiles, **settings: Any) -> AbstractAsyncContextManager[RunningServer]:
@@ -66,7 +66,7 @@ class Handshaker:
     async def run(self) -> None:
         while True:
             try:
-                await self.tls.presented_cert(self.port)
+                await presented_cert(self.port, self.tls)
             except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
                 self.failed.append(exc)
             else:
@@ -108,7 +108,7 @@ async def test_half_written_pair_keeps_old_until_complete(tls_files: TLSFiles) -
     async with refreshing(tls_files) as server:
         refresher = server.handle.tls
         assert refresher is not None
-        old = tls_files.server_fingerprint()
+        old = tls_files.server_cert_der()
         handshaker = Handshaker(tls_files, server.port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(handshaker.run)
@@ -134,7 +134,7 @@ async def test_half_written_pair_keeps_old_until_complete(tls_files: TLSFiles) -
 async def test_removed_ca_is_really_revoked(tls_files: TLSFiles) -> None:
     other_ca = trustme.CA()
     tls_files.set_client_cas(tls_files.ca, other_ca)
-    other_client = tls_files.new_client_cert(other_ca)
+    other_client = tls_files.client_context_for(other_ca)
     async with refreshing(tls_files, verify_mode=ssl.CERT_REQUIRED) as server:
         async with httpx.AsyncClient(verify=other_client) as client:
             assert (await client.get(server.url)).text == "hello"
@@ -165,7 +165,7 @@ async def test_expired_certificate_is_refused_and_old_stays(
     async with refreshing(tls_files) as server:
         refresher = server.handle.tls
         assert refresher is not None
-        old = tls_files.server_fingerprint()
+        old = tls_files.server_cert_der()
         now = datetime.datetime.now(datetime.UTC)
         tls_files.rotate(
             not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1)
@@ -190,7 +190,7 @@ async def test_load_logs_fingerprint_and_warns_near_expiry(
     text = "\n".join(r.getMessage() for r in caplog.records)
     import hashlib
 
-    fingerprint = hashlib.sha256(tls_files.server_fingerprint()).hexdigest()
+    fingerprint = hashlib.sha256(tls_files.server_cert_der()).hexdigest()
     assert f"SHA-256 {fingerprint}" in text
     assert "expires" in text
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -244,11 +244,11 @@ async def test_sighup_reloads_at_once_with_long_interval(tls_files: TLSFiles) ->
     ]
     async with launch(args) as proc:
         assert proc.url.startswith("https://")
-        assert await tls_files.presented_cert(proc.port) == tls_files.server_fingerprint()
+        assert await presented_cert(proc.port, tls_files) == tls_files.server_cert_der()
         tls_files.rotate()
         proc.signal(signal.SIGHUP)
         await proc.wait_for_line("TLS certificate reloaded", timeout=1)
-        assert await tls_files.presented_cert(proc.port) == tls_files.server_fingerprint()
+        assert await presented_cert(proc.port, tls_files) == tls_files.server_cert_der()
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0
 
@@ -282,7 +282,7 @@ async def test_verify_mode_without_ca_bundle_is_a_config_error(tls_files: TLSFil
 
 async def test_open_connection_keeps_working_across_a_reload(tls_files: TLSFiles) -> None:
     async with refreshing(tls_files) as server:
-        old = tls_files.server_fingerprint()
+        old = tls_files.server_cert_der()
         stream = await trio.open_ssl_over_tcp_stream(
             "127.0.0.1",
             server.port,
@@ -312,7 +312,7 @@ async def test_unreadable_key_is_refused_and_old_stays(
     async with refreshing(tls_files) as server:
         refresher = server.handle.tls
         assert refresher is not None
-        old = tls_files.server_fingerprint()
+        old = tls_files.server_cert_der()
         key = str(tls_files.key_file)
         if os.geteuid() == 0:
             # root reads any file whatever its mode: the only part mocked here.

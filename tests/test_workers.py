@@ -21,7 +21,7 @@ import trio.testing
 
 from trio_launcher._ports import BoundSockets
 from trio_launcher._workers import RestartPolicy, run_workers
-from trio_launcher.testing import TLSFiles, running_server
+from trio_launcher.testing import TLSFiles, presented_cert, running_server
 
 from .apps import App
 from .net import aborted, get, wait_refused
@@ -85,10 +85,18 @@ async def test_workers_die_with_a_killed_parent_without_blaming_systemd() -> Non
 
 async def test_workers_outlive_the_thread_that_forked_them() -> None:
     """trio forks from a thread of its cache, which exits after 10 idle seconds; a
-    parent-death signal (PR_SET_PDEATHSIG) would then kill every worker. Not here."""
-    async with launch(WORKERS, wait_serving=False) as proc:
+    parent-death signal (PR_SET_PDEATHSIG) would then kill every worker. Not here.
+
+    The parent runs with the cache's idle timeout at 1 s (tests/short_thread_idle)
+    and the test waits for its threads to be gone, not for the clock."""
+    idle = str(ROOT / "tests" / "short_thread_idle")
+    env = {"PYTHONPATH": os.pathsep.join([idle, str(ROOT)])}
+    async with launch(WORKERS, wait_serving=False, env=env) as proc:
         pids = await serving(proc)
-        await trio.sleep(12)  # wall time must pass: the thread cache's idle timeout
+        parent = psutil.Process(proc.process.pid)
+        with trio.fail_after(10):
+            while parent.num_threads() > 1:  # the main thread alone: the forking one is gone
+                await trio.sleep(0.05)
         assert sorted(worker_pids(proc.process.pid)) == sorted(pids)
         assert not any("exited; replacing it" in line for line in proc.lines)
         proc.signal(signal.SIGTERM)
@@ -439,13 +447,13 @@ async def test_sighup_with_workers_loads_tls_files_afresh(tmp_path: Path) -> Non
     args = [*WORKERS, "--certfile", str(tls.cert_file), "--keyfile", str(tls.key_file)]
     async with launch(args, wait_serving=False) as proc:
         await serving(proc)
-        before = await tls.presented_cert(proc.port)
+        before = await presented_cert(proc.port, tls)
         tls.rotate()
-        assert tls.server_fingerprint() != before
+        assert tls.server_cert_der() != before
         proc.signal(signal.SIGHUP)
         await proc.wait_for_line("rolling restart: 2 of 2 workers replaced", timeout=30)
         for _ in range(4):  # whichever worker answers
-            assert await tls.presented_cert(proc.port) == tls.server_fingerprint()
+            assert await presented_cert(proc.port, tls) == tls.server_cert_der()
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0, proc.stderr
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
-import math
 import os
 import ssl
 from collections.abc import Callable
@@ -339,7 +338,7 @@ class CertificateRefresher:
         polls = 0
         while True:
             forced = False
-            with trio.move_on_after(self.interval if math.isfinite(self.interval) else math.inf):
+            with trio.move_on_after(self.interval):
                 await self._kick.wait()
                 forced = True
             if forced:

@@ -39,7 +39,7 @@ import shutil
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +57,7 @@ __all__ = [
     "FakePollingEngine",
     "RunningServer",
     "TLSFiles",
+    "presented_cert",
     "running_server",
 ]
 
@@ -84,7 +85,6 @@ class TLSFiles:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.layout = layout
         self.ca = trustme.CA()
-        self.client_ca = self.ca
         self.server_cert = self.ca.issue_cert("localhost", "127.0.0.1")
         self.client_cert = self.ca.issue_cert("client@example.org")
         self.ca_file = self.directory / "ca.pem"
@@ -124,7 +124,7 @@ class TLSFiles:
         context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
         return context
 
-    def new_client_cert(self, ca: trustme.CA) -> ssl.SSLContext:
+    def client_context_for(self, ca: trustme.CA) -> ssl.SSLContext:
         """A client context presenting a certificate issued by ``ca``."""
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
@@ -166,22 +166,7 @@ class TLSFiles:
         ]
         target.resolve().write_bytes(data)
 
-    async def presented_cert(
-        self, port: int, *, context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
-    ) -> bytes:
-        """Handshake with the server on ``port``; the DER of the certificate it presents."""
-        stream = await trio.open_ssl_over_tcp_stream(
-            host, port, ssl_context=context or self.client_context(), https_compatible=True
-        )
-        try:
-            await stream.do_handshake()
-            der: bytes | None = stream.getpeercert(binary_form=True)
-        finally:
-            await trio.aclose_forcefully(stream)
-        assert der is not None
-        return der
-
-    def server_fingerprint(self) -> bytes:
+    def server_cert_der(self) -> bytes:
         """The DER of the current server certificate, to compare with what a server presents."""
         return ssl.PEM_cert_to_DER_cert(self.server_cert.cert_chain_pems[0].bytes().decode())
 
@@ -257,6 +242,26 @@ class FakeEngine(FakePollingEngine):
         await self._dead.wait()
 
 
+async def presented_cert(
+    port: int, trust: TLSFiles | ssl.SSLContext, *, host: str = "127.0.0.1"
+) -> bytes:
+    """Handshake with the server on ``port``; the DER of the certificate it presents.
+
+    ``trust``: a :class:`TLSFiles` (its client context) or a client SSL context.
+    """
+    context = trust.client_context() if isinstance(trust, TLSFiles) else trust
+    stream = await trio.open_ssl_over_tcp_stream(
+        host, port, ssl_context=context, https_compatible=True
+    )
+    try:
+        await stream.do_handshake()
+        der: bytes | None = stream.getpeercert(binary_form=True)
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert der is not None
+    return der
+
+
 @dataclass
 class RunningServer:
     """What :func:`running_server` yields.
@@ -271,7 +276,6 @@ class RunningServer:
 
     handle: ServerHandle
     client: httpx.AsyncClient
-    stopped: trio.Event = field(default_factory=trio.Event)
 
     @property
     def url(self) -> str:
