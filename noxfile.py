@@ -20,7 +20,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (check and format) and mypy --strict over package, tests, examples."""
-    session.install("-e", ".[test,lint]")
+    session.install("-e", ".[test,lint,bench]")  # bench: benchmarks/ imports uvicorn
     session.run("ruff", "check", *LINT_PATHS)
     session.run("ruff", "format", "--check", *LINT_PATHS)
     session.run("mypy", "--strict")

@@ -180,7 +180,9 @@ async def test_engine_killed_mid_stream_ends_stream_and_exits_3() -> None:
                 async for _ in chunks:
                     pass
         assert await proc.wait() == 3
-        assert trio.current_time() - killed_at < 1 + 1
+        # The drain deadline (1 s) and the exit, with room for a busy machine; far below
+        # the 10 s the stream still had to run.
+        assert trio.current_time() - killed_at < 1 + 3
 
 
 # --- Quart-Trio --------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 from pathlib import Path
@@ -74,7 +75,7 @@ async def test_toml_loglevel_applies_unless_a_flag_overrides(
             assert (await client.get("http://localhost/")).text == "hello"
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0
-    info_lines = [line for line in proc.lines if " INFO [" in line]
+    info_lines = [line for line in proc.lines if " INFO [" in line]  # the text format's level
     if flag:
         assert any("serving on" in line for line in info_lines), proc.stderr
     else:
@@ -100,3 +101,7 @@ def test_docs_cli_names_every_flag() -> None:
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help":
                 assert f"`{flag}" in text, f"docs/cli.md does not mention {flag}"
+    flags = {f for action in build_parser()._actions for f in action.option_strings}
+    not_ours = {"--loop", "--ws", "--factory"}  # uvicorn's, named as not here
+    for named in set(re.findall(r"`(--[a-z0-9-]+)", text)) - not_ours:
+        assert named in flags, f"docs/cli.md names {named}, which is no flag"

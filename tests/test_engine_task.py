@@ -32,9 +32,9 @@ from trio_launcher import (
     current_engine,
     serve_http,
 )
+from trio_launcher._engine_task import run_engine_task
 from trio_launcher._hypercorn import Config
 from trio_launcher._options import Transport
-from trio_launcher._watchdog import run_engine_task
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import engine_tasks
@@ -501,6 +501,34 @@ async def test_a_signal_during_the_engine_start_still_ends_the_start_with_a_hand
     assert handle.stopping
     assert handle.stop_reason is StopReason.SIGNAL
     assert engine_tasks.events == []  # the app never started
+
+
+class Probed:
+    """A started() value with the engine attributes and check_health()."""
+
+    errored = False
+    is_running = True
+
+    def __init__(self) -> None:
+        self.sick = trio.Event()
+
+    async def check_health(self) -> None:
+        if self.sick.is_set():
+            raise RuntimeError("out of GPU memory")
+
+
+async def test_the_started_value_gets_the_health_probe() -> None:
+    probed = Probed()
+
+    async def task(*, task_status: trio.TaskStatus[Probed] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(probed)
+        await trio.sleep_forever()
+
+    with pytest.raises(EngineDeadError, match="out of GPU memory"):
+        async with running_server(App(), engine_task=task, engine_health_interval=0.01):
+            probed.sick.set()
+            with trio.fail_after(10):
+                await trio.sleep_forever()  # until the probe's death drains the server
 
 
 async def test_current_engine_outside_serve_http() -> None:

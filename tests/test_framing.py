@@ -12,7 +12,7 @@ import pytest
 import trio
 from hypercorn.config import Config
 
-from trio_launcher.testing import running_server
+from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import App
 from .test_http1 import Response, responses
@@ -329,3 +329,20 @@ def h2_connection(client_side: bool) -> Any:
     import h2.connection
 
     return h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side))
+
+
+async def test_client_leaving_over_tls_cancels_handler(tls_files: TLSFiles) -> None:
+    app = Forever()
+    async with running_server(app, tls_files.config(), tls=tls_files) as server:
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", server.port, ssl_context=tls_files.client_context(),
+            https_compatible=True,
+        )  # fmt: skip
+        try:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with trio.fail_after(5):
+                await app.started.wait()
+        finally:
+            await trio.aclose_forcefully(stream)
+        with trio.fail_after(1):  # generous for a busy machine
+            await app.cancelled.wait()

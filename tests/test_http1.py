@@ -467,3 +467,31 @@ def test_cli_flags_refuse_bad_values(
     assert main(["tests.apps:app", "--bind", "127.0.0.1:0", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+async def test_unknown_server_name_gets_404_and_close() -> None:
+    app = Recorder()
+    async with protocol(app, server_names=["good"]) as (http1, transport):
+        await feed(http1, b"GET / HTTP/1.1\r\nHost: evil\r\n\r\n")
+        [response] = responses(transport.written)
+        assert response.status == 404
+        assert transport.closed and app.scopes == []
+    async with protocol(Recorder(), server_names=["good"]) as (http1, transport):
+        await feed(http1, b"GET / HTTP/1.1\r\nHost: good\r\n\r\n")
+        assert responses(transport.written)[0].status == 200
+
+
+async def test_keep_alive_max_requests_closes_after_the_last() -> None:
+    async with protocol(Recorder(), keep_alive_max_requests=2) as (http1, transport):
+        await feed(http1, GET * 3)
+        got = responses(transport.written)
+        assert [r.status for r in got] == [200, 200]
+        assert got[1].headers[b"connection"] == b"close"
+        assert transport.closed
+
+
+async def test_raw_header_names_when_configured() -> None:
+    app = Recorder()
+    async with protocol(app, h11_pass_raw_headers=True) as (http1, _):
+        await feed(http1, b"GET / HTTP/1.1\r\nHOST: x\r\nX-Mixed: v\r\n\r\n")
+        assert app.scopes[0]["headers"] == [(b"HOST", b"x"), (b"X-Mixed", b"v")]

@@ -304,6 +304,15 @@ async def test_startup_timeout_exceeded_is_an_app_startup_error(
     assert trio.current_time() == pytest.approx(30.0)
 
 
+async def test_running_server_passes_startup_timeout_to_serve_http(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # running_server's own bound is ready_timeout: startup_timeout is serve_http's.
+    with pytest.raises(AppStartupError, match=r"longer than 30 s \(the startup timeout\)"):
+        async with running_server(SlowStartApp(3600.0), startup_timeout=30, ready_timeout=60):
+            pass
+
+
 def test_cli_startup_timeout_and_failure_exit_1_naming_the_cause() -> None:
     result = run_cli(["tests.test_limits:slow_start_app", "--bind", "127.0.0.1:0",
                       "--startup-timeout", "0.5"])  # fmt: skip

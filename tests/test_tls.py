@@ -24,7 +24,7 @@ from .apps import App
 from .proc import launch, run_cli
 
 INTERVAL = 0.2
-MARGIN = 0.3  # one poll may just have missed the write, plus a handshake
+MARGIN = 1.0  # one poll may just have missed the write, a handshake, a busy machine
 
 
 async def wait_served(tls: TLSFiles, server: RunningServer, timeout: float) -> None:

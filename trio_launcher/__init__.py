@@ -1,5 +1,7 @@
 """trio_launcher: run an ASGI service under trio with one nursery that owns it all."""
 
+from ._engine_task import current_engine as current_engine
+from ._engine_task import engine_cleanup_scope as engine_cleanup_scope
 from ._errors import AppStartupError as AppStartupError
 from ._errors import BindError as BindError
 from ._errors import CertificateError as CertificateError
@@ -16,8 +18,6 @@ from ._runner import StopReason as StopReason
 from ._runner import serve_http as serve_http
 from ._tls import CertificateRefresher as CertificateRefresher
 from ._watchdog import Engine as Engine
-from ._watchdog import current_engine as current_engine
-from ._watchdog import engine_cleanup_scope as engine_cleanup_scope
 
 __version__ = "0.1.0"
 

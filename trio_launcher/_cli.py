@@ -35,6 +35,7 @@ import trio
 from hypercorn.config import Config
 
 from . import _logging
+from ._engine_task import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT
 from ._errors import (
     AppStartupError,
     BindError,
@@ -54,7 +55,6 @@ from ._reload import watch_lifeline as watch_reload_parent
 from ._runner import exit_process_if_engine_stuck, serve_http
 from ._signals import absorb_signals_for_process, ignore_signals_until_exit, obey_parent
 from ._systemd import listen_fds, notify_parent_instead
-from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT
 from ._workers import (
     Recycling,
     ask_to_retire,

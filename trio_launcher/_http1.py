@@ -68,7 +68,6 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-_DISCONNECT = {"type": "http.disconnect"}
 _UNKNOWN_CODING = "Request has invalid `Transfer-Encoding`"  # llhttp's words
 
 
@@ -476,7 +475,7 @@ class Cycle:
         """ASGI ``receive``: the body as it arrives, then ``http.disconnect``."""
         while True:
             if self.disconnected or self.complete:
-                return _DISCONNECT
+                return {"type": "http.disconnect"}
             if self.body or (not self.more_body and not self.delivered):
                 body = bytes(self.body)
                 self.body.clear()

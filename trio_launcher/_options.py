@@ -24,9 +24,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
+from ._engine_task import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT
 from ._errors import OptionError
 from ._proxy import parse_trusted
-from ._watchdog import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT, check_engine
+from ._watchdog import check_engine
 
 Transport = Literal["lean", "hypercorn"]
 TRANSPORTS: tuple[Transport, ...] = ("lean", "hypercorn")

@@ -57,6 +57,7 @@ from ._asgi import (
     StartingGate,
     describe_routes,
 )
+from ._engine_task import EngineSlot, engine_slot, run_engine_task
 from ._errors import (
     ConfigError,
     EngineDeadError,
@@ -75,15 +76,7 @@ from ._server import AppStart, serve_sockets
 from ._signals import watch_signals
 from ._systemd import notify, notify_reloading
 from ._tls import CertificateRefresher, SwitchableContext, initial_context
-from ._watchdog import (
-    EngineSlot,
-    HealthProbe,
-    check_engine,
-    engine_is_dead,
-    engine_slot,
-    run_engine_task,
-    watch_engine,
-)
+from ._watchdog import HealthProbe, check_engine, engine_is_dead, watch_engine
 
 log = logging.getLogger("trio_launcher")
 

@@ -294,7 +294,7 @@ async def running_server(
     bind: Sequence[str] | None = None,
     client_cert: bool = True,
     http2: bool = False,
-    startup_timeout: float = 10.0,
+    ready_timeout: float = 10.0,
     shutdown_timeout: float = 10.0,
     **serve_options: Any,
 ) -> AsyncIterator[RunningServer]:
@@ -309,7 +309,9 @@ async def running_server(
             and presents the client certificate (unless ``client_cert=False``).
         bind: addresses to listen on instead of 127.0.0.1:0 (``unix:PATH``...).
         http2: the client speaks HTTP/2 (with ``tls``).
-        startup_timeout, shutdown_timeout: bounds, in seconds.
+        ready_timeout, shutdown_timeout: bounds of the test, in seconds, on the
+            server becoming ready and on its shutdown (``startup_timeout`` is
+            ``serve_http``'s own limit on the app's lifespan startup).
         **serve_options: ``serve_http``'s keyword arguments (``engine``,
             ``health_path``, ``watchdog_interval``...). ``handle_signals``
             defaults to False (the test process keeps Ctrl-C) and
@@ -338,7 +340,7 @@ async def running_server(
     )
     with readable_errors():
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(startup_timeout):
+            with trio.fail_after(ready_timeout):
                 handle: ServerHandle = await nursery.start(_serve, app, config, serve_options)
             async with _client(handle.urls[0], verify, http2) as client:
                 yield RunningServer(handle, client)
