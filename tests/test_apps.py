@@ -69,7 +69,7 @@ async def test_readiness_turns_503_at_once_and_delay_keeps_serving() -> None:
             assert ready.status_code == 200
             assert ready.json() == {"status": "serving", "in_flight": 0, "oldest_request_s": 0.0}
             proc.signal(signal.SIGTERM)
-            with trio.fail_after(0.1):
+            with trio.fail_after(0.5):  # at once; room for a busy machine, within the delay
                 while (await client.get("/health")).status_code != 503:
                     pass
             assert (await client.get("/health")).json()["status"] == "stopping"

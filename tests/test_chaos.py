@@ -456,7 +456,7 @@ async def test_handler_that_never_returns_is_cancelled_at_drain_deadline() -> No
         proc.signal(signal.SIGTERM)
         start = trio.current_time()
         assert await proc.wait(timeout=5) == 0
-        assert trio.current_time() - start < 0.5 + 1
+        assert trio.current_time() - start < 0.5 + 3  # the deadline, not the hour
 
 
 async def test_startup_failure_exits_1_with_one_error_line() -> None:
