@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ from ._bounds import (
     has_body,
     is_http1,
 )
-from ._errors import EngineDeadError, EngineGenerateError
+from ._errors import EngineDeadError, EngineGenerateError, leaves
 from ._metrics import recorder
 
 log = logging.getLogger("trio_launcher")
@@ -311,15 +311,6 @@ def split_group(
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(types)
     return (exc, None) if isinstance(exc, types) else (None, exc)
-
-
-def leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside ``exc`` (itself, if it is not a group)."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from leaves(inner)
-    else:
-        yield exc
 
 
 class StartingGate:

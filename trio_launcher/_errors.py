@@ -156,15 +156,16 @@ def readable_errors() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1 and len(real) == len(leaves):
+        inside = list(leaves(group))
+        real = [e for e in inside if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1 and len(real) == len(inside):
             raise real[0] from real[0].__cause__
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``, however deeply grouped (itself, if it is not a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc

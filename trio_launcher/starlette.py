@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ._asgi import ASGIApp, Receive, Scope, Send, error_body
+from ._errors import leaves
 
 log = logging.getLogger("trio_launcher")
 
@@ -165,20 +166,12 @@ def _group_handler(error_types: tuple[type[BaseException], ...], own: Handler | 
                 raise group
             result = own(request, group)
             return (await result) if hasattr(result, "__await__") else result
-        leaves = list(_leaves(engine_errors))
+        inside = list(leaves(engine_errors))
         check = _on_app_error.get(None)
         if check is not None:
-            for leaf in leaves[1:]:
+            for leaf in inside[1:]:
                 check(leaf)
-        return _engine_error_response(leaves[0])
+        return _engine_error_response(inside[0])
 
     setattr(handle_group, _INSTALLED, True)
     return handle_group
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
