@@ -14,15 +14,21 @@ CHUNK = b"x" * 64
 BODY_64K = b"b" * 65536
 
 
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer lifespan startup and shutdown until shutdown."""
+    while True:
+        message = await receive()
+        kind = message["type"].split(".")[-1]
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
+
+
 async def app(scope: Message, receive: Receive, send: Send) -> None:
     """``/`` hello world, ``/stream`` ten chunks, ``/body`` 64 KiB, ``/slow`` 0.2 s."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            kind = message["type"].split(".")[-1]
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+        await lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     path = scope["path"]

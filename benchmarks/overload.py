@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 import trio
 
+from benchmarks.apps import lifespan
 from benchmarks.harness import ROOT, env, free_port, paired_ratio, percentile, pin, wait_port, wrk
 
 Message = MutableMapping[str, Any]
@@ -57,12 +58,8 @@ async def _app(
     sleep: Callable[[float], Awaitable[None]], scope: Message, receive: Receive, send: Send
 ) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            kind = message["type"].split(".")[-1]
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+        await lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     if scope["path"] == "/slow":

@@ -54,13 +54,7 @@ class App:
         if path == "/":
             await respond(send, 200, b"hello")
         elif path == "/upload":
-            size = 0
-            while True:
-                message = await receive()
-                size += len(message.get("body", b""))
-                if not message.get("more_body"):
-                    break
-            await respond(send, 200, str(size).encode())
+            await respond(send, 200, str(await body_size(receive)).encode())
         elif path == "/slow":
             self.slow_started.set()
             logging.getLogger("tests.apps").info("slow request started")
@@ -107,6 +101,16 @@ class App:
 
 async def _raise_dead() -> None:
     raise EngineDeadError("engine died inside a nursery")
+
+
+async def body_size(receive: Receive) -> int:
+    """Read a request body to its end; its length."""
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return size
 
 
 async def respond(send: Send, status: int, body: bytes) -> None:

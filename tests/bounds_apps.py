@@ -12,6 +12,8 @@ import trio
 
 from trio_launcher.testing import FakePollingEngine
 
+from .apps import body_size, respond
+
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -76,13 +78,7 @@ class BoundsApp:
             await send({"type": "http.response.body", "body": b"started\n", "more_body": True})
             await trio.sleep_forever()
         elif path == "/upload":
-            size = 0
-            while True:
-                message = await receive()
-                size += len(message.get("body", b""))
-                if not message.get("more_body"):
-                    break
-            await respond(send, 200, str(size).encode())
+            await respond(send, 200, str(await body_size(receive)).encode())
         elif path == "/slow":
             query = scope["query_string"].decode()
             await trio.sleep(float(query.partition("s=")[2] or "1"))
@@ -102,17 +98,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "+".join(sorted({_describe(e) for e in exc.exceptions}))
     return type(exc).__name__
-
-
-async def respond(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class ProbedEngine(FakePollingEngine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -188,3 +189,27 @@ async def wait_gone(pids: list[int], timeout: float) -> None:
     with trio.fail_after(timeout):
         while any(alive(pid) for pid in pids):
             await trio.sleep(0.05)
+
+
+# --- what systemd does for a socket-activated Type=notify service ---------------
+
+_SOCKET_ACTIVATION = (
+    "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd);"
+    "os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_PID'] = str(os.getpid());"
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+async def socket_activated(
+    argv: Sequence[str], listener: socket.socket, notify_path: str
+) -> trio.Process:
+    """Start ``argv`` as systemd would: ``listener`` as fd 3, LISTEN_FDS/LISTEN_PID for
+    the service's own PID (a tiny wrapper moves the descriptor and execs), NOTIFY_SOCKET,
+    and this checkout as the working directory."""
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-c", _SOCKET_ACTIVATION, str(listener.fileno()), *argv],
+        pass_fds=[listener.fileno()],
+        cwd=ROOT,
+        env={**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.DEVNULL,
+    )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from trio_launcher._systemd import listen_fds, notify
 from trio_launcher.testing import TLSFiles
 
 from .net import get
-from .proc import launch
+from .proc import launch, socket_activated
 
 
 async def test_socket_activation_and_notify_order(tmp_path: Path) -> None:
@@ -28,22 +27,8 @@ async def test_socket_activation_and_notify_order(tmp_path: Path) -> None:
     notify_path = str(tmp_path / "notify.sock")
     notify_sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await notify_sock.bind(notify_path)
-    # systemd passes the socket as fd 3 and sets LISTEN_PID to the service's own PID:
-    # a tiny wrapper moves the descriptor to 3, sets the variables and execs.
-    wrapper = (
-        "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd);"
-        "os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_PID'] = str(os.getpid());"
-        "os.execv(sys.executable, [sys.executable, '-m', 'trio_launcher', 'tests.apps:app'])"
-    )
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-c", wrapper, str(listener.fileno())],
-        pass_fds=[listener.fileno()],
-        env={
-            **os.environ,
-            "NOTIFY_SOCKET": notify_path,
-            "PYTHONPATH": str(Path(__file__).parent.parent),
-        },
-        stderr=subprocess.DEVNULL,
+    process = await socket_activated(
+        [sys.executable, "-m", "trio_launcher", "tests.apps:app"], listener, notify_path
     )
     listener.close()
     try:

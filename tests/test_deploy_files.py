@@ -11,11 +11,9 @@ structure and commands are checked statically against the manifest.
 from __future__ import annotations
 
 import itertools
-import os
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from trio_launcher._errors import ExitCode
 from trio_launcher.testing import TLSFiles, presented_cert
 
 from .net import wait_refused
-from .proc import ROOT, launch
+from .proc import ROOT, launch, socket_activated
 
 MANIFEST = ROOT / "examples" / "kubernetes" / "deployment.yaml"
 UNIT = ROOT / "examples" / "systemd" / "trio-launcher-example.service"
@@ -246,20 +244,7 @@ async def _start_unit(
     notify_path = str(tmp_path / "notify.sock")
     notify_sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await notify_sock.bind(notify_path)
-    # What systemd does: the socket as fd 3, LISTEN_FDS/LISTEN_PID for the
-    # service's own PID, NOTIFY_SOCKET, the unit's WorkingDirectory (this checkout).
-    wrapper = (
-        "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd);"
-        "os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_PID'] = str(os.getpid());"
-        "os.execv(sys.argv[2], sys.argv[2:])"
-    )
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-c", wrapper, str(listener.fileno()), *argv],
-        pass_fds=[listener.fileno()],
-        cwd=ROOT,
-        env={**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONPATH": str(ROOT)},
-        stderr=subprocess.DEVNULL,
-    )
+    process = await socket_activated(argv, listener, notify_path)
     listener.close()
     return process, notify_sock, port, service
 
