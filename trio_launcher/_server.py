@@ -24,22 +24,23 @@ makes it unlimited by default: loading a model takes minutes); an INFO line
 every ``STARTUP_PROGRESS_EVERY`` seconds says it is still running.
 
 hypercorn's ``Lifespan`` and ``WorkerContext`` are internal API, reached
-through ``_hypercorn``. The connection layer is chosen once: the lean
-transport (``_transport``) or hypercorn's stock one (``_stock``).
+through ``_hypercorn``. Connections are accepted by ``_accept`` (all that
+wait, not one per scheduler round). The connection layer is chosen once: the
+lean transport (``_transport``) or hypercorn's stock one (``_stock``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from random import randint
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
+from ._accept import TLSContext, serve_listening
 from ._errors import AppStartupError
 from ._hypercorn import (
     AppWrapper,
@@ -61,19 +62,6 @@ from ._transport import DEFAULT_HEADER_TIMEOUT, Connection, drain_all, serve_con
 log = logging.getLogger("trio_launcher")
 
 STARTUP_PROGRESS_EVERY = 10.0
-
-
-class TLSContext(Protocol):
-    """What trio's SSLStream uses of a context; the runner's switchable context fits."""
-
-    def wrap_bio(
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = ...,
-        server_hostname: str | bytes | None = ...,
-        session: ssl.SSLSession | None = ...,
-    ) -> ssl.SSLObject: ...
 
 
 async def serve_sockets(
@@ -117,22 +105,16 @@ async def serve_sockets(
 
         cutter = trio.CancelScope()
         async with trio.open_nursery() as connections:
-            listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+            listening = []
             urls = []
             for scheme, socks in (("https", sockets.secure), ("http", sockets.insecure)):
                 for sock in socks:
                     sock.listen(config.backlog)
-                    listener: trio.abc.Listener[trio.abc.Stream] = trio.SocketListener(
-                        trio.socket.from_stdlib_socket(sock)
-                    )
+                    tls = None
                     if scheme == "https":
                         assert ssl_context is not None
-                        listener = trio.SSLListener(
-                            listener,
-                            ssl_context,  # type: ignore[arg-type]
-                            https_compatible=True,
-                        )
-                    listeners.append(listener)
+                        tls = ssl_context
+                    listening.append((sock, tls))
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
@@ -141,23 +123,18 @@ async def serve_sockets(
             )
             handler = recorder().connection_handler(handler)
             task_status.started(urls)
-            with _one_line_accept_errors():
-                async with trio.open_nursery() as accepting:
-                    accepting.start_soon(
-                        partial(
-                            trio.serve_listeners, handler, listeners, handler_nursery=connections
-                        )
-                    )
-                    stop = on_max_requests or drain.set
-                    accepting.start_soon(_drain_on_max_requests, context, stop)
-                    if app_start is not None:
-                        await app_start.go.wait()
-                        if not app_start.skip:
-                            await _start_app(lifespan_nursery, lifespan, config)
-                            app_started = True
-                            app_start.started.set()
-                    await drain.wait()
-                    accepting.cancel_scope.cancel()  # closes the listeners
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(serve_listening, listening, handler, connections)
+                stop = on_max_requests or drain.set
+                accepting.start_soon(_drain_on_max_requests, context, stop)
+                if app_start is not None:
+                    await app_start.go.wait()
+                    if not app_start.skip:
+                        await _start_app(lifespan_nursery, lifespan, config)
+                        app_started = True
+                        app_start.started.set()
+                await drain.wait()
+                accepting.cancel_scope.cancel()  # closes the listeners
             recorder().drain_started()
             log.info(
                 "draining: listeners closed, in-flight requests have %s s", config.graceful_timeout
@@ -264,28 +241,6 @@ class _Lifespan(Lifespan):
         except* LifespanFailureError as group:
             if self.failure is None:  # a failed shutdown: the server is stopping anyway
                 log.error("the app's lifespan shutdown failed: %s", group.exceptions[0])
-
-
-class _OneLine(logging.Filter):
-    """trio logs every failed accept (EMFILE and friends) with a traceback; one
-    line says it all: which error, and that it retries."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.exc_info = None
-        record.exc_text = None
-        return True
-
-
-@contextlib.contextmanager
-def _one_line_accept_errors() -> Iterator[None]:
-    """The filter above on trio's accept-loop logger, for the server's life only."""
-    logger = logging.getLogger("trio.serve_listeners")
-    one_line = _OneLine()
-    logger.addFilter(one_line)
-    try:
-        yield
-    finally:
-        logger.removeFilter(one_line)
 
 
 def _connection_handler(

@@ -1,0 +1,118 @@
+"""Accepting connections: all that are waiting, not one per trip through the run loop.
+
+trio's ``serve_listeners`` accepts one connection per scheduler round (each
+``accept`` is a checkpoint). When many clients connect at once (a load
+balancer opening its pool, wrk's 64 connections, 2000 clients in an
+overload) the last of them waits as many rounds as there are clients before
+it, and every round is longer than the one before, because each accepted
+connection's task runs in it. A fresh server's first requests waited 5-10x
+the median that way, and a health probe that connected during an overload
+burst waited behind the whole burst in the listen backlog.
+
+So this loop waits until the listening socket is readable and then takes
+everything the kernel holds, as asyncio's accept loop does: up to ``BURST``
+connections a round, so that a flood of connects cannot starve the
+connections already being served.
+
+The connection's task gets the stream and closes it when it is done, as in
+trio. Capacity errors (EMFILE and friends: out of descriptors or memory) are
+logged as one line, without a traceback, and retried after ``RETRY`` s;
+a connection that was reset before it was accepted is skipped; any other
+error ends the server. The listening socket closes when the loop ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, Protocol
+
+import trio
+
+log = logging.getLogger("trio_launcher")
+
+BURST = 256  # connections accepted in one scheduler round, at most
+RETRY = 0.1  # seconds to wait after a capacity error, as trio does
+
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO})  # reset while in the backlog
+
+Handler = Callable[[trio.abc.Stream], Awaitable[object]]
+
+
+class TLSContext(Protocol):
+    """What trio's SSLStream uses of a context; the runner's switchable context fits."""
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = ...,
+        server_hostname: str | bytes | None = ...,
+        session: ssl.SSLSession | None = ...,
+    ) -> ssl.SSLObject: ...
+
+
+async def serve_listening(
+    listening: Sequence[tuple[socket.socket, TLSContext | None]],
+    handler: Handler,
+    connections: trio.Nursery,
+) -> NoReturn:
+    """Accept on every ``(socket, tls)`` pair until cancelled; each connection is a
+    task ``handler(stream)`` in ``connections``. Closes the sockets when it ends."""
+    async with trio.open_nursery() as nursery:
+        for sock, tls in listening:
+            nursery.start_soon(_accept_loop, sock, tls, handler, connections)
+    raise AssertionError("the accept loops never return")  # pragma: no cover
+
+
+async def _accept_loop(
+    sock: socket.socket,
+    tls: TLSContext | None,
+    handler: Handler,
+    connections: trio.Nursery,
+) -> NoReturn:
+    sock.setblocking(False)
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(BURST):
+                try:
+                    raw, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in GONE_ERRNOS:
+                        continue
+                    if exc.errno not in CAPACITY_ERRNOS:
+                        raise
+                    log.error(
+                        "accept returned %s (%s); retrying in %s s",
+                        errno.errorcode[exc.errno],
+                        os.strerror(exc.errno),
+                        RETRY,
+                    )
+                    await trio.sleep(RETRY)
+                    break
+                stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+                if tls is not None:
+                    stream = trio.SSLStream(
+                        stream,
+                        tls,  # type: ignore[arg-type]
+                        server_side=True,
+                        https_compatible=True,
+                    )
+                connections.start_soon(_run, handler, stream)
+    finally:
+        sock.close()
+
+
+async def _run(handler: Handler, stream: trio.abc.Stream) -> None:
+    try:
+        await handler(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
