@@ -48,7 +48,7 @@ async def rounds_until_answered(sock: socket.socket) -> int:
 
 @pytest.mark.parametrize("transport", ["lean", "hypercorn"])
 async def test_a_burst_of_connects_is_accepted_at_once(transport: str) -> None:
-    async with running_server(App(), transport=transport) as server:  # type: ignore[arg-type]
+    async with running_server(App(), transport=transport) as server:
         # Blocking connects from this task: no scheduler round passes between
         # them, so all of them wait in the listen backlog together.
         socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(BURST)]
