@@ -24,11 +24,14 @@ import collections
 import json
 import math
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -168,7 +171,7 @@ def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int
                 proc.wait()
 
 
-# --- the overload client (trio, in this process, pinned to core 1) ---------------------------
+# --- the overload clients (on core 1: h2load for the burst, a prober process) ----------------
 
 
 async def request(port: int, path: str) -> tuple[int, float]:
@@ -191,34 +194,85 @@ async def request(port: int, path: str) -> tuple[int, float]:
     return status, time.perf_counter() - start
 
 
-async def overload_run(port: int, pid: int, clients: int) -> dict[str, Any]:
+def probe(port: int) -> None:
+    """The health prober's process: ``python -m benchmarks.overload probe PORT``.
+
+    A GET of the health path on a new connection every 20 ms (blocking
+    sockets, nothing else in this process), until stdin closes; then one JSON
+    line of ``[status, seconds]`` pairs. Its own process, so that its figures
+    are the server's and not a busy client loop's.
+    """
+    results: list[tuple[int, float]] = []
+    request_bytes = b"GET /health HTTP/1.1\r\nhost: b\r\n\r\n"
+    while len(results) < 5000 and not select.select([sys.stdin], [], [], 0.02)[0]:
+        start = time.perf_counter()
+        status = -1
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(request_bytes)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                else:
+                    status = int(data.split(b" ", 2)[1])
+        except (OSError, ValueError):
+            pass
+        results.append((status, time.perf_counter() - start))
+    print(json.dumps(results))
+
+
+def burst(port: int, clients: int) -> list[tuple[int, float]]:
+    """``clients`` connections at once, one ``GET /slow`` each (h2load, pinned to core 1)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "h2load.log"
+        argv = [
+            "h2load",
+            "--h1",
+            f"-n{clients}",
+            f"-c{clients}",
+            "-t1",
+            f"--log-file={log}",
+            f"http://127.0.0.1:{port}/slow",
+        ]
+        subprocess.run(pin(1, argv), capture_output=True, timeout=120, check=True)
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+    answered = [(int(row[1]), int(row[2]) / 1e6) for row in rows]
+    return answered + [(-1, math.nan)] * (clients - len(answered))  # never answered
+
+
+def overload_run(port: int, pid: int, clients: int) -> dict[str, Any]:
     process = psutil.Process(pid)
     rss_before = process.memory_info().rss
     rss_peak = [rss_before]
-    slow: list[tuple[int, float]] = []
-    health: list[tuple[int, float]] = []
-    done = trio.Event()
+    done = threading.Event()
 
-    async def sample_rss() -> None:
-        while not done.is_set():
+    def sample_rss() -> None:
+        while not done.wait(0.05):
             rss_peak[0] = max(rss_peak[0], process.memory_info().rss)
-            await trio.sleep(0.05)
 
-    async def probe_health() -> None:
-        while not done.is_set() and len(health) < 2000:
-            health.append(await request(port, "/health"))
-            await trio.sleep(0.02)
-
-    async def one() -> None:
-        slow.append(await request(port, "/slow"))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sample_rss)
-        nursery.start_soon(probe_health)
-        async with trio.open_nursery() as load:
-            for _ in range(clients):
-                load.start_soon(one)
+    sampler = threading.Thread(target=sample_rss)
+    prober = subprocess.Popen(
+        pin(1, [sys.executable, "-m", "benchmarks.overload", "probe", str(port)]),
+        cwd=ROOT,
+        env=env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sampler.start()
+        slow = burst(port, clients)
+        out, _ = prober.communicate("", timeout=60)
+        health = [(int(status), float(t)) for status, t in json.loads(out)]
+    finally:
         done.set()
+        sampler.join()
+        if prober.poll() is None:
+            prober.kill()
+            prober.wait()
     statuses = collections.Counter(status for status, _ in slow)
     admitted = sorted(t * 1000 for status, t in slow if status == 200)
     shed = sorted(t * 1000 for status, t in slow if status == 503)
@@ -227,6 +281,7 @@ async def overload_run(port: int, pid: int, clients: int) -> dict[str, Any]:
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "admitted_p50_ms": percentile(admitted, 50),
         "admitted_p99_ms": percentile(admitted, 99),
+        "shed_p50_ms": percentile(shed, 50),
         "shed_p99_ms": percentile(shed, 99),
         "health_statuses": dict(collections.Counter(str(s) for s, _ in health)),
         "health_p50_ms": percentile(health_ms, 50),
@@ -237,21 +292,13 @@ async def overload_run(port: int, pid: int, clients: int) -> dict[str, Any]:
     }
 
 
-async def baseline_run(port: int) -> dict[str, Any]:
+def baseline_run(port: int) -> dict[str, Any]:
     """``LIMIT // 2`` slow requests at once: nothing is shed; their latency is the reference.
 
     (Half the limit: uvicorn counts connections and tasks, and sheds some of
     ``LIMIT`` requests that arrive together.)
     """
-    results: list[tuple[int, float]] = []
-
-    async def one() -> None:
-        results.append(await request(port, "/slow"))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(LIMIT // 2):
-            nursery.start_soon(one)
-    times = sorted(t * 1000 for status, t in results if status == 200)
+    times = sorted(t * 1000 for status, t in burst(port, LIMIT // 2) if status == 200)
     return {"ok": len(times), "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
 
 
@@ -259,12 +306,12 @@ def overload(clients: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for variant in ("limited", "uvicorn"):
         with server(variant) as (port, _):
-            reference = trio.run(baseline_run, port)
+            reference = baseline_run(port)
         with server(variant) as (port, pid):
             trio.run(request, port, "/")  # warm
             results[variant] = {
                 "reference": reference,
-                **trio.run(overload_run, port, pid, clients),
+                **overload_run(port, pid, clients),
             }
     return results
 
@@ -407,7 +454,7 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"| {name} | {fmt(a)} | {fmt(b)} |")
 
     row("statuses of the 2000", lambda r: ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()))
-    row("503 p99", lambda r: f"{r['shed_p99_ms']:.0f} ms")
+    row("503 p50 / p99", lambda r: f"{r['shed_p50_ms']:.0f} / {r['shed_p99_ms']:.0f} ms")
     row(
         "health path p50 / p99 / max",
         lambda r: (
@@ -475,6 +522,9 @@ def run(quick: bool) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         serve(argv[1], int(argv[2]))
+        return 0
+    if argv[:1] == ["probe"]:
+        probe(int(argv[1]))
         return 0
     if argv[:1] == ["cpu"]:
         print(f"{middleware_cpu(argv[1]):.3f}")

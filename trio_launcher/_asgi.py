@@ -41,10 +41,12 @@ from typing import Any
 import trio
 
 from ._bounds import (
+    CANCEL_EXTENSION,
     RETRY_AFTER,
     BodyClock,
     BodyTimeoutError,
     Bounds,
+    Deadlines,
     InFlight,
     StreamReset,
     has_body,
@@ -112,6 +114,8 @@ class RunnerMiddleware:
         self.limits = limits
         self.bounds = bounds
         self.in_flight = in_flight if in_flight is not None else InFlight()
+        self.deadlines = Deadlines(bounds.request_timeout or math.inf)
+        """The request deadline's reaper: the runner runs ``deadlines.run`` beside the server."""
         self._shed_body: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -149,16 +153,20 @@ class RunnerMiddleware:
         key = in_flight.add(scope["method"], scope["path"])
         try:
             bounds = self.bounds
-            if (
-                bounds.request_timeout is None
-                and scope.get("http_version") != "2"
-                and (bounds.body_timeout is None or not has_body(scope))
+            if scope.get("http_version") == "2" or (
+                bounds.body_timeout is not None and has_body(scope)
             ):
+                await self._call_bounded(scope, receive, send)
+            elif bounds.request_timeout is None:
                 # Nothing to bound: no cancel scope (entering one costs more than
                 # the rest of this middleware; hello world pays nothing for it).
                 await self._call_plain(scope, receive, send)
             else:
-                await self._call_bounded(scope, receive, send)
+                cancel = scope.get("extensions", {}).get(CANCEL_EXTENSION)
+                if cancel is not None and self.deadlines.running:
+                    await self._call_lent(scope, receive, send, key, cancel)
+                else:
+                    await self._call_bounded(scope, receive, send)
         finally:
             in_flight.remove(key)
 
@@ -202,6 +210,34 @@ class RunnerMiddleware:
             await send(message)
 
         await self._call_guarded(scope, receive, runner_send, lambda: started)
+
+    async def _call_lent(
+        self, scope: Scope, receive: Receive, send: Send, key: int, cancel: Callable[[], object]
+    ) -> None:
+        """The request deadline with the connection's cancel scope (see ``_bounds``)."""
+        started = False
+        deadlines = self.deadlines
+
+        async def runner_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                if key in deadlines.fired:
+                    await trio.lowlevel.checkpoint()  # too late: raises Cancelled
+                started = True
+                deadlines.disarm(key)  # a started response is never cut
+            await send(message)
+
+        deadlines.arm(key, cancel)
+        try:
+            await self._call_guarded(scope, receive, runner_send, lambda: started)
+        finally:
+            deadlines.disarm(key)
+            if key in deadlines.fired:
+                deadlines.fired.discard(key)
+                if not started:
+                    # The handler's scope is cancelled: answer from a shield, bounded.
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                        await self._timed_out(scope, send)
 
     async def _call_bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = complete = False
@@ -257,23 +293,20 @@ class RunnerMiddleware:
             error = {"error": {"type": "RequestTimeout", "message": message}}
             await send_json(send, 408, error, extra_headers=close)
             return
+        await self._timed_out(scope, send)
+
+    async def _timed_out(self, scope: Scope, send: Send) -> None:
+        """The request deadline passed before the response started: 504."""
+        timeout = self.bounds.request_timeout
         log.warning(
             "504 for %s %s: no response within %s s; handler cancelled",
-            method,
-            path,
-            bounds.request_timeout,
+            scope.get("method"),
+            scope.get("path"),
+            timeout,
         )
         recorder().request_timed_out("response")
-        await send_json(
-            send,
-            504,
-            {
-                "error": {
-                    "type": "RequestTimeout",
-                    "message": f"no response within {bounds.request_timeout} s",
-                }
-            },
-        )
+        message = f"no response within {timeout} s"
+        await send_json(send, 504, {"error": {"type": "RequestTimeout", "message": message}})
 
     async def _call_guarded(
         self, scope: Scope, receive: Receive, send: Send, started: Callable[[], bool]

@@ -1,4 +1,4 @@
-"""Every hypercorn (and quart) internal trio_launcher touches, behind one door.
+"""Every hypercorn (and quart, and trio) internal trio_launcher touches, behind one door.
 
 The runner serves its own sockets, drives hypercorn's sans-IO protocol
 objects from its own connection layer, patches a race out of hypercorn's
@@ -17,6 +17,7 @@ public API, and a minor release may move any of it. So:
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import re
 from collections.abc import Awaitable, Callable
@@ -234,6 +235,17 @@ _PROTOCOL_WRAPPER_PARAMS = [
 _HANDLE_PARAMS = ["app", "config", "scope", "receive", "send", "sync_spawn", "call_soon"]
 
 
+def set_task_context(task: trio.lowlevel.Task, context: contextvars.Context) -> None:
+    """Run ``task``'s next steps in ``context`` (trio reads ``Task.context`` at every step)."""
+    task.context = context
+
+
+def _trio_steps_in_task_context() -> bool:
+    from trio._core import _run
+
+    return "task.context.run(" in inspect.getsource(_run.unrolled_run)
+
+
 def _has(owner: Any, *names: str) -> Callable[[], bool]:
     return lambda: all(hasattr(owner, name) for name in names)
 
@@ -280,6 +292,7 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         _has(WorkerContext(None), "terminate", "terminated", "mark_request", "max_requests"),
     ),
     ("quart.Quart.error_handler_spec[None][None]", _quart_has_error_handler_spec),
+    ("trio.lowlevel.Task.context, read at each step of the task", _trio_steps_in_task_context),
 ]
 
 

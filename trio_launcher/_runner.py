@@ -490,6 +490,8 @@ async def serve_http(
                     )
                 if metrics is not None:
                     nursery.start_soon(metrics.run)
+                if opts.request_timeout is not None:
+                    nursery.start_soon(middleware.deadlines.run)  # the request deadline's reaper
                 if metrics is not None and metrics_listener is not None:
                     control.metrics_url = await nursery.start(
                         serve_metrics, metrics, metrics_listener
