@@ -41,6 +41,7 @@ from typing import Any
 
 import psutil
 import trio
+import trio.testing
 
 from benchmarks.apps import lifespan
 from benchmarks.harness import ROOT, env, free_port, paired_ratio, percentile, pin, wait_port, wrk
@@ -395,21 +396,29 @@ def middleware_cpu(variant: str, calls: int = 50_000) -> float:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     middleware = _asgi.RunnerMiddleware(hello, lambda exc: None, **kwargs)
+    lent = trio.CancelScope()  # what the HTTP/1.1 connection lends for the request deadline
     scope = {
         "type": "http",
         "method": "GET",
         "path": "/",
         "http_version": "1.1",
         "headers": [(b"host", b"x")],
+        "extensions": {"trio_launcher.cancel": lent.cancel},
     }
 
     async def measure() -> float:
         best = math.inf
-        for _ in range(7):
-            start = time.process_time()
-            for _ in range(calls):
-                await middleware(scope, receive, send)
-            best = min(best, (time.process_time() - start) / calls)
+        async with trio.open_nursery() as nursery:
+            deadlines = getattr(middleware, "deadlines", None)  # (main's middleware has none)
+            if deadlines is not None and "bounds" in kwargs:
+                nursery.start_soon(deadlines.run)  # the reaper, as the runner runs it
+                await trio.testing.wait_all_tasks_blocked()
+            for _ in range(7):
+                start = time.process_time()
+                for _ in range(calls):
+                    await middleware(scope, receive, send)
+                best = min(best, (time.process_time() - start) / calls)
+            nursery.cancel_scope.cancel()
         return best * 1e6
 
     return trio.run(measure)
