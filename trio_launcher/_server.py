@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from random import randint
 from typing import Any, Protocol
@@ -52,6 +52,7 @@ from ._hypercorn import (
     WorkerContext,
     repr_socket_addr,
 )
+from ._logging import logger_filter
 from ._metrics import recorder
 from ._options import Transport
 from ._ports import BoundSockets
@@ -276,16 +277,9 @@ class _OneLine(logging.Filter):
         return True
 
 
-@contextlib.contextmanager
-def _one_line_accept_errors() -> Iterator[None]:
+def _one_line_accept_errors() -> contextlib.AbstractContextManager[None]:
     """The filter above on trio's accept-loop logger, for the server's life only."""
-    logger = logging.getLogger("trio.serve_listeners")
-    one_line = _OneLine()
-    logger.addFilter(one_line)
-    try:
-        yield
-    finally:
-        logger.removeFilter(one_line)
+    return logger_filter(logging.getLogger("trio.serve_listeners"), _OneLine())
 
 
 def _connection_handler(
