@@ -14,9 +14,18 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-from . import _flag_types as flag_types
 from . import _logging
 from ._engine_task import DEFAULT_ENGINE_SHUTDOWN_TIMEOUT
+from ._flag_types import (
+    address_list,
+    ciphers,
+    natural_int,
+    port,
+    positive_int,
+    positive_number,
+    positive_seconds,
+    seconds,
+)
 
 PROG = "trio-launcher"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -58,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--engine-shutdown-timeout",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_ENGINE_SHUTDOWN_TIMEOUT,
         metavar="S",
         help="seconds the cancelled engine task has to clean up (default 10)",
@@ -82,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     uvicorn.add_argument(
         "--port",
-        type=flag_types.port,
+        type=port,
         metavar="PORT",
         help="listen on PORT (with --host; default 8000); 0 picks a free port",
     )
@@ -104,14 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     uvicorn.add_argument(
         "--forwarded-allow-ips",
-        type=flag_types.address_list,
+        type=address_list,
         metavar="IPS",
         help="comma-separated addresses or networks of trusted proxies, * for any "
         "(default 127.0.0.1)",
     )
     uvicorn.add_argument(
         "--timeout-keep-alive",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="close an idle keep-alive connection after S seconds (default 5)",
     )
@@ -130,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--graceful-timeout",
-        type=flag_types.seconds,
+        type=seconds,
         metavar="S",
         help="how long in-flight requests may run on after a drain starts (default 3)",
     )
     add(
         "--watchdog-interval",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         default=5.0,
         metavar="S",
         help="seconds between engine polls (default 5; engines with wait_dead() are "
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--workers",
-        type=flag_types.positive_int,
+        type=positive_int,
         metavar="N",
         help="serve with N worker processes sharing the sockets (default 1, or the "
         "config file's workers); SIGHUP then restarts them one by one",
@@ -161,25 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recycling.add_argument(
         "--max-requests",
-        type=flag_types.positive_int,
+        type=positive_int,
         metavar="N",
         help="replace a worker after N requests (also the config file's max_requests)",
     )
     recycling.add_argument(
         "--max-requests-jitter",
-        type=flag_types.natural_int,
+        type=natural_int,
         metavar="N",
         help="add 0..N (random, per worker) to --max-requests to spread the replacements",
     )
     recycling.add_argument(
         "--worker-max-rss",
-        type=flag_types.positive_number,
+        type=positive_number,
         metavar="MIB",
         help="replace a worker whose resident memory exceeds MIB mebibytes",
     )
     recycling.add_argument(
         "--worker-lifetime",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="replace a worker after S seconds (spread over S..1.1 S)",
     )
@@ -225,27 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument(
         "--shutdown-delay",
-        type=flag_types.seconds,
+        type=seconds,
         default=0.0,
         metavar="S",
         help="after SIGTERM keep serving S seconds with readiness 503, then drain (default 0)",
     )
     serving.add_argument(
         "--max-head-size",
-        type=flag_types.positive_int,
+        type=positive_int,
         metavar="BYTES",
         help="largest request head; larger gets 431",
     )
     serving.add_argument(
         "--max-header-count",
-        type=flag_types.positive_int,
+        type=positive_int,
         default=256,
         metavar="N",
         help="most request headers; more get 431 (default 256)",
     )
     serving.add_argument(
         "--header-timeout",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="S",
         help="a request head must arrive within S seconds of its first byte, "
@@ -290,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument(
         "--ssl-ciphers",
-        type=flag_types.ciphers,
+        type=ciphers,
         metavar="CIPHERS",
         help="OpenSSL cipher list for TLS 1.2 (default ECDHE+AESGCM)",
     )
@@ -309,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument(
         "--ssl-refresh-interval",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         default=1.0,
         metavar="S",
         help="seconds between checks of the certificate files (default 1)",
@@ -323,39 +332,39 @@ def _add_bound_flags(parser: argparse.ArgumentParser) -> None:
     add = bounds.add_argument
     add(
         "--request-timeout",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="a response not started within S seconds: 504, handler cancelled (default off)",
     )
     add(
         "--limit-concurrency",
-        type=flag_types.positive_int,
+        type=positive_int,
         metavar="N",
         help="most requests in flight; more get 503 at once (default no limit)",
     )
     add(
         "--body-timeout",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         default=60.0,
         metavar="S",
         help="request body allowance: S s plus 1 s per KiB received; slower gets 408 (default 60)",
     )
     add(
         "--startup-timeout",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="most seconds the app's lifespan startup may take (default no limit)",
     )
     add(
         "--engine-health-interval",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="S",
         help="seconds between calls of the engine's check_health(), if any (default 10)",
     )
     add(
         "--engine-health-timeout",
-        type=flag_types.positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="S",
         help="a check_health() that raises or takes longer means the engine died (default 10)",
