@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from trio_launcher import ConfigError
-from trio_launcher._cli import (
+from trio_launcher._cli import main
+from trio_launcher._parser import build_parser
+from trio_launcher._settings import (
     DEFAULT_BACKLOG,
     build_config,
-    build_parser,
     import_from_string,
-    main,
     options_from_args,
 )
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from trio_launcher._cli import build_parser
+from trio_launcher._parser import build_parser
 
 from .proc import launch, run_cli
 

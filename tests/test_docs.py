@@ -7,7 +7,7 @@ import re
 import pytest
 
 from trio_launcher import ExitCode
-from trio_launcher._cli import build_parser
+from trio_launcher._parser import build_parser
 
 from .docs_tables import API_DOC, options_table, rendered
 from .proc import ROOT

@@ -102,7 +102,7 @@ async def test_cli_route_log_lists_routes_and_health_path_then_exit_3() -> None:
 
 def test_recognised_without_importing_starlette() -> None:
     code = (
-        "import sys, trio_launcher, trio_launcher._runner as r\n"
+        "import sys, trio_launcher, trio_launcher._glue as r\n"
         "class App: pass\n"
         "assert not r.is_starlette_app(App())\n"
         "assert 'starlette' not in sys.modules, 'starlette was imported'\n"

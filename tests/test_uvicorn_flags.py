@@ -155,7 +155,7 @@ async def test_encrypted_key_with_password_and_ciphers(tmp_path: Path) -> None:
 
 
 def test_workers_get_fds_instead_of_host_port_and_uds() -> None:
-    from trio_launcher._cli import build_parser
+    from trio_launcher._parser import build_parser
     from trio_launcher._ports import BoundSockets
 
     parser = build_parser()

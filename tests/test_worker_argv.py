@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from trio_launcher import _cli, _signals, _systemd, _worker
-from trio_launcher._cli import _UsageError, build_parser, main
+from trio_launcher._cli import main
 from trio_launcher._errors import ConfigError
+from trio_launcher._parser import UsageError, build_parser
 from trio_launcher._ports import BoundSockets
 from trio_launcher._worker import SUPERVISOR_ONLY, worker_argv
 
@@ -181,7 +182,7 @@ def _accepts(action: argparse.Action, value: str) -> bool:
     ],
 )
 def test_an_abbreviated_flag_is_a_usage_error(args: list[str]) -> None:
-    with pytest.raises(_UsageError, match="unrecognized arguments"):
+    with pytest.raises(UsageError, match="unrecognized arguments"):
         parse(args)
 
 

@@ -1,5 +1,6 @@
 """trio_launcher: run an ASGI service under trio with one nursery that owns it all."""
 
+from ._control import StopReason as StopReason
 from ._engine_task import current_engine as current_engine
 from ._engine_task import engine_cleanup_scope as engine_cleanup_scope
 from ._errors import AppStartupError as AppStartupError
@@ -14,7 +15,6 @@ from ._errors import LauncherError as LauncherError
 from ._errors import OptionError as OptionError
 from ._options import ServeOptions as ServeOptions
 from ._runner import ServerHandle as ServerHandle
-from ._runner import StopReason as StopReason
 from ._runner import serve_http as serve_http
 from ._tls import CertificateRefresher as CertificateRefresher
 from ._watchdog import Engine as Engine

@@ -169,3 +169,8 @@ def leaves(exc: BaseException) -> Iterator[BaseException]:
             yield from leaves(inner)
     else:
         yield exc
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of each exception inside ``exc``, joined by ``; ``."""
+    return "; ".join(f"{type(e).__name__}: {e}" for e in leaves(exc))

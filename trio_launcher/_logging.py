@@ -40,6 +40,7 @@ the lifespan state's entries are still there.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -47,7 +48,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from ._hypercorn import Config
@@ -214,3 +215,36 @@ def format_access_log(config: Config, log_format: LogFormat) -> None:
     if logger is not None:
         for handler in logger.handlers:
             handler.setFormatter(formatter(log_format))
+
+
+class _ExcludePaths(logging.Filter):
+    """Drops the access lines of some paths (``access_log_exclude``)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        super().__init__()
+        self.paths = frozenset(paths)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args
+        return not (isinstance(atoms, Mapping) and atoms.get("U") in self.paths)
+
+
+@contextlib.contextmanager
+def logger_filter(logger: logging.Logger | None, log_filter: logging.Filter) -> Iterator[None]:
+    """``log_filter`` on ``logger`` (if any) for the block's life only: filters
+    are scoped to a server, never left on a logger other code shares."""
+    if logger is None:
+        yield
+        return
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
+def access_log_filter(
+    config: Config, paths: Sequence[str]
+) -> contextlib.AbstractContextManager[None]:
+    """Leave ``paths`` out of ``config``'s access log while the block runs."""
+    return logger_filter(config.log.access_logger if paths else None, _ExcludePaths(paths))

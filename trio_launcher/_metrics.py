@@ -306,7 +306,24 @@ CONNECTIONS = ("http_server_open_connections", "Number of open client connection
 _Key = tuple[str, int, str]  # method, status (0: no response), route
 
 
-class LocalRequests:
+class _Counting:
+    """The two gauges both kinds keep as plain ints: requests active, connections open."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.connections = 0
+
+    def started(self) -> None:
+        self.active += 1
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+
+
+class LocalRequests(_Counting):
     """The per-request numbers of a single process, kept in plain Python.
 
     Every request changes the active-requests gauge twice and the duration
@@ -318,12 +335,8 @@ class LocalRequests:
     """
 
     def __init__(self) -> None:
-        self.active = 0
-        self.connections = 0
+        super().__init__()
         self.series: dict[_Key, list[float]] = {}  # bucket counts..., +Inf count, sum
-
-    def started(self) -> None:
-        self.active += 1
 
     def finished(self, key: _Key, seconds: float) -> None:
         self.active -= 1
@@ -332,12 +345,6 @@ class LocalRequests:
             counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
         counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         counts[-1] += seconds
-
-    def connection_opened(self) -> None:
-        self.connections += 1
-
-    def connection_closed(self) -> None:
-        self.connections -= 1
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -356,7 +363,7 @@ class LocalRequests:
         yield GaugeMetricFamily(*CONNECTIONS, value=self.connections)
 
 
-class SharedRequests:
+class SharedRequests(_Counting):
     """The same numbers in prometheus_client's multiprocess files (``--workers``).
 
     Each write to those files takes a lock and checks the PID (about 2 us).
@@ -372,18 +379,14 @@ class SharedRequests:
     def __init__(self, registry: Any) -> None:
         from prometheus_client import Gauge, Histogram
 
+        super().__init__()
         self.duration = Histogram(
             *DURATION, DURATION_LABELS, buckets=DURATION_BUCKETS, registry=registry
         )
         self._active = Gauge(*ACTIVE, registry=registry, multiprocess_mode="livesum")
         self._connections = Gauge(*CONNECTIONS, registry=registry, multiprocess_mode="livesum")
         self._children: dict[_Key, Any] = {}
-        self.active = 0
-        self.connections = 0
         self._written = (0, 0)
-
-    def started(self) -> None:
-        self.active += 1
 
     def finished(self, key: _Key, seconds: float) -> None:
         self.active -= 1
@@ -394,12 +397,6 @@ class SharedRequests:
                 method, str(status) if status else "", route
             )
         child.observe(seconds)
-
-    def connection_opened(self) -> None:
-        self.connections += 1
-
-    def connection_closed(self) -> None:
-        self.connections -= 1
 
     def write_gauges(self) -> None:
         now = (self.active, self.connections)

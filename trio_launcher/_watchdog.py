@@ -25,6 +25,7 @@ from then on, so a load balancer stops routing here before the verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,7 @@ async def _await_death(
 OVERDUE_AFTER = 1.0
 
 
+@dataclasses.dataclass(eq=False)
 class HealthProbe:
     """Calls the engine's ``check_health()`` on a schedule; a task via :meth:`run`.
 
@@ -113,19 +115,12 @@ class HealthProbe:
         on_dead: called once with the reason when a probe fails.
     """
 
-    def __init__(
-        self,
-        check_health: Callable[[], Awaitable[object]],
-        interval: float,
-        timeout: float,
-        on_dead: Callable[[str], None],
-    ) -> None:
-        self.check_health = check_health
-        self.interval = interval
-        self.timeout = timeout
-        self.on_dead = on_dead
-        self.probes = 0
-        self._running_since: float | None = None
+    check_health: Callable[[], Awaitable[object]]
+    interval: float
+    timeout: float
+    on_dead: Callable[[str], None]
+    probes: int = dataclasses.field(default=0, init=False)
+    _running_since: float | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def overdue(self) -> bool:

@@ -30,20 +30,21 @@ Quart-Trio and the runner:
   duration histogram is labelled by route template, never by raw path.
 
 The runner's dead check is per ``serve_http`` call, while error handlers are
-per app; a context variable set around each request connects the two.
+per app: ``trio_launcher._glue.current_dead_check`` connects the two.
 """
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
 from quart import Quart, Response, got_request_exception, request
 
+from . import _glue
 from ._asgi import ASGIApp, Message, Receive, Scope, Send, error_body
 from ._hypercorn import quart_error_handlers
 
@@ -52,35 +53,20 @@ log = logging.getLogger("trio_launcher")
 FINAL_SEND_TIMEOUT = 10.0
 """Longest wait for the shielded final send of a response."""
 
-_on_app_error: contextvars.ContextVar[Callable[[BaseException], None]] = contextvars.ContextVar(
-    "trio_launcher_on_app_error"
-)
-_INSTALLED = "_trio_launcher_installed"
 
-
-def install(
-    app: Any,
-    on_app_error: Callable[[BaseException], None],
-    error_types: tuple[type[BaseException], ...],
-) -> ASGIApp:
-    """Prepare a QuartTrio app for the runner; returns the ASGI callable to serve.
-
-    Args:
-        app: a ``quart_trio.QuartTrio`` instance.
-        on_app_error: the runner's dead check, called with every handler error.
-        error_types: exceptions answered with a 500 JSON body.
-    """
-    if not getattr(app, _INSTALLED, False):
-        setattr(app, _INSTALLED, True)
+def install(app: Any, on_app_error: _glue.OnAppError, error_types: _glue.ErrorTypes) -> ASGIApp:
+    """Prepare a ``quart_trio.QuartTrio`` app for the runner; returns the ASGI
+    callable to serve (the arguments are described in ``trio_launcher._glue``)."""
+    if not _glue.is_ours(app):
+        _glue.ours(app)
         got_request_exception.connect(_dead_check_receiver, app, weak=False)
         app.before_request(_record_route)
-    app_handlers = quart_error_handlers(app)
-    for error_type in error_types:
-        own = app_handlers.get(error_type)
-        if own is None:
-            app.register_error_handler(error_type, _engine_error_handler)
-        elif not getattr(own, _INSTALLED, False):
-            app.register_error_handler(error_type, _keep_handler(app, own))
+    own = quart_error_handlers(app)
+    claimed = _glue.claimed_handlers(
+        own, error_types, _engine_error_handler, partial(_keep_handler, app)
+    )
+    for error_type, handler in claimed.items():
+        app.register_error_handler(error_type, handler)
     default = Quart.default_config["RESPONSE_TIMEOUT"]
     timeout = app.config.get("RESPONSE_TIMEOUT")
     if timeout is not None and timeout == default:
@@ -94,7 +80,7 @@ def install(
 class _Glue:
     """Sets the dead check for the request and shields the final body send."""
 
-    def __init__(self, app: ASGIApp, on_app_error: Callable[[BaseException], None]) -> None:
+    def __init__(self, app: ASGIApp, on_app_error: _glue.OnAppError) -> None:
         self.app = app
         self.on_app_error = on_app_error
 
@@ -111,11 +97,11 @@ class _Glue:
             else:
                 await send(message)
 
-        token = _on_app_error.set(self.on_app_error)
+        token = _glue.current_dead_check.set(self.on_app_error)
         try:
             await self.app(scope, receive, shielded_final_send)
         finally:
-            _on_app_error.reset(token)
+            _glue.current_dead_check.reset(token)
 
 
 def _keep_handler(app: Any, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -123,15 +109,15 @@ def _keep_handler(app: Any, handler: Callable[[Any], Any]) -> Callable[[Any], An
     call = app.ensure_async(handler)
 
     async def checked(error: BaseException) -> Any:
-        _dead_check(error)
+        _glue.dead_check(error)
         return await call(error)
 
-    setattr(checked, _INSTALLED, True)
-    return checked
+    return _glue.ours(checked)
 
 
+@_glue.ours
 async def _engine_error_handler(error: BaseException) -> Response:
-    _dead_check(error)
+    _glue.dead_check(error)
     log.error("%s in a Quart handler: %s", type(error).__name__, error)
     return Response(json.dumps(error_body(error)), status=500, content_type="application/json")
 
@@ -143,10 +129,4 @@ async def _record_route() -> None:
 
 
 def _dead_check_receiver(sender: Any, exception: BaseException, **extra: Any) -> None:
-    _dead_check(exception)
-
-
-def _dead_check(error: BaseException) -> None:
-    check = _on_app_error.get(None)
-    if check is not None:
-        check(error)
+    _glue.dead_check(exception)

@@ -26,13 +26,11 @@ before anything was sent. So we register handlers there:
 Starlette builds its middleware stack, handlers included, on the first
 request; if that already happened the stack is dropped so that it is built
 again with our handlers. The dead check is per ``serve_http`` call while
-handlers are per app: a context variable set around each request connects
-them, as in ``trio_launcher.quart``.
+handlers are per app: ``trio_launcher._glue.current_dead_check`` connects them.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,42 +38,24 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import _glue
 from ._asgi import ASGIApp, Receive, Scope, Send, error_body
 from ._errors import leaves
 
 log = logging.getLogger("trio_launcher")
 
-_on_app_error: contextvars.ContextVar[Callable[[BaseException], None]] = contextvars.ContextVar(
-    "trio_launcher_starlette_on_app_error"
-)
-_INSTALLED = "_trio_launcher_installed"
 Handler = Callable[[Request, Any], Any]
 
 
-def install(
-    app: Any,
-    on_app_error: Callable[[BaseException], None],
-    error_types: tuple[type[BaseException], ...],
-) -> ASGIApp:
-    """Prepare a Starlette/FastAPI app for the runner; returns the ASGI callable to serve.
-
-    Args:
-        app: a ``starlette.applications.Starlette`` (or ``fastapi.FastAPI``).
-        on_app_error: the runner's dead check, called with every handler error.
-        error_types: exceptions answered with a 500 JSON body.
-    """
+def install(app: Any, on_app_error: _glue.OnAppError, error_types: _glue.ErrorTypes) -> ASGIApp:
+    """Prepare a Starlette app (or FastAPI's) for the runner; returns the ASGI
+    callable to serve (the arguments are described in ``trio_launcher._glue``)."""
     handlers: dict[Any, Handler] = app.exception_handlers
-    changed = False
-    for error_type in error_types:
-        own = handlers.get(error_type)
-        if own is None:
-            handlers[error_type] = _engine_error_handler
-            changed = True
-        elif not getattr(own, _INSTALLED, False):
-            handlers[error_type] = _keep_handler(own)
-            changed = True
+    claimed = _glue.claimed_handlers(handlers, error_types, _engine_error_handler, _keep_handler)
+    handlers.update(claimed)
+    changed = bool(claimed)
     own_group = handlers.get(ExceptionGroup)
-    if not getattr(own_group, _INSTALLED, False):
+    if not _glue.is_ours(own_group):
         handlers[ExceptionGroup] = _group_handler(error_types, own_group)
         changed = True
     if changed and getattr(app, "middleware_stack", None) is not None:
@@ -89,15 +69,15 @@ class _Glue:
     def __init__(
         self,
         app: ASGIApp,
-        on_app_error: Callable[[BaseException], None],
-        error_types: tuple[type[BaseException], ...],
+        on_app_error: _glue.OnAppError,
+        error_types: _glue.ErrorTypes,
     ) -> None:
         self.app = app
         self.on_app_error = on_app_error
         self.error_types = error_types
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = _on_app_error.set(self.on_app_error)
+        token = _glue.current_dead_check.set(self.on_app_error)
         try:
             await self.app(scope, receive, send)
         except Exception as exc:
@@ -105,12 +85,10 @@ class _Glue:
                 self.on_app_error(cause)
             raise
         finally:
-            _on_app_error.reset(token)
+            _glue.current_dead_check.reset(token)
 
 
-def _engine_causes(
-    exc: BaseException, error_types: tuple[type[BaseException], ...]
-) -> Iterator[BaseException]:
+def _engine_causes(exc: BaseException, error_types: _glue.ErrorTypes) -> Iterator[BaseException]:
     """Engine errors behind ``exc``: in its groups or its ``__cause__`` chain."""
     seen: set[int] = set()
     todo = [exc]
@@ -128,37 +106,30 @@ def _engine_causes(
 
 
 def _engine_error_response(error: BaseException) -> Response:
-    check = _on_app_error.get(None)
-    if check is not None:
-        check(error)
+    _glue.dead_check(error)
     log.error("%s in a Starlette handler: %s", type(error).__name__, error)
     return JSONResponse(error_body(error), status_code=500)
 
 
+@_glue.ours
 async def _engine_error_handler(request: Request, error: Exception) -> Response:
     return _engine_error_response(error)
-
-
-setattr(_engine_error_handler, _INSTALLED, True)
 
 
 def _keep_handler(handler: Handler) -> Handler:
     """The app's own handler for an engine error type, with the dead check before it."""
 
     async def checked(request: Request, error: Exception) -> Any:
-        check = _on_app_error.get(None)
-        if check is not None:
-            check(error)
+        _glue.dead_check(error)
         result = handler(request, error)
         if hasattr(result, "__await__"):
             result = await result
         return result
 
-    setattr(checked, _INSTALLED, True)
-    return checked
+    return _glue.ours(checked)
 
 
-def _group_handler(error_types: tuple[type[BaseException], ...], own: Handler | None) -> Handler:
+def _group_handler(error_types: _glue.ErrorTypes, own: Handler | None) -> Handler:
     async def handle_group(request: Request, group: BaseExceptionGroup[Any]) -> Any:
         engine_errors, _ = group.split(error_types)
         if engine_errors is None:
@@ -167,11 +138,8 @@ def _group_handler(error_types: tuple[type[BaseException], ...], own: Handler | 
             result = own(request, group)
             return (await result) if hasattr(result, "__await__") else result
         inside = list(leaves(engine_errors))
-        check = _on_app_error.get(None)
-        if check is not None:
-            for leaf in inside[1:]:
-                check(leaf)
+        for leaf in inside[1:]:
+            _glue.dead_check(leaf)
         return _engine_error_response(inside[0])
 
-    setattr(handle_group, _INSTALLED, True)
-    return handle_group
+    return _glue.ours(handle_group)
