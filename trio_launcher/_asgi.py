@@ -35,7 +35,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import trio
@@ -79,6 +79,7 @@ class Limits:
     max_head_size: int | None = None
 
 
+@dataclass(eq=False)
 class RunnerMiddleware:
     """The runner's layer around the app: health, head limits, engine errors.
 
@@ -94,29 +95,21 @@ class RunnerMiddleware:
         in_flight: the in-flight table to keep (the runner reads it).
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        on_app_error: Callable[[BaseException], None],
-        error_types: tuple[type[BaseException], ...] = ENGINE_ERRORS,
-        *,
-        health_path: str | None = None,
-        health: Callable[[], tuple[int, dict[str, Any]]] = lambda: (200, {}),
-        limits: Limits = Limits(),
-        bounds: Bounds = Bounds(),
-        in_flight: InFlight | None = None,
-    ) -> None:
-        self.app = app
-        self.on_app_error = on_app_error
-        self.error_types = error_types
-        self.health_path = health_path
-        self.health = health
-        self.limits = limits
-        self.bounds = bounds
-        self.in_flight = in_flight if in_flight is not None else InFlight()
-        self.deadlines = Deadlines(bounds.request_timeout or math.inf)
-        """The request deadline's reaper: the runner runs ``deadlines.run`` beside the server."""
-        self._shed_body: bytes | None = None
+    app: ASGIApp
+    on_app_error: Callable[[BaseException], None]
+    error_types: tuple[type[BaseException], ...] = ENGINE_ERRORS
+    _: KW_ONLY
+    health_path: str | None = None
+    health: Callable[[], tuple[int, dict[str, Any]]] = lambda: (200, {})
+    limits: Limits = Limits()
+    bounds: Bounds = Bounds()
+    in_flight: InFlight = field(default_factory=InFlight)
+    deadlines: Deadlines = field(init=False)
+    """The request deadline's reaper: the runner runs ``deadlines.run`` beside the server."""
+    _shed_body: bytes | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.deadlines = Deadlines(self.bounds.request_timeout or math.inf)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):

@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from types import FrameType
 
 import trio
@@ -124,20 +125,13 @@ async def watch_signals(
                     await trio.lowlevel.checkpoint()
 
 
+@dataclass(eq=False)
 class _Router:
-    def __init__(
-        self,
-        on_stop: Callable[[int], None],
-        on_force: Callable[[int], None],
-        on_reload: Callable[[], None],
-        *,
-        worker: bool,
-    ) -> None:
-        self.on_stop = on_stop
-        self.on_force = on_force
-        self.on_reload = on_reload
-        self.worker = worker
-        self.stopping = False
+    on_stop: Callable[[int], None]
+    on_force: Callable[[int], None]
+    on_reload: Callable[[], None]
+    worker: bool = field(kw_only=True)
+    stopping: bool = field(default=False, init=False)
 
     def signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
