@@ -146,20 +146,21 @@ class RunnerMiddleware:
         key = in_flight.add(scope["method"], scope["path"])
         try:
             bounds = self.bounds
-            if scope.get("http_version") == "2" or (
-                bounds.body_timeout is not None and has_body(scope)
-            ):
-                await self._call_bounded(scope, receive, send)
-            elif bounds.request_timeout is None:
-                # Nothing to bound: no cancel scope (entering one costs more than
-                # the rest of this middleware; hello world pays nothing for it).
-                await self._call_plain(scope, receive, send)
-            else:
-                cancel = scope.get("extensions", {}).get(CANCEL_EXTENSION)
-                if cancel is not None and self.deadlines.running:
-                    await self._call_lent(scope, receive, send, key, cancel)
-                else:
+            h2 = scope.get("http_version") == "2"
+            body_bound = bounds.body_timeout is not None and (h2 or has_body(scope))
+            timed = bounds.request_timeout is not None
+            cancel = scope.get("extensions", {}).get(CANCEL_EXTENSION)
+            if cancel is None or (timed and not self.deadlines.running):
+                if h2 or body_bound or timed:
                     await self._call_bounded(scope, receive, send)
+                else:
+                    # Nothing to bound: no cancel scope (entering one costs more than
+                    # the rest of this middleware; hello world pays nothing for it).
+                    await self._call_plain(scope, receive, send)
+            elif body_bound or timed:
+                await self._call_lent(scope, receive, send, key, cancel, body_bound)
+            else:
+                await self._call_plain(scope, receive, send)
         finally:
             in_flight.remove(key)
 
@@ -205,32 +206,54 @@ class RunnerMiddleware:
         await self._call_guarded(scope, receive, runner_send, lambda: started)
 
     async def _call_lent(
-        self, scope: Scope, receive: Receive, send: Send, key: int, cancel: Callable[[], object]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        key: int,
+        cancel: Callable[[], object],
+        body_bound: bool,
     ) -> None:
-        """The request deadline with the connection's cancel scope (see ``_bounds``)."""
+        """The bounds with the cancel scope the connection lends (see ``_bounds``)."""
         started = False
-        deadlines = self.deadlines
+        bounds = self.bounds
+        deadlines = self.deadlines if bounds.request_timeout is not None else None
+        body: BodyClock | None = None
+        if body_bound and bounds.body_timeout is not None:
+            body = BodyClock(receive, bounds.body_timeout, cancel)
+            receive = body.receive
 
         async def runner_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
-                if key in deadlines.fired:
+                if (deadlines is not None and key in deadlines.fired) or (
+                    body is not None and body.timed_out
+                ):
                     await trio.lowlevel.checkpoint()  # too late: raises Cancelled
                 started = True
-                deadlines.disarm(key)  # a started response is never cut
+                if deadlines is not None:
+                    deadlines.disarm(key)  # a started response is never cut
             await send(message)
 
-        deadlines.arm(key, cancel)
+        if deadlines is not None:
+            deadlines.arm(key, cancel)
+        ended: BaseException | None = None
         try:
             await self._call_guarded(scope, receive, runner_send, lambda: started)
-        finally:
+        except BaseException as exc:  # held until the cut request is answered
+            ended = exc
+        late = False
+        if deadlines is not None:
             deadlines.disarm(key)
-            if key in deadlines.fired:
-                deadlines.fired.discard(key)
-                if not started:
-                    # The handler's scope is cancelled: answer from a shield, bounded.
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-                        await self._timed_out(scope, send)
+            late = key in deadlines.fired
+            deadlines.fired.discard(key)
+        slow = body is not None and body.timed_out
+        if late or slow:
+            # The handler's scope is cancelled: answer from a shield, bounded.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                await self._answer_cut(scope, send, started, body if slow else None)
+        if ended is not None:
+            raise ended
 
     async def _call_bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = complete = False
@@ -244,7 +267,7 @@ class RunnerMiddleware:
             receive = reset.receive
         body: BodyClock | None = None
         if bounds.body_timeout is not None:
-            body = BodyClock(receive, bounds.body_timeout, deadline)
+            body = BodyClock(receive, bounds.body_timeout, deadline.cancel)
             receive = body.receive
 
         async def runner_send(message: Message) -> None:
@@ -268,15 +291,20 @@ class RunnerMiddleware:
                     nursery.cancel_scope.cancel()
         if not deadline.cancelled_caught or (reset is not None and reset.gone):
             return
-        method, path = scope.get("method"), scope.get("path")
-        if body is not None and body.timed_out:
+        await self._answer_cut(scope, send, started, body if body and body.timed_out else None)
+
+    async def _answer_cut(
+        self, scope: Scope, send: Send, started: bool, slow_body: BodyClock | None
+    ) -> None:
+        """A bound cancelled the handler: 408 for a slow body, else 504 (if not started)."""
+        if slow_body is not None:
             log.warning(
                 "408 for %s %s: the request body was too slow (%d bytes in %.1f s); "
                 "handler cancelled",
-                method,
-                path,
-                body.received,
-                body.waited,
+                scope.get("method"),
+                scope.get("path"),
+                slow_body.received,
+                slow_body.waited,
             )
             recorder().request_timed_out("body")
             if started:
@@ -285,8 +313,8 @@ class RunnerMiddleware:
             message = "the request body arrived too slowly"
             error = {"error": {"type": "RequestTimeout", "message": message}}
             await send_json(send, 408, error, extra_headers=close)
-            return
-        await self._timed_out(scope, send)
+        elif not started:
+            await self._timed_out(scope, send)
 
     async def _timed_out(self, scope: Scope, send: Send) -> None:
         """The request deadline passed before the response started: 504."""

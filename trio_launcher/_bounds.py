@@ -228,12 +228,12 @@ class BodyTimeoutError(Exception):
 class BodyClock:
     """``receive()`` with the body timeout (the rule is in the module docstring)."""
 
-    __slots__ = ("_receive", "done", "received", "scope", "timed_out", "timeout", "waited")
+    __slots__ = ("_receive", "cancel", "done", "received", "timed_out", "timeout", "waited")
 
-    def __init__(self, receive: Receive, timeout: float, scope: trio.CancelScope) -> None:
+    def __init__(self, receive: Receive, timeout: float, cancel: Callable[[], object]) -> None:
         self._receive = receive
         self.timeout = timeout
-        self.scope = scope
+        self.cancel = cancel  # cancels the handler
         self.received = 0
         self.waited = 0.0
         self.done = False
@@ -249,7 +249,7 @@ class BodyClock:
         self.waited += trio.current_time() - began
         if waiting.cancelled_caught:
             self.timed_out = self.done = True
-            self.scope.cancel()
+            self.cancel()
             await trio.lowlevel.checkpoint()  # raises Cancelled unless the handler shields
             return {"type": "http.disconnect"}
         if message["type"] == "http.request":

@@ -64,6 +64,7 @@ from typing import Any
 
 import trio
 
+from ._bounds import CANCEL_EXTENSION
 from ._http1 import HTTP1
 from ._hypercorn import (
     AppWrapper,
@@ -536,7 +537,8 @@ class _Inbox:
 
 
 class LeanTaskGroup:
-    """hypercorn's trio ``TaskGroup`` (a task per request) with a lighter inbox."""
+    """hypercorn's trio ``TaskGroup`` (a task per request) with a lighter inbox, and
+    each HTTP request's handler in a cancel scope of its own (``_Handler``)."""
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -545,11 +547,62 @@ class LeanTaskGroup:
         self, app: AppWrapper, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
     ) -> Callable[[Any], Awaitable[None]]:
         inbox = _Inbox(config.max_app_queue_size)
-        self._nursery.start_soon(run_app, app, config, scope, inbox.get, send)
-        return inbox.put
+        if scope.get("type") != "http":
+            self._nursery.start_soon(run_app, app, config, scope, inbox.get, send)
+            return inbox.put
+        handler = _Handler(app, inbox, send)
+        self._nursery.start_soon(run_app, handler.app, config, scope, inbox.get, handler.send)
+        return handler.put
 
     def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         self._nursery.start_soon(func, *args)
+
+
+class _Handler:
+    """One HTTP request's handler in a cancel scope the connection layer holds.
+
+    hypercorn's protocols tell a request that its client went away (an HTTP/2
+    ``RST_STREAM``, a closed connection) by queueing ``http.disconnect``, which
+    a handler busy with the engine never reads. Here that message cancels the
+    handler at once, unless its response has ended (ASGI lets a handler run on
+    after that: background work). The scope's ``cancel`` is lent to the
+    runner's middleware (the ``trio_launcher.cancel`` scope extension) for the
+    request deadline and the body timeout, so no request needs a second scope
+    or a task that watches its ``receive``. The scope holds the app call only:
+    hypercorn's end of the request (``send(None)``) runs outside it.
+    """
+
+    __slots__ = ("_app", "_inbox", "_send", "complete", "scope")
+
+    def __init__(
+        self, app: AppWrapper, inbox: _Inbox, send: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        self._app = app
+        self._inbox = inbox
+        self._send = send
+        self.scope = trio.CancelScope()
+        self.complete = False
+
+    async def app(
+        self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any
+    ) -> None:
+        scope.setdefault("extensions", {})[CANCEL_EXTENSION] = self.scope.cancel
+        with self.scope:
+            await self._app(scope, receive, send, sync_spawn, call_soon)
+
+    async def send(self, message: Any) -> None:
+        if (
+            message is not None
+            and message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+        ):
+            self.complete = True
+        await self._send(message)
+
+    async def put(self, message: Any) -> None:
+        if message["type"] == "http.disconnect" and not self.complete:
+            self.scope.cancel()
+        await self._inbox.put(message)
 
 
 async def serve_connection(
