@@ -12,11 +12,37 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 import trio
 
+from .net import get
+
 ROOT = Path(__file__).resolve().parent.parent
 URL_RE = re.compile(r"serving on (\S+)")
+
+
+class InFlight:
+    """A request sent in the background: its response, or the error that cut it."""
+
+    def __init__(self) -> None:
+        self.response: httpx.Response | None = None
+        self.error: httpx.HTTPError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None or self.error is not None
+
+    def ok(self) -> httpx.Response:
+        """The response, which must have come (the error, if any, is the message)."""
+        assert self.response is not None, self.error
+        return self.response
+
+    def assert_aborted(self) -> None:
+        """The request must have ended without a success: a cut connection or a 5xx."""
+        if self.error is None:
+            assert self.response is not None, "the request never ended"
+            assert self.response.status_code >= 500, self.response
 
 
 class Launched:
@@ -61,6 +87,26 @@ class Launched:
                         return line
                 await self._line_seen.wait()
                 self._line_seen = trio.Event()
+
+    async def slow_request(
+        self, nursery: trio.Nursery, path: str, client: httpx.AsyncClient | None = None
+    ) -> InFlight:
+        """GET ``path`` (an app route that logs "slow request started") in the background;
+        return once the app has logged that it started."""
+        in_flight = InFlight()
+
+        async def request() -> None:
+            try:
+                if client is None:
+                    in_flight.response = await get(self.url + path)
+                else:
+                    in_flight.response = await client.get(path)
+            except httpx.HTTPError as exc:
+                in_flight.error = exc
+
+        nursery.start_soon(request)
+        await self.wait_for_line("slow request started")
+        return in_flight
 
     async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
         buffer = b""

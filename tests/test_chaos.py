@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from trio_launcher.testing import TLSFiles, presented_cert, running_server
 
 from .apps import App
-from .net import aborted, get
+from .net import get
 from .proc import ROOT, cli_env, launch
 
 pytestmark = pytest.mark.chaos
@@ -447,16 +447,12 @@ async def test_descriptor_exhaustion_recovers() -> None:
 async def test_handler_that_never_returns_is_cancelled_at_drain_deadline() -> None:
     args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"]
     async with launch(args) as proc, trio.open_nursery() as nursery:
-
-        async def stuck() -> None:
-            await aborted(f"{proc.url}/slow?s=3600")
-
-        nursery.start_soon(stuck)
-        await proc.wait_for_line("slow request started")
+        stuck = await proc.slow_request(nursery, "/slow?s=3600")
         proc.signal(signal.SIGTERM)
         start = trio.current_time()
         assert await proc.wait(timeout=5) == 0
         assert trio.current_time() - start < 0.5 + 3  # the deadline, not the hour
+    stuck.assert_aborted()
 
 
 async def test_startup_failure_exits_1_with_one_error_line() -> None:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from .net import aborted, get, wait_refused
+from .net import get, wait_refused
 from .proc import ROOT, cli_env, launch, run_cli
 
 APP = "tests.apps:app"
@@ -22,40 +22,30 @@ APP = "tests.apps:app"
 
 async def test_sigterm_drains_in_flight_request_and_exits_0() -> None:
     async with launch([APP, "--bind", "127.0.0.1:0", "--graceful-timeout", "10"]) as proc:
-        result: dict[str, httpx.Response] = {}
-
-        async def slow_request() -> None:
-            result["r"] = await get(f"{proc.url}/slow?s=3")
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow_request)
-            await proc.wait_for_line("slow request started")
+            slow = await proc.slow_request(nursery, "/slow?s=3")
             proc.signal(signal.SIGTERM)
             await proc.wait_for_line("SIGTERM: draining")
             # The listener closes at once (milliseconds), while the request is in
             # flight; the bound leaves room for a busy machine.
             await wait_refused(proc.port, timeout=2.5)
-            assert "r" not in result  # still running: refused during the drain
-        assert result["r"].status_code == 200
-        assert result["r"].text == "slept"
+            assert not slow.done  # still running: refused during the drain
+        assert slow.ok().status_code == 200
+        assert slow.ok().text == "slept"
         assert await proc.wait() == 0, proc.stderr
 
 
 async def test_second_sigint_forces_exit_130_fast() -> None:
     async with launch([APP, "--bind", "127.0.0.1:0", "--graceful-timeout", "30"]) as proc:
         async with trio.open_nursery() as nursery:
-
-            async def long_request() -> None:
-                await aborted(f"{proc.url}/slow?s=20")
-
-            nursery.start_soon(long_request)
-            await proc.wait_for_line("slow request started")
+            long_request = await proc.slow_request(nursery, "/slow?s=20")
             proc.signal(signal.SIGINT)
             await proc.wait_for_line("SIGINT: draining")
             proc.signal(signal.SIGINT)
             start = trio.current_time()
             code = await proc.wait(timeout=5)
             elapsed = trio.current_time() - start
+        long_request.assert_aborted()
         assert code == 130, proc.stderr
         assert elapsed < 3.0, elapsed  # far below the 20 s request and 30 s drain
         assert "Traceback" not in proc.stderr
@@ -64,21 +54,15 @@ async def test_second_sigint_forces_exit_130_fast() -> None:
 async def test_engine_wait_dead_closes_listener_fast_and_exits_3() -> None:
     args = [APP, "--engine", "tests.apps:engine", "--bind", "127.0.0.1:0"]
     async with launch(args) as proc:
-        results: dict[str, httpx.Response] = {}
         async with trio.open_nursery() as nursery:
-
-            async def slow() -> None:
-                results["slow"] = await get(f"{proc.url}/slow?s=1")
-
-            nursery.start_soon(slow)
-            await proc.wait_for_line("slow request started")
+            slow = await proc.slow_request(nursery, "/slow?s=1")
             async with httpx.AsyncClient() as client:
                 kill = await client.post(f"{proc.url}/kill")
             assert kill.status_code == 202
             # The kill answer arrives after the engine died; the listener closes
             # at once (about 1 ms, BENCHMARKS.md), long before the 1 s request.
             await wait_refused(proc.port, timeout=1.0)
-        assert results["slow"].status_code == 200
+        assert slow.ok().status_code == 200
         assert await proc.wait() == 3, proc.stderr
         assert "engine died" in proc.lines[-1]
 

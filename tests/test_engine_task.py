@@ -39,7 +39,6 @@ from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import engine_tasks
 from .engine_tasks import App, recorded_engine
-from .net import aborted
 from .proc import launch, run_cli
 
 ENGINE = "tests.engine_tasks"
@@ -612,17 +611,11 @@ async def test_engine_and_engine_task_are_exclusive() -> None:
 async def test_cli_engine_crash_mid_request_drains_and_exits_3() -> None:
     args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:engine_task", "--bind", "127.0.0.1:0"]
     async with launch(args) as proc, httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
-        results: dict[str, httpx.Response] = {}
         async with trio.open_nursery() as nursery:
-
-            async def slow() -> None:
-                results["slow"] = await client.get("/slow?s=1")
-
-            nursery.start_soon(slow)
-            await proc.wait_for_line("slow request started")
-            results["crash"] = await client.get("/ask?q=crash")
-        assert results["crash"].status_code == 500
-        assert results["slow"].status_code == 200
+            slow = await proc.slow_request(nursery, "/slow?s=1", client)
+            crash = await client.get("/ask?q=crash")
+        assert crash.status_code == 500
+        assert slow.ok().status_code == 200
         assert await proc.wait() == 3, proc.stderr
     assert proc.stderr.count("Traceback") == 1, proc.stderr
     assert "RuntimeError: the model crashed" in proc.stderr
@@ -632,17 +625,11 @@ async def test_cli_engine_crash_mid_request_drains_and_exits_3() -> None:
 async def test_cli_sigterm_with_a_slow_request_that_needs_the_engine_at_its_end() -> None:
     args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:recorded_engine", "--bind", "127.0.0.1:0"]
     async with launch(args) as proc, httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
-        result: dict[str, httpx.Response] = {}
         async with trio.open_nursery() as nursery:
-
-            async def slow_ask() -> None:
-                result["r"] = await client.get("/slow-ask?s=1&q=bye")
-
-            nursery.start_soon(slow_ask)
-            await proc.wait_for_line("slow request started")
+            slow_ask = await proc.slow_request(nursery, "/slow-ask?s=1&q=bye", client)
             proc.signal(signal.SIGTERM)
-        assert result["r"].status_code == 200
-        assert result["r"].text == "BYE"
+        assert slow_ask.ok().status_code == 200
+        assert slow_ask.ok().text == "BYE"
         assert await proc.wait() == 0, proc.stderr
     order = [line.split("event: ")[1] for line in proc.lines if "event: " in line]
     assert order[-3:] == [
@@ -751,16 +738,12 @@ async def test_cli_second_signal_exits_130() -> None:
         "30",
     ]
     async with launch(args) as proc, trio.open_nursery() as nursery:
-
-        async def long_request() -> None:
-            await aborted(f"{proc.url}/slow?s=20")
-
-        nursery.start_soon(long_request)
-        await proc.wait_for_line("slow request started")
+        long_request = await proc.slow_request(nursery, "/slow?s=20")
         proc.signal(signal.SIGINT)
         await proc.wait_for_line("SIGINT: draining")
         proc.signal(signal.SIGINT)
         assert await proc.wait(timeout=5) == 130, proc.stderr
+    long_request.assert_aborted()
 
 
 @pytest.mark.parametrize(
