@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -338,6 +339,38 @@ async def test_engine_crashing_while_loading_is_a_death_and_the_app_never_starts
     assert engine_tasks.events == []
 
 
+def listening() -> socket.socket:
+    """A socket listening on 127.0.0.1, port 0: clients can connect before the runner runs."""
+    bound = socket.socket()
+    bound.bind(("127.0.0.1", 0))
+    bound.listen()
+    return bound
+
+
+class Starting:
+    """``serve``, a ``serve_http`` partial, started in ``nursery`` in the background: its
+    start (the engine task's) may take as long as the test wants."""
+
+    def __init__(self, nursery: trio.Nursery, serve: Callable[..., Awaitable[None]]) -> None:
+        self._ready = trio.Event()
+        self._handle: ServerHandle | None = None
+        self._nursery = nursery
+        nursery.start_soon(self._start, serve)
+
+    async def _start(self, serve: Callable[..., Awaitable[None]]) -> None:
+        handle = await self._nursery.start(serve)
+        assert isinstance(handle, ServerHandle)
+        self._handle = handle
+        self._ready.set()
+
+    async def handle(self) -> ServerHandle:
+        """Wait (10 s at most) until the server has started; its handle."""
+        with trio.fail_after(10):
+            await self._ready.wait()
+        assert self._handle is not None
+        return self._handle
+
+
 @pytest.mark.parametrize("transport", ["lean", "hypercorn"])
 async def test_503_while_the_engine_starts_then_serving(transport: Transport) -> None:
     """Port bound at once; health 503 "starting", other requests 503 + Retry-After."""
@@ -347,31 +380,21 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         await release.wait()
         await engine_tasks.recorded_engine(task_status=task_status)
 
-    bound = socket.socket()
-    bound.bind(("127.0.0.1", 0))
-    bound.listen()
+    bound = listening()
     url = f"http://127.0.0.1:{bound.getsockname()[1]}"
     async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=url) as client:
-        ready: list[object] = []
-        is_ready = trio.Event()
-
-        async def serve() -> None:
-            ready.append(
-                await nursery.start(
-                    partial(
-                        serve_http,
-                        App(),
-                        engine_task=gated,
-                        sock=bound,
-                        handle_signals=False,
-                        health_path="/health",
-                        transport=transport,
-                    )
-                )
-            )
-            is_ready.set()
-
-        nursery.start_soon(serve)
+        starting = Starting(
+            nursery,
+            partial(
+                serve_http,
+                App(),
+                engine_task=gated,
+                sock=bound,
+                handle_signals=False,
+                health_path="/health",
+                transport=transport,
+            ),
+        )
         with trio.fail_after(10):  # (a client may even connect before the runner runs)
             health = await client.get("/health")
         assert (health.status_code, health.json()["status"]) == (503, "starting")
@@ -382,12 +405,9 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         assert refused.json()["error"]["type"] == "Starting"
         assert engine_tasks.events == []  # neither the engine nor the app has started
         release.set()
-        with trio.fail_after(10):
-            await is_ready.wait()
+        handle = await starting.handle()
         assert (await get_ok(client, "/ask?q=x")).text == "X"
         assert (await get_ok(client, "/health")).json()["status"] == "serving"
-        handle = ready[0]
-        assert isinstance(handle, ServerHandle)
         assert handle.engine.is_running  # the task's started() value
         handle.shutdown()
 
@@ -419,43 +439,32 @@ async def test_an_http2_connection_opened_while_starting_sees_the_lifespan_state
         task_status.started()
         await trio.sleep_forever()
 
-    bound = socket.socket()
-    bound.bind(("127.0.0.1", 0))
-    bound.listen()
+    bound = listening()
     url = f"https://127.0.0.1:{bound.getsockname()[1]}"
     context = tls_files.client_context(http2=True)
     async with (
         trio.open_nursery() as nursery,
         httpx.AsyncClient(base_url=url, verify=context, http2=True) as client,
     ):
-        ready: list[ServerHandle] = []
-        is_ready = trio.Event()
-
-        async def serve() -> None:
-            ready.append(
-                await nursery.start(
-                    partial(
-                        serve_http,
-                        StateApp(),
-                        tls_files.config(),
-                        engine_task=gated,
-                        sock=bound,
-                        handle_signals=False,
-                    )
-                )
-            )
-            is_ready.set()
-
-        nursery.start_soon(serve)
+        starting = Starting(
+            nursery,
+            partial(
+                serve_http,
+                StateApp(),
+                tls_files.config(),
+                engine_task=gated,
+                sock=bound,
+                handle_signals=False,
+            ),
+        )
         with trio.fail_after(10):
             first = await client.get("/")
         assert (first.status_code, first.http_version) == (503, "HTTP/2")
         release.set()
-        with trio.fail_after(10):
-            await is_ready.wait()
+        handle = await starting.handle()
         second = await client.get("/")  # the same connection
         assert (second.status_code, second.http_version, second.text) == (200, "HTTP/2", "loaded")
-        ready[0].shutdown()
+        handle.shutdown()
 
 
 async def test_current_engine_is_the_engine_object_too() -> None:
