@@ -20,6 +20,9 @@ from .net import get
 
 ROOT = Path(__file__).resolve().parent.parent
 URL_RE = re.compile(r"serving on (\S+)")
+# Where every launched server listens: loopback, port 0 (the OS picks a free port, and
+# the test reads it back from the "serving on" line; never a port picked beforehand).
+LOOPBACK = ("--bind", "127.0.0.1:0")
 
 
 class InFlight:

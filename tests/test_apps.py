@@ -16,7 +16,7 @@ from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 from . import quart_apps
 from .apps import App
 from .net import get, wait_refused
-from .proc import launch
+from .proc import LOOPBACK, launch
 
 
 def local_config(**settings: object) -> Config:
@@ -56,8 +56,7 @@ async def wait_eof(stream: trio.SocketStream) -> None:
 async def test_readiness_turns_503_at_once_and_delay_keeps_serving() -> None:
     args = [
         "tests.apps:app",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--health-path",
         "/health",
         "--shutdown-delay",
@@ -80,7 +79,7 @@ async def test_readiness_turns_503_at_once_and_delay_keeps_serving() -> None:
 
 
 async def test_second_signal_during_delay_forces() -> None:
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--shutdown-delay", "30"]
+    args = ["tests.apps:app", *LOOPBACK, "--shutdown-delay", "30"]
     async with launch(args) as proc:
         proc.signal(signal.SIGTERM)
         await proc.wait_for_line("shutdown delay")
@@ -154,8 +153,7 @@ async def test_access_log_excludes_paths(tmp_path: Path) -> None:
     log_file = tmp_path / "access.log"
     args = [
         "tests.apps:app",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--health-path",
         "/health",
         "--access-log",
@@ -186,8 +184,7 @@ async def test_engine_killed_mid_stream_ends_stream_and_exits_3() -> None:
         "tests.apps:app",
         "--engine",
         "tests.apps:engine",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--graceful-timeout",
         "1",
     ]
@@ -216,7 +213,7 @@ async def test_engine_killed_mid_stream_ends_stream_and_exits_3() -> None:
 
 
 async def test_quart_engine_dead_in_nursery_gives_500_json_and_exit_3() -> None:
-    async with launch(["tests.quart_apps:app", "--bind", "127.0.0.1:0"]) as proc:
+    async with launch(["tests.quart_apps:app", *LOOPBACK]) as proc:
         assert any("/dead-in-nursery" in line for line in proc.lines)  # route log
         response = await get(f"{proc.url}/dead-in-nursery")
         assert response.status_code == 500
@@ -225,7 +222,7 @@ async def test_quart_engine_dead_in_nursery_gives_500_json_and_exit_3() -> None:
 
 
 async def test_quart_idle_keep_alive_client_does_not_delay_exit() -> None:
-    args = ["tests.quart_apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "10"]
+    args = ["tests.quart_apps:app", *LOOPBACK, "--graceful-timeout", "10"]
     async with launch(args) as proc:
         stream, response = await open_request(proc.port)
         assert b"hello" in response
@@ -270,8 +267,7 @@ async def test_example_quart_service_streams_and_dies_with_exit_3() -> None:
         "examples.quart_service:app",
         "--engine",
         "examples.quart_service:engine",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--health-path",
         "/health",
     ]
@@ -286,7 +282,7 @@ async def test_example_quart_service_streams_and_dies_with_exit_3() -> None:
 
 
 async def test_example_bare_asgi() -> None:
-    async with launch(["examples.bare_asgi:app", "--bind", "127.0.0.1:0"]) as proc:
+    async with launch(["examples.bare_asgi:app", *LOOPBACK]) as proc:
         assert (await get(proc.url)).text.startswith("hello")
         proc.signal(signal.SIGINT)
         assert await proc.wait() == 0
@@ -300,7 +296,7 @@ async def test_example_embedded() -> None:
 
 
 async def test_example_service_engine_death() -> None:
-    args = ["examples.service:app", "--engine", "examples.service:engine", "--bind", "127.0.0.1:0"]
+    args = ["examples.service:app", "--engine", "examples.service:engine", *LOOPBACK]
     async with launch(args) as proc:
         async with httpx.AsyncClient(base_url=proc.url) as client:
             tokens = await client.get("/generate", params={"tokens": 2})

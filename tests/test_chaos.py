@@ -30,7 +30,7 @@ from trio_launcher.testing import TLSFiles, presented_cert, running_server
 
 from .apps import App
 from .net import get
-from .proc import ROOT, cli_env, launch
+from .proc import LOOPBACK, ROOT, cli_env, launch
 
 pytestmark = pytest.mark.chaos
 
@@ -90,8 +90,7 @@ async def test_engine_dies_at_random_under_load(run: int) -> None:
         "tests.apps:app",
         "--engine",
         "tests.apps:engine",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--graceful-timeout",
         "1",
         "--log-level",
@@ -158,8 +157,7 @@ async def test_signal_storm_during_load(storm: list[signal.Signals], transport: 
     forcing = [signum for signum in after if signum in STOP_SIGNALS]
     args = [
         "tests.apps:app",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--graceful-timeout",
         "2",
         "--transport",
@@ -196,7 +194,7 @@ async def test_signal_storm_during_load(storm: list[signal.Signals], transport: 
 
 
 async def test_sighup_storm_keeps_serving() -> None:
-    async with launch(["tests.apps:app", "--bind", "127.0.0.1:0"]) as proc:
+    async with launch(["tests.apps:app", *LOOPBACK]) as proc:
         for _ in range(50):
             proc.signal(signal.SIGHUP)
         await proc.wait_for_line("SIGHUP")
@@ -341,7 +339,7 @@ def test_malformed_requests_never_kill_the_server(malformed_server: int, data: b
 def malformed_server() -> object:
     """A CLI server for the hypothesis test (sync: hypothesis drives plain sockets)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trio_launcher", "tests.apps:app", "--bind", "127.0.0.1:0"],
+        [sys.executable, "-m", "trio_launcher", "tests.apps:app", *LOOPBACK],
         cwd=ROOT,
         env=cli_env(),
         stdin=subprocess.DEVNULL,
@@ -414,7 +412,7 @@ async def test_descriptor_exhaustion_recovers() -> None:
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 
-    async with launch(["tests.apps:app", "--bind", "127.0.0.1:0"], preexec_fn=low_limit) as proc:
+    async with launch(["tests.apps:app", *LOOPBACK], preexec_fn=low_limit) as proc:
         hogs = []
         for _ in range(60):  # more than the server has descriptors for
             try:
@@ -445,7 +443,7 @@ async def test_descriptor_exhaustion_recovers() -> None:
 
 
 async def test_handler_that_never_returns_is_cancelled_at_drain_deadline() -> None:
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"]
+    args = ["tests.apps:app", *LOOPBACK, "--graceful-timeout", "0.5"]
     async with launch(args) as proc, trio.open_nursery() as nursery:
         stuck = await proc.slow_request(nursery, "/slow?s=3600")
         proc.signal(signal.SIGTERM)
@@ -457,7 +455,7 @@ async def test_handler_that_never_returns_is_cancelled_at_drain_deadline() -> No
 
 async def test_startup_failure_exits_1_with_one_error_line() -> None:
     result = await trio.run_process(
-        [sys.executable, "-m", "trio_launcher", "tests.apps:failing_app", "--bind", "127.0.0.1:0"],
+        [sys.executable, "-m", "trio_launcher", "tests.apps:failing_app", *LOOPBACK],
         cwd=ROOT,
         env=cli_env(),
         capture_stderr=True,
