@@ -25,6 +25,18 @@ URL_RE = re.compile(r"serving on (\S+)")
 LOOPBACK = ("--bind", "127.0.0.1:0")
 
 
+def served(app: str, **flags: object) -> list[str]:
+    """The CLI's arguments to serve ``app`` on LOOPBACK with ``--flag value`` for each
+    keyword (``health_path="/health"`` is ``--health-path /health``; a list repeats
+    the flag; ``True`` is the flag alone)."""
+    args = [app, *LOOPBACK]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            args += [flag] if item is True else [flag, str(item)]
+    return args
+
+
 class InFlight:
     """A request sent in the background: its response, or the error that cut it."""
 

@@ -16,7 +16,7 @@ from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 from . import quart_apps
 from .apps import App
 from .net import get, wait_refused
-from .proc import LOOPBACK, launch
+from .proc import LOOPBACK, launch, served
 
 
 def local_config(**settings: object) -> Config:
@@ -54,14 +54,7 @@ async def wait_eof(stream: trio.SocketStream) -> None:
 
 
 async def test_readiness_turns_503_at_once_and_delay_keeps_serving() -> None:
-    args = [
-        "tests.apps:app",
-        *LOOPBACK,
-        "--health-path",
-        "/health",
-        "--shutdown-delay",
-        "1",
-    ]
+    args = served("tests.apps:app", health_path="/health", shutdown_delay=1)
     async with launch(args) as proc:
         async with httpx.AsyncClient(base_url=proc.url) as client:
             ready = await client.get("/health")
@@ -151,18 +144,12 @@ async def test_head_size_limit_both_layers() -> None:
 
 async def test_access_log_excludes_paths(tmp_path: Path) -> None:
     log_file = tmp_path / "access.log"
-    args = [
+    args = served(
         "tests.apps:app",
-        *LOOPBACK,
-        "--health-path",
-        "/health",
-        "--access-log",
-        str(log_file),
-        "--access-log-exclude",
-        "/health",
-        "--access-log-exclude",
-        "/metrics",
-    ]
+        health_path="/health",
+        access_log=log_file,
+        access_log_exclude=["/health", "/metrics"],
+    )
     async with launch(args) as proc:
         async with httpx.AsyncClient(base_url=proc.url) as client:
             for path in ("/", "/health", "/metrics", "/slow?s=0"):
@@ -180,14 +167,7 @@ async def test_access_log_excludes_paths(tmp_path: Path) -> None:
 
 
 async def test_engine_killed_mid_stream_ends_stream_and_exits_3() -> None:
-    args = [
-        "tests.apps:app",
-        "--engine",
-        "tests.apps:engine",
-        *LOOPBACK,
-        "--graceful-timeout",
-        "1",
-    ]
+    args = served("tests.apps:app", engine="tests.apps:engine", graceful_timeout=1)
     async with launch(args) as proc:
         params = {"n": 1000, "delay": 0.01}
         async with (
@@ -263,14 +243,9 @@ async def test_quart_errors_and_response_timeout() -> None:
 
 
 async def test_example_quart_service_streams_and_dies_with_exit_3() -> None:
-    args = [
-        "examples.quart_service:app",
-        "--engine",
-        "examples.quart_service:engine",
-        *LOOPBACK,
-        "--health-path",
-        "/health",
-    ]
+    args = served(
+        "examples.quart_service:app", engine="examples.quart_service:engine", health_path="/health"
+    )
     async with launch(args) as proc:
         async with httpx.AsyncClient(base_url=proc.url) as client:
             stream = await client.get("/generate", params={"tokens": 3})

@@ -30,7 +30,7 @@ from trio_launcher.testing import TLSFiles, presented_cert, running_server
 
 from .apps import App
 from .net import get
-from .proc import LOOPBACK, ROOT, cli_env, launch
+from .proc import LOOPBACK, ROOT, cli_env, launch, served
 
 pytestmark = pytest.mark.chaos
 
@@ -86,16 +86,9 @@ async def client_loop(
 
 @pytest.mark.parametrize("run", range(RUNS))
 async def test_engine_dies_at_random_under_load(run: int) -> None:
-    args = [
-        "tests.apps:app",
-        "--engine",
-        "tests.apps:engine",
-        *LOOPBACK,
-        "--graceful-timeout",
-        "1",
-        "--log-level",
-        "warning",
-    ]
+    args = served(
+        "tests.apps:app", engine="tests.apps:engine", graceful_timeout=1, log_level="warning"
+    )
     async with launch(args, wait_serving=False) as proc:
         # --log-level warning hides "serving on": find the port through psutil.
         port = await _listening_port(proc.process.pid)
@@ -155,14 +148,7 @@ async def test_signal_storm_during_load(storm: list[signal.Signals], transport: 
     first = next(i for i, signum in enumerate(storm) if signum in STOP_SIGNALS)
     before, stop_signal, after = storm[:first], storm[first], storm[first + 1 :]
     forcing = [signum for signum in after if signum in STOP_SIGNALS]
-    args = [
-        "tests.apps:app",
-        *LOOPBACK,
-        "--graceful-timeout",
-        "2",
-        "--transport",
-        transport,
-    ]
+    args = served("tests.apps:app", graceful_timeout=2, transport=transport)
     async with launch(args) as proc:
         tally = Tally()
         stop = trio.Event()

@@ -19,7 +19,7 @@ from trio_launcher._logging import JsonFormatter, TextFormatter, iso_time
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import Receive, Send, respond
-from .proc import LOOPBACK, launch
+from .proc import LOOPBACK, launch, served
 
 GENERATED = re.compile(r"^[0-9a-f]{12}-\d+$")
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -237,14 +237,7 @@ async def read_lines(path: Path, count: int) -> list[str]:
 
 async def test_cli_json_lines_for_runner_and_access(tmp_path: Path) -> None:
     access = tmp_path / "access.log"
-    args = [
-        "tests.apps:app",
-        *LOOPBACK,
-        "--log-format",
-        "json",
-        "--access-log",
-        str(access),
-    ]
+    args = served("tests.apps:app", log_format="json", access_log=access)
     async with launch(args, wait_serving=False) as proc:
         line = await proc.wait_for_line(r'"message": "serving on ')
         url = json.loads(line)["message"].split()[-1]
