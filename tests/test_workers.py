@@ -207,27 +207,37 @@ def killpg(group: int, signum: int) -> Callable[[], Awaitable[None]]:
 WORKER_ARGS = [*WORKERS, "--graceful-timeout", "20"]
 
 
-async def test_ctrl_c_to_the_process_group_drains_every_stream() -> None:
-    async with launch(WORKER_ARGS, wait_serving=False, new_session=True) as proc:
-        await serving(proc)
-        group = os.getpgid(proc.process.pid)
-        assert group == proc.process.pid
-        bodies = await four_streams_through(proc, killpg(group, signal.SIGINT))
-        assert bodies == [STREAM_BODY] * 4
-        assert await proc.wait() == 0, proc.stderr
-    assert not any("stopping at once" in line for line in proc.lines), proc.stderr
+Signals = Callable[[Launched, list[int]], Callable[[], Awaitable[None]]]
 
 
-async def test_sigterm_to_every_process_drains_every_stream() -> None:
+def ctrl_c_to_the_group(proc: Launched, pids: list[int]) -> Callable[[], Awaitable[None]]:
+    """What a terminal does on Ctrl+C: SIGINT to the foreground process group."""
+    group = os.getpgid(proc.process.pid)
+    assert group == proc.process.pid
+    return killpg(group, signal.SIGINT)
+
+
+def sigterm_to_every_process(proc: Launched, pids: list[int]) -> Callable[[], Awaitable[None]]:
     """systemd's KillMode=control-group: SIGTERM to the parent and to each worker."""
+
+    async def control_group() -> None:
+        for pid in [proc.process.pid, *pids, *pids]:  # each worker twice, even
+            os.kill(pid, signal.SIGTERM)
+
+    return control_group
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        pytest.param(ctrl_c_to_the_group, id="ctrl-c-to-the-process-group"),
+        pytest.param(sigterm_to_every_process, id="sigterm-to-every-process"),
+    ],
+)
+async def test_a_stop_signal_drains_every_stream(signals: Signals) -> None:
     async with launch(WORKER_ARGS, wait_serving=False, new_session=True) as proc:
         pids = await serving(proc)
-
-        async def control_group() -> None:
-            for pid in [proc.process.pid, *pids, *pids]:  # each worker twice, even
-                os.kill(pid, signal.SIGTERM)
-
-        bodies = await four_streams_through(proc, control_group)
+        bodies = await four_streams_through(proc, signals(proc, pids))
         assert bodies == [STREAM_BODY] * 4
         assert await proc.wait() == 0, proc.stderr
     assert not any("stopping at once" in line for line in proc.lines), proc.stderr
