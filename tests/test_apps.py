@@ -15,7 +15,7 @@ from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import quart_apps
 from .apps import App
-from .net import get, wait_refused
+from .net import get, open_request, wait_eof, wait_refused
 from .proc import LOOPBACK, launch, served
 
 
@@ -23,31 +23,6 @@ def local_config(**settings: object) -> Config:
     config = Config.from_mapping(settings)
     config.bind = ["127.0.0.1:0"]
     return config
-
-
-async def open_request(port: int, extra: bytes = b"") -> tuple[trio.SocketStream, bytes]:
-    """Send ``GET /`` on a new connection; return the stream and the whole response."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n" + extra + b"\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length")
-    )
-    while len(body) < length:
-        body += await stream.receive_some(65536)
-    return stream, head + b"\r\n\r\n" + body
-
-
-async def wait_eof(stream: trio.SocketStream) -> None:
-    """Read until the server closes the connection, then close our end."""
-    async with stream:
-        while await stream.receive_some(65536):
-            pass
 
 
 # --- readiness and shutdown delay -------------------------------------------
