@@ -94,12 +94,17 @@ class Launched:
         return code
 
     async def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
+        """The first stderr line that matches ``pattern``, once there is one."""
+        return (await self.wait_for_lines(pattern, 1, timeout))[0]
+
+    async def wait_for_lines(self, pattern: str, count: int, timeout: float = 10.0) -> list[str]:
+        """The stderr lines that match ``pattern``, once there are ``count`` of them."""
         regex = re.compile(pattern)
         with trio.fail_after(timeout):
             while True:
-                for line in self.lines:
-                    if regex.search(line):
-                        return line
+                found = [line for line in self.lines if regex.search(line)]
+                if len(found) >= count:
+                    return found
                 await self._line_seen.wait()
                 self._line_seen = trio.Event()
 

@@ -438,10 +438,7 @@ async def test_recycling_replaces_workers_without_a_failed_request(
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load.run, stop)
-            with trio.fail_after(60):
-                while len(replacements(proc.lines)) < 2:
-                    await proc.wait_for_line(r"serves, PID \d+ drains", timeout=60)
-                    await trio.sleep(0.1)
+            await proc.wait_for_lines(r"PID \d+ serves, PID \d+ drains", 2, timeout=60)
             stop.set()
         await proc.wait_for_line(why)
         assert load.failures == []
@@ -543,10 +540,7 @@ async def test_requests_a_real_worker_cuts_at_graceful_timeout_are_counted_by_th
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(aborted, f"{proc.url}/slow?s=30")
-            with trio.fail_after(10):
-                while sum("slow request started" in line for line in proc.lines) < 3:
-                    await proc.wait_for_line("slow request started")
-                    await trio.sleep(0.01)
+            await proc.wait_for_lines("slow request started", 3)
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0, proc.stderr
     cut = re.compile(r"ERROR.*trio_launcher: worker \d \(PID \d+\): its drain cut (\d+)")
