@@ -152,9 +152,8 @@ def quart(rounds: int, seconds: float) -> dict[str, Any]:
 def workers(rounds: int, seconds: float) -> dict[str, Any]:
     """``--workers 2`` against one process, hello world over HTTP/1.1 (nothing pinned:
     the workers need both cores, and so does wrk)."""
-    import subprocess
 
-    from benchmarks.harness import ROOT, env, free_port, wait_port
+    from benchmarks.harness import free_port, spawn, wait_port
 
     results: dict[str, list[float]] = {"1 process": [], "2 workers": []}
     for i in range(rounds):
@@ -173,9 +172,7 @@ def workers(rounds: int, seconds: float) -> dict[str, Any]:
                 "--log-level",
                 "warning",
             ]
-            proc = subprocess.Popen(
-                argv, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            proc = spawn(argv)
             try:
                 wait_port(port, proc=proc)
                 url = f"http://127.0.0.1:{port}/"

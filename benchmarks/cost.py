@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.harness import ROOT, env, free_port, server
+from benchmarks.harness import free_port, server, spawn
 from trio_launcher.testing import TLSFiles
 
 
@@ -29,14 +28,7 @@ def cold_start(variant: str) -> float:
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.server", variant, str(port)]
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv,
-        env=env(),
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn(argv)
     try:
         deadline = start + 30
         while not _get(port):

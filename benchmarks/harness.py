@@ -44,6 +44,19 @@ def env() -> dict[str, str]:
     return result
 
 
+def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start a benchmark process in this checkout, with nothing on stdin and its output
+    thrown away."""
+    return subprocess.Popen(
+        list(argv),
+        env=env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def wait_port(
     port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -64,14 +77,7 @@ def server(
     """Run ``benchmarks.server VARIANT`` pinned to core 0; yield (port, process)."""
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.server", variant, str(port), *(tls or ())]
-    proc = subprocess.Popen(
-        pin(0, argv),
-        env=env(),
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn(pin(0, argv))
     try:
         wait_port(port, proc=proc)
         yield port, proc

@@ -10,12 +10,11 @@ keep-alive connection. Variants: bare hypercorn-trio, the runner on httptools
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import time
 from functools import partial
 
-from benchmarks.harness import ROOT, env, free_port, wait_port
+from benchmarks.harness import free_port, spawn, wait_port
 
 VARIANTS = ("hypercorn", "runner", "runner-h11")
 
@@ -57,9 +56,7 @@ def kib_per_connection(variant: str, count: int) -> float:
 
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.keepalive_rss", "--serve", variant, str(port)]
-    proc = subprocess.Popen(
-        argv, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = spawn(argv)
     conns: list[socket.socket] = []
     try:
         wait_port(port, proc=proc)

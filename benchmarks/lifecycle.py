@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config
 
 from benchmarks.apps import app
-from benchmarks.harness import ROOT, env, free_port, wait_port
+from benchmarks.harness import free_port, spawn, wait_port
 from trio_launcher import EngineDeadError, serve_http
 from trio_launcher.testing import FakeEngine, FakePollingEngine, TLSFiles, presented_cert
 
@@ -89,14 +89,7 @@ def _launch(extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
         "warning",
         *extra,
     ]
-    proc = subprocess.Popen(
-        argv,
-        env=env(),
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn(argv)
     wait_port(port, proc=proc)
     return proc, port
 

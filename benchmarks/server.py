@@ -20,12 +20,25 @@ from __future__ import annotations
 import logging
 import sys
 from functools import partial
-from typing import Literal
+from typing import Any
 
 import trio
 from hypercorn.config import Config
 
 from benchmarks.apps import app, quart_app
+
+# serve_http's options for each runner variant (with an idle engine), beyond the defaults
+# (lean transport, http="auto", request ids on, no metrics).
+RUNNERS: dict[str, dict[str, Any]] = {
+    "runner": {},
+    "runner-idle": {},  # and the TLS refresher when TLS is on
+    "runner-stock": {"transport": "hypercorn"},
+    "runner-h11": {"http": "h11"},
+    "runner-plain": {"request_ids": False},
+    "runner-observed": {"metrics_path": "/metrics"},
+    "runner-ids": {},
+    "runner-metrics": {"request_ids": False, "metrics_path": "/metrics"},
+}
 
 
 class IdleEngine:
@@ -46,25 +59,13 @@ def main(argv: list[str]) -> None:
         from hypercorn.trio import serve
 
         trio.run(partial(serve, app, config))  # type: ignore[arg-type]
-    elif variant in ("runner", "runner-idle", "runner-stock", "runner-h11"):
+    elif variant in RUNNERS:
         from trio_launcher import serve_http
 
-        idle = variant == "runner-idle"
-        transport: Literal["lean", "hypercorn"] = (
-            "hypercorn" if variant == "runner-stock" else "lean"
-        )
-        http: Literal["auto", "h11"] = "h11" if variant == "runner-h11" else "auto"
-        trio.run(
-            partial(
-                serve_http,
-                app,
-                config,
-                engine=IdleEngine(),
-                transport=transport,
-                http=http,
-                enable_ssl_refresh=idle and config.ssl_enabled,
-            )
-        )
+        options = dict(RUNNERS[variant])
+        if variant == "runner-idle":
+            options["enable_ssl_refresh"] = config.ssl_enabled
+        trio.run(partial(serve_http, app, config, engine=IdleEngine(), **options))
     elif variant in ("uvicorn", "uvicorn-fast"):
         import uvicorn
 
@@ -78,21 +79,6 @@ def main(argv: list[str]) -> None:
             log_level="warning",
             access_log=False,
             backlog=2048,
-        )
-    elif variant in ("runner-plain", "runner-observed", "runner-ids", "runner-metrics"):
-        from trio_launcher import serve_http
-
-        ids = variant in ("runner-observed", "runner-ids")
-        metrics = variant in ("runner-observed", "runner-metrics")
-        trio.run(
-            partial(
-                serve_http,
-                app,
-                config,
-                engine=IdleEngine(),
-                request_ids=ids,
-                metrics_path="/metrics" if metrics else None,
-            )
         )
     elif variant == "quart-runner":
         from trio_launcher import serve_http

@@ -9,22 +9,23 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
 
 
-async def app(
-    scope: Message,
-    receive: Callable[[], Awaitable[Message]],
-    send: Callable[[Message], Awaitable[None]],
-) -> None:
+async def app(scope: Message, receive: Callable[[], Awaitable[Message]], send: Send) -> None:
     if scope["type"] != "http":
         return  # no lifespan: the runner serves without it
-    body = b"hello from a bare ASGI app\n"
+    await respond(send, b"hello from a bare ASGI app\n")
+
+
+async def respond(send: Send, body: bytes, content_type: bytes = b"text/plain") -> None:
+    """A whole 200 response: the head with the body's length, then the body."""
     await send(
         {
             "type": "http.response.start",
             "status": 200,
             "headers": [
-                (b"content-type", b"text/plain"),
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
             ],
         }

@@ -10,6 +10,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from examples.bare_asgi import respond
+
 VERSION = "v1"
 
 Message = MutableMapping[str, Any]
@@ -33,14 +35,4 @@ async def app(
             "version": VERSION,
         }
     ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await respond(send, body, b"application/json")

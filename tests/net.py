@@ -36,3 +36,28 @@ async def wait_refused(port: int, timeout: float) -> None:
     with trio.fail_after(timeout):
         while not await connection_refused(port):
             await trio.sleep(0.002)
+
+
+async def open_request(port: int, extra: bytes = b"") -> tuple[trio.SocketStream, bytes]:
+    """Send ``GET /`` on a new connection; return the stream and the whole response."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n" + extra + b"\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return stream, head + b"\r\n\r\n" + body
+
+
+async def wait_eof(stream: trio.SocketStream) -> None:
+    """Read until the server closes the connection, then close our end."""
+    async with stream:
+        while await stream.receive_some(65536):
+            pass

@@ -12,11 +12,52 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 import trio
 
+from .net import get
+
 ROOT = Path(__file__).resolve().parent.parent
 URL_RE = re.compile(r"serving on (\S+)")
+# Where every launched server listens: loopback, port 0 (the OS picks a free port, and
+# the test reads it back from the "serving on" line; never a port picked beforehand).
+LOOPBACK = ("--bind", "127.0.0.1:0")
+
+
+def served(app: str, **flags: object) -> list[str]:
+    """The CLI's arguments to serve ``app`` on LOOPBACK with ``--flag value`` for each
+    keyword (``health_path="/health"`` is ``--health-path /health``; a list repeats
+    the flag; ``True`` is the flag alone)."""
+    args = [app, *LOOPBACK]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            args += [flag] if item is True else [flag, str(item)]
+    return args
+
+
+class InFlight:
+    """A request sent in the background: its response, or the error that cut it."""
+
+    def __init__(self) -> None:
+        self.response: httpx.Response | None = None
+        self.error: httpx.HTTPError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None or self.error is not None
+
+    def ok(self) -> httpx.Response:
+        """The response, which must have come (the error, if any, is the message)."""
+        assert self.response is not None, self.error
+        return self.response
+
+    def assert_aborted(self) -> None:
+        """The request must have ended without a success: a cut connection or a 5xx."""
+        if self.error is None:
+            assert self.response is not None, "the request never ended"
+            assert self.response.status_code >= 500, self.response
 
 
 class Launched:
@@ -53,14 +94,39 @@ class Launched:
         return code
 
     async def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
+        """The first stderr line that matches ``pattern``, once there is one."""
+        return (await self.wait_for_lines(pattern, 1, timeout))[0]
+
+    async def wait_for_lines(self, pattern: str, count: int, timeout: float = 10.0) -> list[str]:
+        """The stderr lines that match ``pattern``, once there are ``count`` of them."""
         regex = re.compile(pattern)
         with trio.fail_after(timeout):
             while True:
-                for line in self.lines:
-                    if regex.search(line):
-                        return line
+                found = [line for line in self.lines if regex.search(line)]
+                if len(found) >= count:
+                    return found
                 await self._line_seen.wait()
                 self._line_seen = trio.Event()
+
+    async def slow_request(
+        self, nursery: trio.Nursery, path: str, client: httpx.AsyncClient | None = None
+    ) -> InFlight:
+        """GET ``path`` (an app route that logs "slow request started") in the background;
+        return once the app has logged that it started."""
+        in_flight = InFlight()
+
+        async def request() -> None:
+            try:
+                if client is None:
+                    in_flight.response = await get(self.url + path)
+                else:
+                    in_flight.response = await client.get(path)
+            except httpx.HTTPError as exc:
+                in_flight.error = exc
+
+        nursery.start_soon(request)
+        await self.wait_for_line("slow request started")
+        return in_flight
 
     async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
         buffer = b""

@@ -64,6 +64,17 @@ def issue(tmp_path: Path, start: datetime.datetime, valid_for: datetime.timedelt
     return tls
 
 
+def watched(
+    tmp_path: Path, valid_for: datetime.timedelta
+) -> tuple[TLSFiles, CertificateRefresher, Callable[[], datetime.datetime]]:
+    """A certificate valid for ``valid_for`` from now, its refresher (no periodic reload)
+    and the wall clock that follows trio's."""
+    start, now = following_trio()
+    tls = issue(tmp_path, start, valid_for)
+    config = tls.config()
+    return tls, CertificateRefresher(config, initial_context(config), math.inf, now=now), now
+
+
 async def watch_for(refresher: CertificateRefresher, seconds: float) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(refresher.watch_expiry)
@@ -74,10 +85,7 @@ async def watch_for(refresher: CertificateRefresher, seconds: float) -> None:
 async def test_warns_at_each_threshold_and_daily_in_between(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    start, now = following_trio()
-    tls = issue(tmp_path, start, datetime.timedelta(days=7, hours=1))
-    config = tls.config()
-    refresher = CertificateRefresher(config, initial_context(config), math.inf, now=now)
+    _, refresher, _ = watched(tmp_path, datetime.timedelta(days=7, hours=1))
     with seen() as log:
         await watch_for(refresher, 9 * DAY)
     times = [t - log.lines[0][0] for t, _, _ in log.lines]
@@ -104,10 +112,7 @@ async def test_warns_at_each_threshold_and_daily_in_between(
 async def test_silent_until_thirty_days_left(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    start, now = following_trio()
-    tls = issue(tmp_path, start, datetime.timedelta(days=60))
-    config = tls.config()
-    refresher = CertificateRefresher(config, initial_context(config), math.inf, now=now)
+    _, refresher, _ = watched(tmp_path, datetime.timedelta(days=60))
     t0 = trio.current_time()
     with seen() as log:
         await watch_for(refresher, 31.5 * DAY)
@@ -118,10 +123,7 @@ async def test_silent_until_thirty_days_left(
 async def test_a_reload_re_arms_the_watch_and_the_metric(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    start, now = following_trio()
-    tls = issue(tmp_path, start, datetime.timedelta(days=5))
-    config = tls.config()
-    refresher = CertificateRefresher(config, initial_context(config), math.inf, now=now)
+    tls, refresher, now = watched(tmp_path, datetime.timedelta(days=5))
     metrics = Metrics()
     with using(metrics), seen() as log:
         async with trio.open_nursery() as nursery:

@@ -8,77 +8,71 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from .net import aborted, get, wait_refused
-from .proc import ROOT, cli_env, launch, run_cli
+from .net import get, wait_refused
+from .proc import LOOPBACK, ROOT, InFlight, Launched, cli_env, launch, run_cli
 
 APP = "tests.apps:app"
 
 
+@asynccontextmanager
+async def draining(
+    signum: signal.Signals, graceful_timeout: int, path: str
+) -> AsyncIterator[tuple[Launched, InFlight]]:
+    """The CLI with a request to ``path`` in flight, draining after ``signum``; the
+    request's outcome is complete once the block has ended."""
+    async with (
+        launch([APP, *LOOPBACK, "--graceful-timeout", str(graceful_timeout)]) as proc,
+        trio.open_nursery() as nursery,
+    ):
+        in_flight = await proc.slow_request(nursery, path)
+        proc.signal(signum)
+        await proc.wait_for_line(f"{signum.name}: draining")
+        yield proc, in_flight
+
+
 async def test_sigterm_drains_in_flight_request_and_exits_0() -> None:
-    async with launch([APP, "--bind", "127.0.0.1:0", "--graceful-timeout", "10"]) as proc:
-        result: dict[str, httpx.Response] = {}
-
-        async def slow_request() -> None:
-            result["r"] = await get(f"{proc.url}/slow?s=3")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow_request)
-            await proc.wait_for_line("slow request started")
-            proc.signal(signal.SIGTERM)
-            await proc.wait_for_line("SIGTERM: draining")
-            # The listener closes at once (milliseconds), while the request is in
-            # flight; the bound leaves room for a busy machine.
-            await wait_refused(proc.port, timeout=2.5)
-            assert "r" not in result  # still running: refused during the drain
-        assert result["r"].status_code == 200
-        assert result["r"].text == "slept"
+    async with draining(signal.SIGTERM, 10, "/slow?s=3") as (proc, slow):
+        # The listener closes at once (milliseconds), while the request is in
+        # flight; the bound leaves room for a busy machine.
+        await wait_refused(proc.port, timeout=2.5)
+        assert not slow.done  # still running: refused during the drain
         assert await proc.wait() == 0, proc.stderr
+    assert slow.ok().status_code == 200
+    assert slow.ok().text == "slept"
 
 
 async def test_second_sigint_forces_exit_130_fast() -> None:
-    async with launch([APP, "--bind", "127.0.0.1:0", "--graceful-timeout", "30"]) as proc:
-        async with trio.open_nursery() as nursery:
-
-            async def long_request() -> None:
-                await aborted(f"{proc.url}/slow?s=20")
-
-            nursery.start_soon(long_request)
-            await proc.wait_for_line("slow request started")
-            proc.signal(signal.SIGINT)
-            await proc.wait_for_line("SIGINT: draining")
-            proc.signal(signal.SIGINT)
-            start = trio.current_time()
-            code = await proc.wait(timeout=5)
-            elapsed = trio.current_time() - start
-        assert code == 130, proc.stderr
-        assert elapsed < 3.0, elapsed  # far below the 20 s request and 30 s drain
-        assert "Traceback" not in proc.stderr
+    async with draining(signal.SIGINT, 30, "/slow?s=20") as (proc, long_request):
+        proc.signal(signal.SIGINT)
+        start = trio.current_time()
+        code = await proc.wait(timeout=5)
+        elapsed = trio.current_time() - start
+    long_request.assert_aborted()
+    assert code == 130, proc.stderr
+    assert elapsed < 3.0, elapsed  # far below the 20 s request and 30 s drain
+    assert "Traceback" not in proc.stderr
 
 
 async def test_engine_wait_dead_closes_listener_fast_and_exits_3() -> None:
-    args = [APP, "--engine", "tests.apps:engine", "--bind", "127.0.0.1:0"]
+    args = [APP, "--engine", "tests.apps:engine", *LOOPBACK]
     async with launch(args) as proc:
-        results: dict[str, httpx.Response] = {}
         async with trio.open_nursery() as nursery:
-
-            async def slow() -> None:
-                results["slow"] = await get(f"{proc.url}/slow?s=1")
-
-            nursery.start_soon(slow)
-            await proc.wait_for_line("slow request started")
+            slow = await proc.slow_request(nursery, "/slow?s=1")
             async with httpx.AsyncClient() as client:
                 kill = await client.post(f"{proc.url}/kill")
             assert kill.status_code == 202
             # The kill answer arrives after the engine died; the listener closes
             # at once (about 1 ms, BENCHMARKS.md), long before the 1 s request.
             await wait_refused(proc.port, timeout=1.0)
-        assert results["slow"].status_code == 200
+        assert slow.ok().status_code == 200
         assert await proc.wait() == 3, proc.stderr
         assert "engine died" in proc.lines[-1]
 
@@ -90,8 +84,7 @@ async def test_polling_engine_exits_3_within_interval() -> None:
         "tests.apps:polling_engine",
         "--watchdog-interval",
         "0.2",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
     ]
     async with launch(args) as proc:
         async with httpx.AsyncClient() as client:
@@ -101,7 +94,7 @@ async def test_polling_engine_exits_3_within_interval() -> None:
 
 
 async def test_app_raising_engine_dead_gets_500_json_then_exit_3() -> None:
-    async with launch([APP, "--bind", "127.0.0.1:0"]) as proc:
+    async with launch([APP, *LOOPBACK]) as proc:
         response = await get(f"{proc.url}/raise/dead")
         assert response.status_code == 500
         assert response.json()["error"]["type"] == "EngineDeadError"
@@ -193,7 +186,7 @@ def test_bad_config_file_exits_2(tmp_path: Path, content: str, needle: str) -> N
 
 
 def test_failing_startup_exits_1_with_one_line() -> None:
-    result = run_cli(["tests.apps:failing_app", "--bind", "127.0.0.1:0"])
+    result = run_cli(["tests.apps:failing_app", *LOOPBACK])
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert errors == [errors[0]] and "no model" in errors[0]
@@ -203,7 +196,7 @@ def test_failing_startup_exits_1_with_one_line() -> None:
 async def test_config_file_is_used_and_flags_override(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
     path.write_text('bind = ["127.0.0.1:1"]\ngraceful_timeout = 7.5\n')
-    async with launch([APP, "--config", str(path), "--bind", "127.0.0.1:0"]) as proc:
+    async with launch([APP, "--config", str(path), *LOOPBACK]) as proc:
         assert (await get(proc.url)).text == "hello"
         proc.signal(signal.SIGTERM)
         await proc.wait_for_line(r"requests have 7.5 s")

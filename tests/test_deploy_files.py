@@ -15,6 +15,7 @@ import shlex
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from trio_launcher._errors import ExitCode
 from trio_launcher.testing import TLSFiles, presented_cert
 
 from .net import wait_refused
-from .proc import ROOT, launch, socket_activated
+from .proc import ROOT, alive, launch, socket_activated
 
 MANIFEST = ROOT / "examples" / "kubernetes" / "deployment.yaml"
 UNIT = ROOT / "examples" / "systemd" / "trio-launcher-example.service"
@@ -58,19 +59,25 @@ def flags(args: list[str]) -> dict[str, str]:
     return parsed
 
 
-def read_unit(path: Path) -> dict[str, dict[str, str]]:
-    """A systemd unit file: sections of settings, backslash continuations joined."""
-    sections: dict[str, dict[str, str]] = {}
-    current: dict[str, str] = {}
+def logical_lines(text: str, comments: tuple[str, ...]) -> Iterator[str]:
+    """The lines of a unit file or a Containerfile: backslash continuations joined,
+    blank lines and comments dropped."""
     logical = ""
-    for raw in path.read_text().splitlines():
+    for raw in text.splitlines():
         line = logical + raw.strip()
         if line.endswith("\\"):
             logical = line[:-1] + " "
             continue
         logical = ""
-        if not line or line.startswith(("#", ";")):
-            continue
+        if line and not line.startswith(comments):
+            yield line
+
+
+def read_unit(path: Path) -> dict[str, dict[str, str]]:
+    """A systemd unit file: sections of settings, backslash continuations joined."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in logical_lines(path.read_text(), ("#", ";")):
         if line.startswith("["):
             current = sections.setdefault(line.strip("[]"), {})
         else:
@@ -149,7 +156,7 @@ async def test_kubernetes_pod_life(tmp_path: Path) -> None:
         assert code == ExitCode.OK, proc.stderr
         assert trio.current_time() - stop_started < delay + graceful + MARGIN
     for pid in pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert not alive(pid)  # gone, or a zombie waiting for its parent
 
 
 # --- Containerfile (static: no container engine here) ---------------------------
@@ -158,15 +165,7 @@ async def test_kubernetes_pod_life(tmp_path: Path) -> None:
 def containerfile_stages() -> list[list[tuple[str, str]]]:
     """Instructions per stage, continuation lines joined."""
     stages: list[list[tuple[str, str]]] = []
-    logical = ""
-    for raw in CONTAINERFILE.read_text().splitlines():
-        line = logical + raw.strip()
-        if line.endswith("\\"):
-            logical = line[:-1] + " "
-            continue
-        logical = ""
-        if not line or line.startswith("#"):
-            continue
+    for line in logical_lines(CONTAINERFILE.read_text(), ("#",)):
         instruction, _, rest = line.partition(" ")
         if instruction.upper() == "FROM":
             stages.append([])

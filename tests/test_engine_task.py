@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -39,8 +40,7 @@ from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from . import engine_tasks
 from .engine_tasks import App, recorded_engine
-from .net import aborted
-from .proc import launch, run_cli
+from .proc import LOOPBACK, launch, run_cli
 
 ENGINE = "tests.engine_tasks"
 
@@ -54,9 +54,22 @@ def _fresh_events() -> None:
 
 
 class Ends:
+    """One ``run_engine_task`` (10 s cleanup deadline): its stop and cut events, and
+    what its callbacks reported."""
+
     def __init__(self) -> None:
         self.ends: list[BaseException | None] = []
         self.stuck_at: list[float] = []
+        self.stop = trio.Event()
+        self.cut = trio.Event()
+
+    async def start(self, nursery: trio.Nursery, task: Callable[..., Awaitable[object]]) -> Any:
+        """Start ``task`` under ``run_engine_task`` in ``nursery``; its started() value."""
+        return await nursery.start(
+            partial(
+                run_engine_task, task, self.stop, 10.0, self.on_end, self.on_stuck, cut=self.cut
+            )
+        )
 
     def on_end(self, error: BaseException | None) -> None:
         self.ends.append(error)
@@ -76,11 +89,9 @@ async def crash_after_start(
 async def test_crash_after_start_is_reported_not_raised(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    ends, stop = Ends(), trio.Event()
+    ends = Ends()
     async with trio.open_nursery() as nursery:
-        value = await nursery.start(
-            run_engine_task, crash_after_start, stop, 10.0, ends.on_end, ends.on_stuck
-        )
+        value = await ends.start(nursery, crash_after_start)
         assert value == "the engine"
     assert len(ends.ends) == 1
     assert isinstance(ends.ends[0], ValueError)
@@ -90,14 +101,7 @@ async def test_crash_after_start_is_reported_not_raised(
 async def test_return_after_start_is_a_death_with_no_error() -> None:
     ends = Ends()
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            run_engine_task,
-            engine_tasks.returns_at_once,
-            trio.Event(),
-            10.0,
-            ends.on_end,
-            ends.on_stuck,
-        )
+        await ends.start(nursery, engine_tasks.returns_at_once)
     assert ends.ends == [None]
 
 
@@ -105,27 +109,18 @@ async def test_crash_before_start_raises_the_tasks_own_exception() -> None:
     ends = Ends()
     async with trio.open_nursery() as nursery:
         with pytest.raises(OSError, match="model file missing"):
-            await nursery.start(
-                run_engine_task,
-                engine_tasks.crashes_while_loading,
-                trio.Event(),
-                10.0,
-                ends.on_end,
-                ends.on_stuck,
-            )
+            await ends.start(nursery, engine_tasks.crashes_while_loading)
     assert ends.ends == []
 
 
 async def test_stop_cancels_and_a_cut_cleanup_logs_error(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ends, stop = Ends(), trio.Event()
+    ends = Ends()
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            run_engine_task, engine_tasks.cut_cleanup, stop, 10.0, ends.on_end, ends.on_stuck
-        )
+        await ends.start(nursery, engine_tasks.cut_cleanup)
         await trio.sleep(5)
-        stop.set()
+        ends.stop.set()
     assert trio.current_time() == 15  # cut at the deadline, not later
     assert ends.ends == []  # a stop is not a death
     assert ends.stuck_at == []
@@ -147,12 +142,10 @@ async def unbounded_cleanup(
 async def test_a_task_that_ignores_cancellation_is_reported_stuck(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ends, stop = Ends(), trio.Event()
+    ends = Ends()
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            run_engine_task, unbounded_cleanup, stop, 10.0, ends.on_end, ends.on_stuck
-        )
-        stop.set()
+        await ends.start(nursery, unbounded_cleanup)
+        ends.stop.set()
     assert ends.stuck_at == [11.0]  # the deadline plus the grace for a cut cleanup
     assert "it ignores cancellation" in caplog.text
 
@@ -161,22 +154,12 @@ async def test_a_task_that_ignores_cancellation_is_reported_stuck(
 async def test_outside_cancellation_leaves_a_bounded_cleanup_unless_cut(
     autojump_clock: trio.testing.MockClock, second_signal: bool
 ) -> None:
-    ends, cut = Ends(), trio.Event()
+    ends = Ends()
     with trio.move_on_after(5):
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    run_engine_task,
-                    engine_tasks.cut_cleanup,
-                    trio.Event(),
-                    10.0,
-                    ends.on_end,
-                    ends.on_stuck,
-                    cut=cut,
-                )
-            )
+            await ends.start(nursery, engine_tasks.cut_cleanup)
             if second_signal:
-                cut.set()
+                ends.cut.set()
             await trio.sleep_forever()
     # A second signal ends the cleanup at once; else it has its 10 s.
     assert trio.current_time() == (5 if second_signal else 15)
@@ -187,22 +170,12 @@ async def test_outside_cancellation_leaves_a_bounded_cleanup_unless_cut(
 async def test_second_signal_cuts_a_cleanup_in_progress(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    ends, stop, cut = Ends(), trio.Event(), trio.Event()
+    ends = Ends()
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(
-                run_engine_task,
-                engine_tasks.cut_cleanup,
-                stop,
-                10.0,
-                ends.on_end,
-                ends.on_stuck,
-                cut=cut,
-            )
-        )
-        stop.set()
+        await ends.start(nursery, engine_tasks.cut_cleanup)
+        ends.stop.set()
         await trio.sleep(3)  # the cleanup runs...
-        cut.set()  # ...a second signal
+        ends.cut.set()  # ...a second signal
         nursery.cancel_scope.cancel()
     assert trio.current_time() == 3
 
@@ -211,11 +184,11 @@ async def test_start_progress_is_logged_every_10_s(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO", logger="trio_launcher")
-    ends, stop = Ends(), trio.Event()
+    ends = Ends()
     slow = partial(example_engine_task, load_seconds=25)
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_engine_task, slow, stop, 10.0, ends.on_end, ends.on_stuck)
-        stop.set()
+        await ends.start(nursery, slow)
+        ends.stop.set()
     messages = [r.getMessage() for r in caplog.records if r.name == "trio_launcher"]
     assert [m for m in messages if "still starting" in m] == [
         "the engine task is still starting (10 s)",
@@ -228,9 +201,7 @@ async def test_cancellation_is_never_swallowed(autojump_clock: trio.testing.Mock
     ends = Ends()
     with trio.move_on_after(4) as scope:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                run_engine_task, crash_after_start, trio.Event(), 10.0, ends.on_end, ends.on_stuck
-            )
+            await ends.start(nursery, crash_after_start)
             await trio.sleep_forever()
     assert scope.cancelled_caught
     assert isinstance(ends.ends[0], ValueError)  # died at 3 s, before the cancel
@@ -339,6 +310,38 @@ async def test_engine_crashing_while_loading_is_a_death_and_the_app_never_starts
     assert engine_tasks.events == []
 
 
+def listening() -> socket.socket:
+    """A socket listening on 127.0.0.1, port 0: clients can connect before the runner runs."""
+    bound = socket.socket()
+    bound.bind(("127.0.0.1", 0))
+    bound.listen()
+    return bound
+
+
+class Starting:
+    """``serve``, a ``serve_http`` partial, started in ``nursery`` in the background: its
+    start (the engine task's) may take as long as the test wants."""
+
+    def __init__(self, nursery: trio.Nursery, serve: Callable[..., Awaitable[None]]) -> None:
+        self._ready = trio.Event()
+        self._handle: ServerHandle | None = None
+        self._nursery = nursery
+        nursery.start_soon(self._start, serve)
+
+    async def _start(self, serve: Callable[..., Awaitable[None]]) -> None:
+        handle = await self._nursery.start(serve)
+        assert isinstance(handle, ServerHandle)
+        self._handle = handle
+        self._ready.set()
+
+    async def handle(self) -> ServerHandle:
+        """Wait (10 s at most) until the server has started; its handle."""
+        with trio.fail_after(10):
+            await self._ready.wait()
+        assert self._handle is not None
+        return self._handle
+
+
 @pytest.mark.parametrize("transport", ["lean", "hypercorn"])
 async def test_503_while_the_engine_starts_then_serving(transport: Transport) -> None:
     """Port bound at once; health 503 "starting", other requests 503 + Retry-After."""
@@ -348,31 +351,21 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         await release.wait()
         await engine_tasks.recorded_engine(task_status=task_status)
 
-    bound = socket.socket()
-    bound.bind(("127.0.0.1", 0))
-    bound.listen()
+    bound = listening()
     url = f"http://127.0.0.1:{bound.getsockname()[1]}"
     async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=url) as client:
-        ready: list[object] = []
-        is_ready = trio.Event()
-
-        async def serve() -> None:
-            ready.append(
-                await nursery.start(
-                    partial(
-                        serve_http,
-                        App(),
-                        engine_task=gated,
-                        sock=bound,
-                        handle_signals=False,
-                        health_path="/health",
-                        transport=transport,
-                    )
-                )
-            )
-            is_ready.set()
-
-        nursery.start_soon(serve)
+        starting = Starting(
+            nursery,
+            partial(
+                serve_http,
+                App(),
+                engine_task=gated,
+                sock=bound,
+                handle_signals=False,
+                health_path="/health",
+                transport=transport,
+            ),
+        )
         with trio.fail_after(10):  # (a client may even connect before the runner runs)
             health = await client.get("/health")
         assert (health.status_code, health.json()["status"]) == (503, "starting")
@@ -383,12 +376,9 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         assert refused.json()["error"]["type"] == "Starting"
         assert engine_tasks.events == []  # neither the engine nor the app has started
         release.set()
-        with trio.fail_after(10):
-            await is_ready.wait()
+        handle = await starting.handle()
         assert (await get_ok(client, "/ask?q=x")).text == "X"
         assert (await get_ok(client, "/health")).json()["status"] == "serving"
-        handle = ready[0]
-        assert isinstance(handle, ServerHandle)
         assert handle.engine.is_running  # the task's started() value
         handle.shutdown()
 
@@ -420,43 +410,32 @@ async def test_an_http2_connection_opened_while_starting_sees_the_lifespan_state
         task_status.started()
         await trio.sleep_forever()
 
-    bound = socket.socket()
-    bound.bind(("127.0.0.1", 0))
-    bound.listen()
+    bound = listening()
     url = f"https://127.0.0.1:{bound.getsockname()[1]}"
     context = tls_files.client_context(http2=True)
     async with (
         trio.open_nursery() as nursery,
         httpx.AsyncClient(base_url=url, verify=context, http2=True) as client,
     ):
-        ready: list[ServerHandle] = []
-        is_ready = trio.Event()
-
-        async def serve() -> None:
-            ready.append(
-                await nursery.start(
-                    partial(
-                        serve_http,
-                        StateApp(),
-                        tls_files.config(),
-                        engine_task=gated,
-                        sock=bound,
-                        handle_signals=False,
-                    )
-                )
-            )
-            is_ready.set()
-
-        nursery.start_soon(serve)
+        starting = Starting(
+            nursery,
+            partial(
+                serve_http,
+                StateApp(),
+                tls_files.config(),
+                engine_task=gated,
+                sock=bound,
+                handle_signals=False,
+            ),
+        )
         with trio.fail_after(10):
             first = await client.get("/")
         assert (first.status_code, first.http_version) == (503, "HTTP/2")
         release.set()
-        with trio.fail_after(10):
-            await is_ready.wait()
+        handle = await starting.handle()
         second = await client.get("/")  # the same connection
         assert (second.status_code, second.http_version, second.text) == (200, "HTTP/2", "loaded")
-        ready[0].shutdown()
+        handle.shutdown()
 
 
 async def test_current_engine_is_the_engine_object_too() -> None:
@@ -610,19 +589,13 @@ async def test_engine_and_engine_task_are_exclusive() -> None:
 
 
 async def test_cli_engine_crash_mid_request_drains_and_exits_3() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:engine_task", "--bind", "127.0.0.1:0"]
+    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:engine_task", *LOOPBACK]
     async with launch(args) as proc, httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
-        results: dict[str, httpx.Response] = {}
         async with trio.open_nursery() as nursery:
-
-            async def slow() -> None:
-                results["slow"] = await client.get("/slow?s=1")
-
-            nursery.start_soon(slow)
-            await proc.wait_for_line("slow request started")
-            results["crash"] = await client.get("/ask?q=crash")
-        assert results["crash"].status_code == 500
-        assert results["slow"].status_code == 200
+            slow = await proc.slow_request(nursery, "/slow?s=1", client)
+            crash = await client.get("/ask?q=crash")
+        assert crash.status_code == 500
+        assert slow.ok().status_code == 200
         assert await proc.wait() == 3, proc.stderr
     assert proc.stderr.count("Traceback") == 1, proc.stderr
     assert "RuntimeError: the model crashed" in proc.stderr
@@ -630,19 +603,13 @@ async def test_cli_engine_crash_mid_request_drains_and_exits_3() -> None:
 
 
 async def test_cli_sigterm_with_a_slow_request_that_needs_the_engine_at_its_end() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:recorded_engine", "--bind", "127.0.0.1:0"]
+    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:recorded_engine", *LOOPBACK]
     async with launch(args) as proc, httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
-        result: dict[str, httpx.Response] = {}
         async with trio.open_nursery() as nursery:
-
-            async def slow_ask() -> None:
-                result["r"] = await client.get("/slow-ask?s=1&q=bye")
-
-            nursery.start_soon(slow_ask)
-            await proc.wait_for_line("slow request started")
+            slow_ask = await proc.slow_request(nursery, "/slow-ask?s=1&q=bye", client)
             proc.signal(signal.SIGTERM)
-        assert result["r"].status_code == 200
-        assert result["r"].text == "BYE"
+        assert slow_ask.ok().status_code == 200
+        assert slow_ask.ok().text == "BYE"
         assert await proc.wait() == 0, proc.stderr
     order = [line.split("event: ")[1] for line in proc.lines if "event: " in line]
     assert order[-3:] == [
@@ -657,8 +624,7 @@ async def test_cli_slow_engine_start_port_bound_at_once_503_until_ready() -> Non
         f"{ENGINE}:app",
         "--engine-task",
         f"{ENGINE}:slow_start",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--health-path",
         "/health",
     ]
@@ -691,8 +657,7 @@ async def test_cli_cleanup_that_ignores_cancellation_exits_after_the_timeout() -
         f"{ENGINE}:app",
         "--engine-task",
         f"{ENGINE}:hanging_cleanup",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--engine-shutdown-timeout",
         "0.5",
     ]
@@ -709,7 +674,7 @@ async def test_cli_cleanup_that_ignores_cancellation_exits_after_the_timeout() -
 
 
 async def test_cli_sigterm_during_the_engine_start_cancels_it_and_exits_0() -> None:
-    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:slow_start", "--bind", "127.0.0.1:0"]
+    args = [f"{ENGINE}:app", "--engine-task", f"{ENGINE}:slow_start", *LOOPBACK]
     async with launch(args, wait_serving=False) as proc:
         await proc.wait_for_line("starting the engine task")
         proc.signal(signal.SIGTERM)
@@ -726,8 +691,7 @@ async def test_cli_sigterm_during_a_load_that_ignores_cancellation_exits_after_t
         f"{ENGINE}:app",
         "--engine-task",
         f"{ENGINE}:blocking_load",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--engine-shutdown-timeout",
         "0.5",
     ]
@@ -745,22 +709,17 @@ async def test_cli_second_signal_exits_130() -> None:
         f"{ENGINE}:app",
         "--engine-task",
         f"{ENGINE}:cut_cleanup",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--graceful-timeout",
         "30",
     ]
     async with launch(args) as proc, trio.open_nursery() as nursery:
-
-        async def long_request() -> None:
-            await aborted(f"{proc.url}/slow?s=20")
-
-        nursery.start_soon(long_request)
-        await proc.wait_for_line("slow request started")
+        long_request = await proc.slow_request(nursery, "/slow?s=20")
         proc.signal(signal.SIGINT)
         await proc.wait_for_line("SIGINT: draining")
         proc.signal(signal.SIGINT)
         assert await proc.wait(timeout=5) == 130, proc.stderr
+    long_request.assert_aborted()
 
 
 @pytest.mark.parametrize(
@@ -793,8 +752,7 @@ async def test_cli_workers_each_run_their_engine_task() -> None:
         f"{ENGINE}:app",
         "--engine-task",
         f"{ENGINE}:engine_task",
-        "--bind",
-        "127.0.0.1:0",
+        *LOOPBACK,
         "--workers",
         "2",
     ]

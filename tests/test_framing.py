@@ -15,7 +15,7 @@ from hypercorn.config import Config
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import App
-from .test_http1 import Response, responses
+from .http1_wire import Response, responses
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 

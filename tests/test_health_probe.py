@@ -33,20 +33,26 @@ async def run_probe(engine: ProbedEngine, interval: float, timeout: float) -> tu
     return deaths[0][0], deaths[0][1] - start
 
 
-async def test_hanging_probe_is_dead_after_interval_plus_timeout(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("mode", "how", "after"),
+    [
+        pytest.param(
+            "hang", "check_health() timed out after 7 s", 17, id="hanging-interval+timeout"
+        ),
+        pytest.param(
+            "raise",
+            "check_health() raised RuntimeError: engine core is not responding",
+            10,
+            id="raising-interval",
+        ),
+    ],
+)
+async def test_failing_probe_is_dead_after(
+    mode: str, how: str, after: float, autojump_clock: trio.testing.MockClock
 ) -> None:
-    how, after = await run_probe(ProbedEngine("hang"), interval=10, timeout=7)
-    assert how == "check_health() timed out after 7 s"
-    assert after == pytest.approx(17)
-
-
-async def test_raising_probe_is_dead_after_interval(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    how, after = await run_probe(ProbedEngine("raise"), interval=10, timeout=7)
-    assert how == "check_health() raised RuntimeError: engine core is not responding"
-    assert after == pytest.approx(10)
+    dead_how, dead_after = await run_probe(ProbedEngine(mode), interval=10, timeout=7)
+    assert dead_how == how
+    assert dead_after == pytest.approx(after)
 
 
 async def test_healthy_probe_runs_every_interval_and_never_dies(

@@ -25,10 +25,9 @@ from hypercorn.utils import wrap_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_launcher._http1 import HTTP1
 from trio_launcher._transport import LeanTaskGroup
 
-from .test_http1 import FakeTransport, responses
+from .http1_wire import protocol, responses
 
 SCOPE_KEYS = ("method", "path", "raw_path", "query_string", "http_version", "headers")
 
@@ -59,35 +58,18 @@ def recording_app(outcome: Outcome) -> Any:
     return app
 
 
-def _config() -> Config:
-    config = Config()
-    config.include_date_header = False
-    return config
-
-
 async def run_ours(data: bytes) -> Outcome:
     outcome = Outcome()
-    config = _config()
-    app: Any = wrap_app(recording_app(outcome), config.wsgi_max_body_size, "asgi")
-    transport = FakeTransport()
-    async with trio.open_nursery() as nursery:
-        http1 = HTTP1(
-            app,
-            config,
-            WorkerContext(None),
-            nursery,
-            transport,
-            ssl=False,
-            client=("1.2.3.4", 1),
-            server=("5.6.7.8", 2),
-            state={},
-        )
+    app = recording_app(outcome)
+    async with protocol(app, client=("1.2.3.4", 1), server=("5.6.7.8", 2), state={}) as (
+        http1,
+        transport,
+    ):
         await http1.data_received(data)
         for _ in range(20):  # pipelined requests: each one's turn
             await trio.testing.wait_all_tasks_blocked()
             if transport.closed or not http1.paused:
                 break
-        nursery.cancel_scope.cancel()
     outcome.statuses = [r.status for r in responses(transport.written) if r.status != 100]
     outcome.closed = transport.closed
     return outcome
@@ -95,7 +77,7 @@ async def run_ours(data: bytes) -> Outcome:
 
 async def run_hypercorn(data: bytes) -> Outcome:
     outcome = Outcome()
-    config = _config()
+    config = Config.from_mapping({"include_date_header": False})  # as protocol() sets it
     app: Any = wrap_app(recording_app(outcome), config.wsgi_max_body_size, "asgi")
     written = bytearray()
 

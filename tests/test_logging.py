@@ -19,7 +19,7 @@ from trio_launcher._logging import JsonFormatter, TextFormatter, iso_time
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import Receive, Send, respond
-from .proc import launch
+from .proc import LOOPBACK, launch, served
 
 GENERATED = re.compile(r"^[0-9a-f]{12}-\d+$")
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -237,15 +237,7 @@ async def read_lines(path: Path, count: int) -> list[str]:
 
 async def test_cli_json_lines_for_runner_and_access(tmp_path: Path) -> None:
     access = tmp_path / "access.log"
-    args = [
-        "tests.apps:app",
-        "--bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-        "--access-log",
-        str(access),
-    ]
+    args = served("tests.apps:app", log_format="json", access_log=access)
     async with launch(args, wait_serving=False) as proc:
         line = await proc.wait_for_line(r'"message": "serving on ')
         url = json.loads(line)["message"].split()[-1]
@@ -276,7 +268,7 @@ async def test_cli_json_lines_for_runner_and_access(tmp_path: Path) -> None:
 
 async def test_cli_text_lines_share_one_timestamp_format(tmp_path: Path) -> None:
     access = tmp_path / "access.log"
-    args = ["tests.apps:app", "--bind", "127.0.0.1:0", "--access-log", str(access)]
+    args = ["tests.apps:app", *LOOPBACK, "--access-log", str(access)]
     async with launch(args) as proc:
         async with httpx.AsyncClient() as client:
             await client.get(proc.url + "/", headers={"x-request-id": "r1"})

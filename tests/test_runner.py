@@ -104,30 +104,30 @@ async def test_polling_engine_real_time() -> None:
                     await trio.sleep(0.005)
 
 
-async def test_watchdog_polls_within_one_interval(autojump_clock: trio.testing.MockClock) -> None:
-    engine = FakePollingEngine()
+async def deaths_after_kill(
+    engine: FakeEngine | FakePollingEngine, kill_at: float
+) -> tuple[list[float], float]:
+    """Watch ``engine`` (5 s interval), kill it at ``kill_at``; return the death times and
+    the kill time."""
     deaths: list[float] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             watch_engine, engine, 5.0, lambda how: deaths.append(trio.current_time())
         )
-        await trio.sleep(12.3)
+        await trio.sleep(kill_at)
         engine.kill()
         killed_at = trio.current_time()
+    return deaths, killed_at
+
+
+async def test_watchdog_polls_within_one_interval(autojump_clock: trio.testing.MockClock) -> None:
+    deaths, killed_at = await deaths_after_kill(FakePollingEngine(), 12.3)
     assert len(deaths) == 1
     assert 0 < deaths[0] - killed_at <= 5.0
 
 
 async def test_watchdog_wait_dead_is_immediate(autojump_clock: trio.testing.MockClock) -> None:
-    engine = FakeEngine()
-    deaths: list[float] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            watch_engine, engine, 5.0, lambda how: deaths.append(trio.current_time())
-        )
-        await trio.sleep(2.2)
-        engine.kill()
-        killed_at = trio.current_time()
+    deaths, killed_at = await deaths_after_kill(FakeEngine(), 2.2)
     assert deaths == [killed_at]
 
 

@@ -23,6 +23,19 @@ from trio_launcher.testing import (
 from .apps import App
 from .proc import ROOT
 
+
+def run_user_suite(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str
+) -> pytest.RunResult:
+    """Run ``source`` as a user's test module, with the plugin and trio mode on, in a
+    pytest subprocess."""
+    pytester.makeconftest('pytest_plugins = ["trio_launcher.testing"]\n')
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_user=source)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+
+
 USER_TEST = """
 import ssl
 
@@ -55,11 +68,7 @@ async def test_tls_rotation(tls_files: TLSFiles) -> None:
 def test_user_suite_with_tls_rotation_passes(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytester.makeconftest('pytest_plugins = ["trio_launcher.testing"]\n')
-    pytester.makeini("[pytest]\ntrio_mode = true\n")
-    pytester.makepyfile(test_user=USER_TEST)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+    result = run_user_suite(pytester, monkeypatch, USER_TEST)
     result.assert_outcomes(passed=1)
 
 
@@ -198,11 +207,7 @@ async def test_fails() -> None:
 def test_failing_assert_is_printed_once(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytester.makeconftest('pytest_plugins = ["trio_launcher.testing"]\n')
-    pytester.makeini("[pytest]\ntrio_mode = true\n")
-    pytester.makepyfile(test_user=FAILING_ASSERT)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+    result = run_user_suite(pytester, monkeypatch, FAILING_ASSERT)
     result.assert_outcomes(failed=1)
     output = result.stdout.str()
     report = output[: output.index("short test summary info")]

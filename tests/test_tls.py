@@ -17,11 +17,11 @@ import trio
 import trio.lowlevel
 import trustme
 
-from trio_launcher import ConfigError, serve_http
+from trio_launcher import CertificateRefresher, ConfigError, serve_http
 from trio_launcher.testing import RunningServer, TLSFiles, presented_cert, running_server
 
 from .apps import App
-from .proc import launch, run_cli
+from .proc import launch, run_cli, served
 
 INTERVAL = 0.2
 MARGIN = 1.0  # one poll may just have missed the write, a handshake, a busy machine
@@ -43,6 +43,22 @@ async def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
 
 async def serves(tls: TLSFiles, server: RunningServer, expected: bytes) -> bool:
     return await presented_cert(server.port, tls) == expected
+
+
+def refresher_of(server: RunningServer) -> CertificateRefresher:
+    refresher = server.handle.tls
+    assert refresher is not None
+    return refresher
+
+
+async def refused_and_old_stays(
+    tls: TLSFiles, server: RunningServer, old: bytes, failures: int = 1
+) -> None:
+    """Wait until the refresher has refused the files ``failures`` times in all; the
+    server still presents the ``old`` certificate."""
+    refresher = refresher_of(server)
+    await wait_until(lambda: refresher.failures == failures, INTERVAL + MARGIN)
+    assert await serves(tls, server, old)
 
 
 def refreshing(tls: TLSFiles, **settings: Any) -> AbstractAsyncContextManager[RunningServer]:
@@ -106,8 +122,7 @@ async def test_kubernetes_swaps_are_each_picked_up(tmp_path: Path) -> None:
 
 async def test_half_written_pair_keeps_old_until_complete(tls_files: TLSFiles) -> None:
     async with refreshing(tls_files) as server:
-        refresher = server.handle.tls
-        assert refresher is not None
+        refresher = refresher_of(server)
         old = tls_files.server_cert_der()
         handshaker = Handshaker(tls_files, server.port)
         async with trio.open_nursery() as nursery:
@@ -115,13 +130,11 @@ async def test_half_written_pair_keeps_old_until_complete(tls_files: TLSFiles) -
             new_cert = tls_files.ca.issue_cert("localhost", "127.0.0.1")
             # 1. the certificate first: it does not match the old key.
             tls_files.write_raw("cert", new_cert.cert_chain_pems[0].bytes())
-            await wait_until(lambda: refresher.failures == 1, INTERVAL + MARGIN)
-            assert await serves(tls_files, server, old)
+            await refused_and_old_stays(tls_files, server, old)
             # 2. a truncated key.
             key = new_cert.private_key_pem.bytes()
             tls_files.write_raw("key", key[: len(key) // 2])
-            await wait_until(lambda: refresher.failures == 2, INTERVAL + MARGIN)
-            assert await serves(tls_files, server, old)
+            await refused_and_old_stays(tls_files, server, old, failures=2)
             # 3. the whole key: now the pair is complete and goes live.
             tls_files.write_raw("key", key)
             tls_files.server_cert = new_cert
@@ -138,8 +151,7 @@ async def test_removed_ca_is_really_revoked(tls_files: TLSFiles) -> None:
     async with refreshing(tls_files, verify_mode=ssl.CERT_REQUIRED) as server:
         async with httpx.AsyncClient(verify=other_client) as client:
             assert (await client.get(server.url)).text == "hello"
-        refresher = server.handle.tls
-        assert refresher is not None
+        refresher = refresher_of(server)
         tls_files.set_client_cas(tls_files.ca)
         await wait_until(lambda: refresher.reloads == 1, INTERVAL + MARGIN)
         # Under TLS 1.3 the rejection arrives on the client's first read.
@@ -163,15 +175,12 @@ async def test_expired_certificate_is_refused_and_old_stays(
     tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with refreshing(tls_files) as server:
-        refresher = server.handle.tls
-        assert refresher is not None
         old = tls_files.server_cert_der()
         now = datetime.datetime.now(datetime.UTC)
         tls_files.rotate(
             not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1)
         )
-        await wait_until(lambda: refresher.failures == 1, INTERVAL + MARGIN)
-        assert await serves(tls_files, server, old)
+        await refused_and_old_stays(tls_files, server, old)
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1
         assert str(tls_files.cert_file) in errors[0] and "expired" in errors[0]
@@ -182,8 +191,7 @@ async def test_load_logs_fingerprint_and_warns_near_expiry(
 ) -> None:
     caplog.set_level("INFO", logger="trio_launcher")
     async with refreshing(tls_files) as server:
-        refresher = server.handle.tls
-        assert refresher is not None
+        refresher = refresher_of(server)
         now = datetime.datetime.now(datetime.UTC)
         leaf = tls_files.rotate(not_after=now + datetime.timedelta(days=5))
         await wait_until(lambda: refresher.reloads == 1, INTERVAL + MARGIN)
@@ -194,14 +202,14 @@ async def test_load_logs_fingerprint_and_warns_near_expiry(
     assert f"SHA-256 {fingerprint}" in text
     assert "expires" in text
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("expires in 4 days" in w or "expires in 5 days" in w for w in warnings), warnings
+    # notAfter (whole seconds) is 5 days from the rotation: under 5 days at the reload.
+    assert any("expires in 4 days 23 h (less than 7 days left" in w for w in warnings), warnings
     assert leaf is tls_files.server_cert
 
 
 async def test_safe_defaults_and_alpn(tls_files: TLSFiles) -> None:
     async with running_server(App(), tls_files.config(), tls=tls_files) as server:
-        refresher = server.handle.tls
-        assert refresher is not None
+        refresher = refresher_of(server)
         context = refresher.switch.current.context
         assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
         assert context.options & ssl.OP_NO_COMPRESSION
@@ -230,18 +238,13 @@ async def test_shutdown_while_watching_is_prompt(tls_files: TLSFiles) -> None:
 
 
 async def test_sighup_reloads_at_once_with_long_interval(tls_files: TLSFiles) -> None:
-    args = [
+    args = served(
         "tests.apps:app",
-        "--bind",
-        "127.0.0.1:0",
-        "--certfile",
-        str(tls_files.cert_file),
-        "--keyfile",
-        str(tls_files.key_file),
-        "--ssl-refresh",
-        "--ssl-refresh-interval",
-        "3600",
-    ]
+        certfile=tls_files.cert_file,
+        keyfile=tls_files.key_file,
+        ssl_refresh=True,
+        ssl_refresh_interval=3600,
+    )
     async with launch(args) as proc:
         assert proc.url.startswith("https://")
         assert await presented_cert(proc.port, tls_files) == tls_files.server_cert_der()
@@ -310,8 +313,6 @@ async def test_unreadable_key_is_refused_and_old_stays(
     import trio_launcher._tls
 
     async with refreshing(tls_files) as server:
-        refresher = server.handle.tls
-        assert refresher is not None
         old = tls_files.server_cert_der()
         key = str(tls_files.key_file)
         if os.geteuid() == 0:
@@ -324,8 +325,7 @@ async def test_unreadable_key_is_refused_and_old_stays(
             monkeypatch.setattr(trio_launcher._tls, "open", guarded_open, raising=False)
         tls_files.rotate()
         os.chmod(tls_files.key_file, 0)
-        await wait_until(lambda: refresher.failures == 1, INTERVAL + MARGIN)
-        assert await serves(tls_files, server, old)
+        await refused_and_old_stays(tls_files, server, old)
         monkeypatch.undo()
         os.chmod(tls_files.key_file, 0o600)
         await wait_served(tls_files, server, INTERVAL + MARGIN)

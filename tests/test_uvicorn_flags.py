@@ -18,8 +18,8 @@ from trio_launcher._worker import worker_argv
 from trio_launcher.testing import TLSFiles, running_server
 
 from . import echo_app
+from .net import open_request, wait_eof
 from .proc import ROOT, launch, run_cli
-from .test_apps import open_request, wait_eof
 
 ECHO = "tests.echo_app:app"
 FORWARDED = {

@@ -207,27 +207,37 @@ def killpg(group: int, signum: int) -> Callable[[], Awaitable[None]]:
 WORKER_ARGS = [*WORKERS, "--graceful-timeout", "20"]
 
 
-async def test_ctrl_c_to_the_process_group_drains_every_stream() -> None:
-    async with launch(WORKER_ARGS, wait_serving=False, new_session=True) as proc:
-        await serving(proc)
-        group = os.getpgid(proc.process.pid)
-        assert group == proc.process.pid
-        bodies = await four_streams_through(proc, killpg(group, signal.SIGINT))
-        assert bodies == [STREAM_BODY] * 4
-        assert await proc.wait() == 0, proc.stderr
-    assert not any("stopping at once" in line for line in proc.lines), proc.stderr
+Signals = Callable[[Launched, list[int]], Callable[[], Awaitable[None]]]
 
 
-async def test_sigterm_to_every_process_drains_every_stream() -> None:
+def ctrl_c_to_the_group(proc: Launched, pids: list[int]) -> Callable[[], Awaitable[None]]:
+    """What a terminal does on Ctrl+C: SIGINT to the foreground process group."""
+    group = os.getpgid(proc.process.pid)
+    assert group == proc.process.pid
+    return killpg(group, signal.SIGINT)
+
+
+def sigterm_to_every_process(proc: Launched, pids: list[int]) -> Callable[[], Awaitable[None]]:
     """systemd's KillMode=control-group: SIGTERM to the parent and to each worker."""
+
+    async def control_group() -> None:
+        for pid in [proc.process.pid, *pids, *pids]:  # each worker twice, even
+            os.kill(pid, signal.SIGTERM)
+
+    return control_group
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        pytest.param(ctrl_c_to_the_group, id="ctrl-c-to-the-process-group"),
+        pytest.param(sigterm_to_every_process, id="sigterm-to-every-process"),
+    ],
+)
+async def test_a_stop_signal_drains_every_stream(signals: Signals) -> None:
     async with launch(WORKER_ARGS, wait_serving=False, new_session=True) as proc:
         pids = await serving(proc)
-
-        async def control_group() -> None:
-            for pid in [proc.process.pid, *pids, *pids]:  # each worker twice, even
-                os.kill(pid, signal.SIGTERM)
-
-        bodies = await four_streams_through(proc, control_group)
+        bodies = await four_streams_through(proc, signals(proc, pids))
         assert bodies == [STREAM_BODY] * 4
         assert await proc.wait() == 0, proc.stderr
     assert not any("stopping at once" in line for line in proc.lines), proc.stderr
@@ -428,10 +438,7 @@ async def test_recycling_replaces_workers_without_a_failed_request(
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load.run, stop)
-            with trio.fail_after(60):
-                while len(replacements(proc.lines)) < 2:
-                    await proc.wait_for_line(r"serves, PID \d+ drains", timeout=60)
-                    await trio.sleep(0.1)
+            await proc.wait_for_lines(r"PID \d+ serves, PID \d+ drains", 2, timeout=60)
             stop.set()
         await proc.wait_for_line(why)
         assert load.failures == []
@@ -533,10 +540,7 @@ async def test_requests_a_real_worker_cuts_at_graceful_timeout_are_counted_by_th
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(aborted, f"{proc.url}/slow?s=30")
-            with trio.fail_after(10):
-                while sum("slow request started" in line for line in proc.lines) < 3:
-                    await proc.wait_for_line("slow request started")
-                    await trio.sleep(0.01)
+            await proc.wait_for_lines("slow request started", 3)
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0, proc.stderr
     cut = re.compile(r"ERROR.*trio_launcher: worker \d \(PID \d+\): its drain cut (\d+)")
