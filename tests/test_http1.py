@@ -375,15 +375,18 @@ async def test_head_timeout_answer_only_while_a_head_arrives() -> None:
         assert refusal is not None and refusal.startswith(b"HTTP/1.1 408 ")
 
 
-async def test_invalid_response_header_is_refused() -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param([(b"x", b"a\r\nset-cookie: evil")], id="crlf-inside"),
+        pytest.param([(b"x", b"evil\r\n")], id="crlf-at-the-end"),
+        pytest.param([(b"a", b"fine"), (b"x", bytearray(b"evil\x00"))], id="nul-in-a-later-one"),
+        pytest.param([(b"x", b" \tevil\n")], id="lf-after-spaces"),
+    ],
+)
+async def test_invalid_response_header_is_refused(headers: list[tuple[bytes, Any]]) -> None:
     async def app(scope: Message, receive: Any, send: Any) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"x", b"a\r\nset-cookie: evil")],
-            }
-        )
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async with protocol(app) as (http1, transport):
         await feed(http1, GET)

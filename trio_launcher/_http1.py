@@ -91,6 +91,16 @@ _UNKNOWN_CODING = "Request has invalid `Transfer-Encoding`"  # llhttp's words
 _NAMES: dict[Any, bytes] = {}  # response header names seen and valid -> lower case
 
 
+_OWS = (b" ", b"\t")  # a value's first or last byte that needs .strip()
+
+
+def _refuse_bad_value(headers: Any) -> None:
+    """Name the response header whose value has a control character (CR, LF...)."""
+    for name, value in headers:
+        if _BAD_VALUE.search(bytes(value)):
+            raise RuntimeError(f"invalid response header value {name!r}: {bytes(value)!r}")
+
+
 def _check_name(name: Any) -> bytes:
     """A response header name must be a token (RFC 9110 5.1); remember the good ones."""
     clean = bytes(name).strip()
@@ -565,14 +575,16 @@ class Cycle:
         headers = message.get("headers") or []
         self.response_headers = headers
         lines = [_STATUS.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        values = []
         names = _NAMES
         for name, value in headers:
             lower = names.get(name)
             if lower is None:
                 lower = _check_name(name)
-            value = bytes(value).strip()
-            if _BAD_VALUE.search(value):  # CR/LF would split the response
-                raise RuntimeError(f"invalid response header value {name!r}: {value!r}")
+            if type(value) is not bytes:
+                value = bytes(value)
+            if value[:1] in _OWS or value[-1:] in _OWS:
+                value = value.strip(b" \t")  # OWS (RFC 9110 5.6.3)
             if lower == b"content-length":
                 self.left = int(value)
             elif lower == b"transfer-encoding":
@@ -582,7 +594,10 @@ class Cycle:
                 if b"close" in value.lower():
                     self.keep_alive = False
                 continue
-            lines.append(b"%s: %s\r\n" % (name, value))
+            lines += (name, b": ", value, b"\r\n")
+            values.append(value)
+        if _BAD_VALUE.search(b"".join(values)):  # one pass over all the values
+            _refuse_bad_value(headers)  # CR/LF would split the response
         self.head = b"".join(lines)
         self.started = True
         self.status = status

@@ -51,6 +51,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+from hpack import NeverIndexedHeaderTuple
+
 from ._hypercorn import Config
 
 LogFormat = Literal["text", "json"]
@@ -68,7 +70,10 @@ class RequestIds:
         self._counter = itertools.count(1)
 
     def assign(self, scope: Any) -> tuple[bytes, bytes]:
-        """Set ``scope["state"]["request_id"]`` (in a fresh state dict); the header to echo."""
+        """Set ``scope["state"]["request_id"]``; the header to echo.
+
+        The state dict is the server's per-request copy (ASGI: the server copies
+        the lifespan state for each request), so it is written in place."""
         value: bytes | None = None
         for name, incoming in scope["headers"]:
             if name == REQUEST_ID_HEADER:
@@ -81,8 +86,12 @@ class RequestIds:
         else:
             text = value.decode("ascii")
         state = scope.get("state")
-        scope["state"] = {**state, "request_id": text} if state else {"request_id": text}
-        return (REQUEST_ID_HEADER, value)
+        if state is None:
+            scope["state"] = {"request_id": text}
+        else:
+            state["request_id"] = text  # the server's copy for this request (ASGI lifespan state)
+        # Never indexed by HPACK: a value seen once would only churn HTTP/2's header table.
+        return NeverIndexedHeaderTuple(REQUEST_ID_HEADER, value)
 
 
 def iso_time(created: float) -> str:
