@@ -35,9 +35,9 @@ from benchmarks.harness import (
     Summary,
     free_port,
     h2load,
+    listening,
     paired_ratio,
     pin,
-    wait_port,
     wrk,
 )
 
@@ -82,8 +82,7 @@ def measure(tree: Path, kind: str, tls: tuple[str, str], seconds: float) -> dict
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_port(port, proc=proc)
+    with listening(proc, port):
         process = psutil.Process(proc.pid)
         scheme = "https" if kind == "tls" else "http"
         url = f"{scheme}://127.0.0.1:{port}/"
@@ -95,14 +94,6 @@ def measure(tree: Path, kind: str, tls: tuple[str, str], seconds: float) -> dict
         before = process.cpu_times()
         result = load(seconds)
         after = process.cpu_times()
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
     cpu = (after.user + after.system) - (before.user + before.system)
     requests = result.rps * seconds
     return {

@@ -20,9 +20,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
@@ -77,10 +78,16 @@ def server(
     """Run ``benchmarks.server VARIANT`` pinned to core 0; yield (port, process)."""
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.server", variant, str(port), *(tls or ())]
-    proc = spawn(pin(0, argv))
+    with listening(spawn(pin(0, argv)), port) as proc:
+        yield port, proc
+
+
+@contextlib.contextmanager
+def listening(proc: subprocess.Popen[bytes], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """Wait until the server ``proc`` listens on ``port``; end it (by its PID) after."""
     try:
         wait_port(port, proc=proc)
-        yield port, proc
+        yield proc
     finally:
         if proc.poll() is None:
             proc.terminate()  # only the process we started
@@ -239,3 +246,13 @@ class Summary:
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """Median of the per-round ratios a[i] / b[i] (rounds were interleaved)."""
     return statistics.median(x / y if y else math.inf for x, y in zip(a, b, strict=True))
+
+
+def table_head(*cells: str) -> list[str]:
+    """A Markdown table's header row and rule."""
+    return [f"| {' | '.join(cells)} |", "|" + "---|" * len(cells)]
+
+
+def rows(results: Mapping[str, Any], *meta: str) -> Iterator[tuple[str, Any]]:
+    """The rows of a results mapping, without its ``meta`` entries (run settings)."""
+    return ((key, value) for key, value in results.items() if key not in meta)

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import trio
 
-from benchmarks.harness import Summary, paired_ratio, server, wrk
+from benchmarks.harness import Summary, paired_ratio, rows, server, table_head, wrk
 
 VARIANTS = ["runner-plain", "runner-observed"]
 
@@ -122,15 +122,15 @@ def layer_cost(requests: int = 20000, repeats: int = 5) -> dict[str, float]:
 
 def render(results: dict[str, Any]) -> list[str]:
     first = results["observed vs plain"]
-    out = [
-        f"| observability, hello HTTP/1.1 (wrk -c64, {first['rounds']} rounds of "
-        f"{first['seconds']:g} s, both servers at once) | A | B | B / A median "
-        "(per-round range) | target |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        if name == "layer_us":
-            continue
+    out = table_head(
+        f"observability, hello HTTP/1.1 (wrk -c64, {first['rounds']} rounds of "
+        f"{first['seconds']:g} s, both servers at once)",
+        "A",
+        "B",
+        "B / A median (per-round range)",
+        "target",
+    )
+    for name, r in rows(results, "layer_us"):
         a, b = r["variants"]
         control = a == b
         ok = r["rps_ratio"] >= 0.97

@@ -44,7 +44,16 @@ import trio
 import trio.testing
 
 from benchmarks.apps import lifespan
-from benchmarks.harness import ROOT, env, free_port, paired_ratio, percentile, pin, wait_port, wrk
+from benchmarks.harness import (
+    ROOT,
+    env,
+    free_port,
+    listening,
+    paired_ratio,
+    percentile,
+    pin,
+    wrk,
+)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -159,17 +168,8 @@ def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_port(port, proc=proc)
+    with listening(proc, port):
         yield port, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # --- the overload clients (on core 1: h2load for the burst, a prober process) ----------------

@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 from benchmarks.apps import HELLO
-from benchmarks.harness import ROOT, env, free_port
+from benchmarks.harness import ROOT, env, free_port, rows, table_head
 
 URL_RE = re.compile(r"serving on http://127\.0\.0\.1:(\d+)")
 SWAP_RE = re.compile(r"PID \d+ serves, PID \d+ drains")
@@ -274,14 +274,18 @@ def run(seconds: float = 20.0, compare: bool = False) -> dict[str, Any]:
 
 
 def render(results: dict[str, Any]) -> list[str]:
-    out = [
-        f"| 2 workers under load for {results['seconds']:g} s | server | client "
-        "| requests (req/s) | workers replaced | non-2xx | timeouts | failed (retried) | exit |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for key, r in results.items():
-        if key == "seconds":
-            continue
+    out = table_head(
+        f"2 workers under load for {results['seconds']:g} s",
+        "server",
+        "client",
+        "requests (req/s)",
+        "workers replaced",
+        "non-2xx",
+        "timeouts",
+        "failed (retried)",
+        "exit",
+    )
+    for key, r in rows(results, "seconds"):
         name, variant, client = key.split(" / ")
         if client == "wrk":
             errs = r["socket_errors"]

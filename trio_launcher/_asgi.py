@@ -62,6 +62,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (EngineDeadError, EngineGenerateError)
 
@@ -429,15 +430,16 @@ async def send_json(
     head_only: bool = False,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    data = json.dumps(body).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(data)).encode()),
-    ]
-    if extra_headers:
-        headers.extend(extra_headers)
+    headers = [(b"content-type", b"application/json"), *(extra_headers or ())]
+    await send_whole(send, status, json.dumps(body).encode(), headers, head_only)
+
+
+async def send_whole(send: Send, status: int, body: bytes, headers: Headers, head: bool) -> None:
+    """A whole response the runner answers itself: the head, with the body's length, then
+    the body (none for HEAD)."""
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head_only else data})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 def describe_routes(app: object) -> list[str] | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from ._asgi import ASGIApp, Message, Receive, Scope, Send
+from ._asgi import ASGIApp, Message, Receive, Scope, Send, send_whole
 from ._hypercorn import Config
 from ._logging import RequestIds
 from ._metrics import Metrics, recorder
@@ -143,18 +143,7 @@ def _is_cancel(exc: BaseException) -> bool:
 
 
 async def send_metrics(send: Send, metrics: Metrics, head_only: bool = False) -> None:
-    body = metrics.exposition()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", CONTENT_TYPE),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"" if head_only else body})
+    await send_whole(send, 200, metrics.exposition(), [(b"content-type", CONTENT_TYPE)], head_only)
 
 
 # --- the separate listener (metrics_bind) -------------------------------------------
