@@ -60,6 +60,7 @@ import math
 import os
 import select
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -93,6 +94,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CALM_DOWN_WRITE = 1.0  # s: for the GOAWAY of a flooding peer
 
 
+@dataclass(eq=False)
 class Connection:
     """One client connection, served until it closes.
 
@@ -101,24 +103,17 @@ class Connection:
     and ``http="h11"`` go to hypercorn's ``ProtocolWrapper``.
     """
 
-    def __init__(
-        self,
-        app: AppWrapper,
-        config: Config,
-        context: WorkerContext,
-        state: LifespanState,
-        stream: trio.abc.Stream,
-        registry: set[Connection],
-        http: str = "httptools",
-        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-    ) -> None:
-        self.app = app
-        self.config = config
-        self.context = context
-        self.state = state
-        self.stream = stream
-        self.registry = registry
-        self.http = http
+    app: AppWrapper
+    config: Config
+    context: WorkerContext
+    state: LifespanState
+    stream: trio.abc.Stream
+    registry: set[Connection]
+    http: str = "httptools"
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+
+    def __post_init__(self) -> None:
+        stream, config = self.stream, self.config
         self.idle = True
         self.fresh = True  # nothing received yet
         self.closed = False
@@ -133,7 +128,6 @@ class Connection:
         self._raw_fd = raw.fileno() if raw is not None else -1  # TLS too: bytes waiting
         self._keep_alive = float(config.keep_alive_timeout)
         self._read_timeout = float(config.read_timeout) if config.read_timeout else math.inf
-        self._header_timeout = header_timeout
         self._lazy = False  # see _serve_http1
         self._drained = False  # the last read took all the kernel had (see _receive)
         self._due = math.inf
@@ -286,7 +280,7 @@ class Connection:
 
     def head_started(self) -> None:
         """A request head began on an idle connection: all of it must come in time."""
-        self._set_due(trio.current_time() + self._header_timeout)
+        self._set_due(trio.current_time() + self.header_timeout)
 
     def close(self) -> None:
         """Read no more; the connection closes when the read loop sees the cancel."""
