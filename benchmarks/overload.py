@@ -205,6 +205,7 @@ def probe(port: int) -> None:
     """
     results: list[tuple[int, float]] = []
     request_bytes = b"GET /health HTTP/1.1\r\nhost: b\r\n\r\n"
+    print("ready", flush=True)
     while len(results) < 5000 and not select.select([sys.stdin], [], [], 0.02)[0]:
         start = time.perf_counter()
         status = -1
@@ -265,6 +266,8 @@ def overload_run(port: int, pid: int, clients: int) -> dict[str, Any]:
     )
     try:
         sampler.start()
+        assert prober.stdout is not None
+        prober.stdout.readline()  # "ready": probing from before the burst
         slow = burst(port, clients)
         out, _ = prober.communicate("", timeout=60)
         health = [(int(status), float(t)) for status, t in json.loads(out)]
@@ -322,8 +325,15 @@ def overload(clients: int) -> dict[str, Any]:
 
 @contextmanager
 def main_snapshot() -> Iterator[str | None]:
-    """``trio_launcher`` as on the ``main`` ref, unpacked in a temporary directory."""
+    """``trio_launcher`` as on the ``main`` ref, unpacked in a temporary directory; None
+    when there is no git or this checkout is ``main`` (bounds-off is the baseline then)."""
     if shutil.which("git") is None:
+        yield None
+        return
+    refs = subprocess.run(
+        ["git", "rev-parse", "main", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    if len(refs) == 2 and refs[0] == refs[1]:
         yield None
         return
     with tempfile.TemporaryDirectory() as tmp:
