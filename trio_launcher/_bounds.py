@@ -13,15 +13,16 @@ one HTTP/1.1 request is, and the handler is a trio task we can cancel.
 * **Request deadline** (``request_timeout``): a request whose response has
   not started S seconds after it arrived has its handler cancelled (its
   nurseries too: it is plain trio cancellation) and is answered 504 with a
-  JSON body; a started response (a stream) is never cut by it. How: on
-  HTTP/1.1 the connection runs its handlers in a long-lived cancel scope
-  and lends the middleware that scope's ``cancel``; one task per server
+  JSON body; a started response (a stream) is never cut by it. How: the
+  lean transport runs each handler in a cancel scope it holds (HTTP/1.1: a
+  runner's long-lived scope; HTTP/2: the stream's) and lends the middleware
+  that scope's ``cancel`` (``CANCEL_EXTENSION``); one task per server
   (``Deadlines``) sleeps until the oldest request's deadline and cancels it
   there. A request costs a dict insert and a delete, not a cancel scope and
   a deadline of its own (together about 10 % of a hello-world request).
-  Elsewhere (HTTP/2, the stock transport, a request with a body under the
-  body timeout) the handler runs in a cancel scope of its own whose deadline
-  is lifted when the response starts.
+  The body timeout uses the same lent ``cancel``. Only where nothing is lent
+  (the stock transport) does the handler run in a cancel scope of the
+  middleware's own, whose deadline is lifted when the response starts.
 * **Body timeout** (``body_timeout``, mod_reqtimeout's rule): only the time
   the handler spends *waiting* in ``receive()`` for body bytes counts, and
   it may not exceed ``body_timeout + received / BODY_MIN_RATE`` seconds in
@@ -57,7 +58,7 @@ BODY_MIN_RATE = 1024.0
 RETRY_AFTER = b"1"
 
 CANCEL_EXTENSION = "trio_launcher.cancel"
-"""ASGI scope extension: cancels the handler's scope (lent by the HTTP/1.1 connection)."""
+"""ASGI scope extension: cancels the handler's scope (lent by the lean transport)."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ class StreamReset:
     on the handler's behalf (in order, one message ahead) and cancels the
     handler if the disconnect comes before its response ended (after that,
     ASGI lets a handler run on: background tasks). One task per HTTP/2
-    request; HTTP/1.1 has one request per connection and needs none.
+    request, on the stock transport only: the lean transport cancels a reset
+    stream's handler itself (``_transport._Handler``).
     """
 
     def __init__(

@@ -385,9 +385,10 @@ class HTTP1:
         next_cycle: Cycle | None = cycle
         while next_cycle is not None:
             scope = trio.CancelScope()
+            cancel = scope.cancel
             with scope:
                 while next_cycle is not None:
-                    next_cycle.scope["extensions"][CANCEL_EXTENSION] = scope.cancel
+                    next_cycle.scope["extensions"][CANCEL_EXTENSION] = cancel
                     await self._run(next_cycle)
                     next_cycle = await self._park(task, fresh)
             if scope.cancelled_caught:  # a request deadline (the 504 is sent): a new scope
