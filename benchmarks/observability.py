@@ -69,8 +69,9 @@ def pair(variants: list[str], rounds: int, seconds: float) -> dict[str, Any]:
 
 def layer_cost(requests: int = 20000, repeats: int = 5) -> dict[str, float]:
     """Microseconds per request of the observability layer alone (best of ``repeats``)."""
+    from trio_launcher._asgi import RunnerMiddleware
+    from trio_launcher._logging import RequestIds
     from trio_launcher._metrics import Metrics
-    from trio_launcher._observe import Observed
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send(
@@ -94,11 +95,14 @@ def layer_cost(requests: int = 20000, repeats: int = 5) -> dict[str, float]:
             "state": {},
         }
 
+    def ignore(exc: BaseException) -> None:
+        pass
+
     layers = {
-        "off": app,
-        "request ids": Observed(app, None, metrics_path=None, request_ids=True),
-        "metrics + request ids": Observed(
-            app, Metrics(), metrics_path="/metrics", request_ids=True
+        "off": RunnerMiddleware(app, ignore),
+        "request ids": RunnerMiddleware(app, ignore, request_ids=RequestIds()),
+        "metrics + request ids": RunnerMiddleware(
+            app, ignore, metrics=Metrics(), metrics_path="/metrics", request_ids=RequestIds()
         ),
     }
 

@@ -10,6 +10,7 @@ exit codes and log lines.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -363,6 +364,7 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
                 sock=bound,
                 handle_signals=False,
                 health_path="/health",
+                metrics_path="/metrics",
                 transport=transport,
             ),
         )
@@ -374,6 +376,10 @@ async def test_503_while_the_engine_starts_then_serving(transport: Transport) ->
         assert refused.headers["retry-after"] == "1"
         assert refused.headers["connection"] == "close"
         assert refused.json()["error"]["type"] == "Starting"
+        # Like every response: an id, and measured (the scrape is answered while starting).
+        assert refused.headers["x-request-id"] != health.headers["x-request-id"]
+        scrape = (await client.get("/metrics")).text
+        assert re.search(r'_count\{[^}]*http_response_status_code="503"[^}]*\} 2\.0', scrape)
         assert engine_tasks.events == []  # neither the engine nor the app has started
         release.set()
         handle = await starting.handle()

@@ -66,6 +66,34 @@ async def test_an_id_is_made_echoed_and_given_to_the_app() -> None:
 
 
 @pytest.mark.parametrize(
+    "variant",
+    [{"transport": "lean"}, {"transport": "lean", "http": "h11"}, {"transport": "hypercorn"}],
+    ids=["lean-httptools", "lean-h11", "stock-hypercorn"],
+)
+async def test_every_http1_protocol_echoes_the_id_and_logs_it(
+    variant: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lean HTTP/1.1 protocol writes the id's line itself (``HEADER_EXTENSION``);
+    the others get it in the app's headers. Response, state and access line agree."""
+    config = Config()
+    config.accesslog = logging.getLogger("test.access")
+    caplog.set_level(logging.INFO, logger="test.access")
+    async with running_server(StateApp(), config, **variant) as server:
+        responses = [await server.client.get("/"), await server.client.head("/")]
+        incoming = await server.client.get("/", headers={"x-request-id": "mine"})
+    echoed = [r.headers["x-request-id"] for r in responses]
+    assert all(GENERATED.match(i) for i in echoed) and echoed[0] != echoed[1]
+    assert responses[0].json()["id"] == echoed[0]
+    assert (incoming.headers["x-request-id"], incoming.json()["id"]) == ("mine", "mine")
+    assert list(incoming.headers.keys()).count("x-request-id") == 1
+    atoms = [r.args for r in caplog.records if r.name == "test.access"]
+    assert [a["{x-request-id}o"] for a in atoms if isinstance(a, AccessLogAtoms)] == [
+        *echoed,
+        "mine",
+    ]
+
+
+@pytest.mark.parametrize(
     ("incoming", "kept"),
     [
         ("client-id-42", True),

@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from quart_trio import QuartTrio
 
 from trio_launcher import ConfigError, serve_http
-from trio_launcher._metrics import Metrics, Recorder, recorder
-from trio_launcher._observe import Observed, route_template
+from trio_launcher._asgi import RunnerMiddleware
+from trio_launcher._logging import RequestIds
+from trio_launcher._metrics import Metrics, Recorder, recorder, route_template
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from .apps import App
@@ -127,10 +128,9 @@ def test_route_template_shapes() -> None:
     class Route:
         path = "/a/{b}"
 
-    assert route_template({"route": Route()}) == "/a/{b}"
-    assert route_template({"route": "/x/<y>"}) == "/x/<y>"
-    assert route_template({"path": "/raw/1"}) == ""
-    assert route_template({"route": object()}) == ""
+    assert route_template(Route()) == "/a/{b}"
+    assert route_template("/x/<y>") == "/x/<y>"
+    assert route_template(object()) == ""
 
 
 async def test_separate_listener_and_engine_up() -> None:
@@ -218,8 +218,14 @@ async def test_a_request_cancelled_in_the_drain_counts_as_cut() -> None:
     async def receive() -> Any:
         return {"type": "http.request"}
 
-    observed = Observed(stuck, metrics, metrics_path=None, request_ids=True, draining=lambda: True)
-    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    observed = RunnerMiddleware(
+        stuck,
+        lambda exc: None,
+        metrics=metrics,
+        request_ids=RequestIds(),
+        draining=lambda: True,
+    )
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "state": {}}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(observed, scope, receive, send)
         await started.wait()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
@@ -53,7 +54,8 @@ from ._bounds import (
     is_http1,
 )
 from ._errors import EngineDeadError, EngineGenerateError, leaves
-from ._metrics import recorder
+from ._logging import HEADER_EXTENSION, RequestIds
+from ._metrics import Metrics, recorder
 
 log = logging.getLogger("trio_launcher")
 
@@ -65,6 +67,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (EngineDeadError, EngineGenerateError)
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,42 @@ class Limits:
     max_head_size: int | None = None
 
 
+class Exchange:
+    """One request's response as the runner's middleware sees it, and its ``send``.
+
+    ``status`` is 0 until the response starts, then its status (the duration
+    histogram's label; "started" for the bounds). The request-id header, if
+    any, is added to the response head here. ``on_start``, if set, is called
+    when the response starts and returns True when that is too late (a bound
+    already cut the request): the send then raises ``trio.Cancelled``.
+
+    One object per request and its bound ``send``: the observing and the
+    bounds share one wrapper (each extra ASGI level or ``send`` wrapper costs
+    about 1 % of a hello-world request).
+    """
+
+    __slots__ = ("_send", "header", "on_start", "status")
+
+    def __init__(self, send: Send, header: tuple[bytes, bytes] | None) -> None:
+        self._send = send
+        self.header = header
+        self.status = 0
+        self.on_start: Callable[[], bool] | None = None
+
+    async def send(self, message: Message) -> None:
+        if not self.status and message["type"] == "http.response.start":
+            if self.on_start is not None and self.on_start():
+                await trio.lowlevel.checkpoint()  # too late: raises Cancelled
+            self.status = message["status"]
+            if self.header is not None:
+                message["headers"] = [*message.get("headers", ()), self.header]
+        await self._send(message)
+
+
 @dataclass(eq=False)
 class RunnerMiddleware:
-    """The runner's layer around the app: health, head limits, engine errors.
+    """The runner's layer around the app: metrics path, request ids and metrics,
+    health, head limits, bounds, engine errors.
 
     Args:
         app: the ASGI app to wrap.
@@ -94,6 +133,11 @@ class RunnerMiddleware:
         limits: request-head limits.
         bounds: per-request bounds: concurrency, request deadline, body timeout.
         in_flight: the in-flight table to keep (the runner reads it).
+        metrics: the server's metrics (every HTTP request is measured), or None.
+        metrics_path: a GET/HEAD path answered with the scrape, before anything else.
+        request_ids: keeps or makes every HTTP request's ``X-Request-Id``, or None.
+        draining: True once the drain has started (a request cancelled before
+            its response started then counts as cut by the drain).
     """
 
     app: ASGIApp
@@ -105,46 +149,49 @@ class RunnerMiddleware:
     limits: Limits = Limits()
     bounds: Bounds = Bounds()
     in_flight: InFlight = field(default_factory=InFlight)
+    metrics: Metrics | None = None
+    metrics_path: str | None = None
+    request_ids: RequestIds | None = None
+    draining: Callable[[], bool] = lambda: False
     deadlines: Deadlines = field(init=False)
     """The request deadline's reaper: the runner runs ``deadlines.run`` beside the server."""
     _shed_body: bytes | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.deadlines = Deadlines(self.bounds.request_timeout or math.inf)
+        if self.metrics is None:
+            self.metrics_path = None
+        else:
+            self.metrics.requests.active_now = self.in_flight.__len__
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self._not_http(scope, receive, send)
             return
-        refusal = self._over_limit(scope)
-        if refusal is not None:
-            log.warning("431 for %s %s: %s", scope.get("method", "GET"), scope.get("path"), refusal)
-            if scope["type"] == "http":
-                # HTTP/1.x: the connection closes after a 431 (RFC 9110 15.5.1: the
-                # rest of the head may still be arriving; nobody knows where it ends).
-                close = [(b"connection", b"close")] if is_http1(scope) else []
-                error = {"error": {"type": "HeadersTooLarge", "message": refusal}}
-                await send_json(send, 431, error, extra_headers=close)
-            else:
-                await send({"type": "websocket.close", "code": 1009})
+        method = scope["method"]
+        path = scope["path"]
+        if path == self.metrics_path and method in ("GET", "HEAD"):
+            assert self.metrics is not None
+            await send_metrics(send, self.metrics, head_only=method == "HEAD")
             return
-        if scope["type"] == "websocket":
-            await self.app(scope, receive, send)
-            return
-        if scope["path"] == self.health_path and scope["method"] in ("GET", "HEAD"):
-            status, body = self.health()
-            body["in_flight"] = len(self.in_flight)
-            body["oldest_request_s"] = round(self.in_flight.oldest_age(), 3)
-            await send_json(send, status, body, head_only=scope["method"] == "HEAD")
-            return
+        header = None
+        if self.request_ids is not None:
+            header = self.request_ids.assign(scope)
+            extensions = scope.get("extensions")
+            if extensions is not None and HEADER_EXTENSION in extensions:
+                extensions[HEADER_EXTENSION] = header  # the protocol writes it (one line)
+                header = None
+        ex = Exchange(send, header)
         in_flight = self.in_flight
         limit = self.bounds.limit_concurrency
-        if limit is not None and len(in_flight) >= limit:
-            in_flight.shed += 1
-            recorder().request_shed()
-            await self._shed(scope, send, limit)
+        if (
+            (limit is not None and len(in_flight) >= limit)
+            or (path == self.health_path and method in ("GET", "HEAD"))
+            or self._over_limit(scope) is not None
+        ):
+            await self._answer(scope, ex)
             return
-        key = in_flight.add(scope["method"], scope["path"])
+        key = in_flight.add(method, path)
         try:
             bounds = self.bounds
             h2 = scope.get("http_version") == "2"
@@ -153,17 +200,69 @@ class RunnerMiddleware:
             cancel = scope.get("extensions", {}).get(CANCEL_EXTENSION)
             if cancel is None or (timed and not self.deadlines.running):
                 if h2 or body_bound or timed:
-                    await self._call_bounded(scope, receive, send)
+                    await self._call_bounded(scope, receive, ex)
                 else:
                     # Nothing to bound: no cancel scope (entering one costs more than
                     # the rest of this middleware; hello world pays nothing for it).
-                    await self._call_plain(scope, receive, send)
+                    await self._call_guarded(scope, receive, ex.send, ex)
             elif body_bound or timed:
-                await self._call_lent(scope, receive, send, key, cancel, body_bound)
+                await self._call_lent(scope, receive, ex, key, cancel, body_bound)
             else:
-                await self._call_plain(scope, receive, send)
+                try:  # _call_guarded, inline: the hello-world path, one level fewer
+                    await self.app(scope, receive, ex.send)
+                except BaseException as exc:
+                    await self._app_failed(scope, ex, exc)
+        except BaseException as exc:
+            if not ex.status and self.metrics is not None:
+                if not _is_cancel(exc):
+                    ex.status = 500  # the protocol answers it
+                elif self.draining():
+                    self.metrics.request_cut_by_drain()
+            raise
         finally:
-            in_flight.remove(key)
+            arrived = in_flight.remove(key)
+            if self.metrics is not None:
+                self.metrics.requests.finished(
+                    method if method in KNOWN_METHODS else "_OTHER",
+                    ex.status,
+                    scope.get("route"),
+                    time.monotonic() - arrived,
+                )
+
+    async def _answer(self, scope: Scope, ex: Exchange) -> None:
+        """What the runner answers itself, before the app: 431, the health path, 503."""
+        start = time.monotonic()
+        method = scope["method"]
+        refusal = self._over_limit(scope)
+        limit = self.bounds.limit_concurrency
+        if refusal is not None:
+            log.warning("431 for %s %s: %s", method, scope.get("path"), refusal)
+            # HTTP/1.x: the connection closes after a 431 (RFC 9110 15.5.1: the
+            # rest of the head may still be arriving; nobody knows where it ends).
+            close = [(b"connection", b"close")] if is_http1(scope) else []
+            error = {"error": {"type": "HeadersTooLarge", "message": refusal}}
+            await send_json(ex.send, 431, error, extra_headers=close)
+        elif scope["path"] == self.health_path and method in ("GET", "HEAD"):
+            status, body = self.health()
+            body["in_flight"] = len(self.in_flight)
+            body["oldest_request_s"] = round(self.in_flight.oldest_age(), 3)
+            await send_json(ex.send, status, body, head_only=method == "HEAD")
+        elif limit is not None:
+            self.in_flight.shed += 1
+            recorder().request_shed()
+            await self._shed(scope, ex.send, limit)
+        if self.metrics is not None:
+            known = method if method in KNOWN_METHODS else "_OTHER"
+            self.metrics.requests.finished(known, ex.status, None, time.monotonic() - start)
+
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            refusal = self._over_limit(scope)
+            if refusal is not None:
+                log.warning("431 for websocket %s: %s", scope.get("path"), refusal)
+                await send({"type": "websocket.close", "code": 1009})
+                return
+        await self.app(scope, receive, send)
 
     async def _shed(self, scope: Scope, send: Send, limit: int) -> None:
         """503 at once; on HTTP/1.x the connection closes too (it frees the most memory)."""
@@ -195,28 +294,16 @@ class RunnerMiddleware:
                 return f"request head of {size} bytes, the limit is {limits.max_head_size}"
         return None
 
-    async def _call_plain(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def runner_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self._call_guarded(scope, receive, runner_send, lambda: started)
-
     async def _call_lent(
         self,
         scope: Scope,
         receive: Receive,
-        send: Send,
+        ex: Exchange,
         key: int,
         cancel: Callable[[], object],
         body_bound: bool,
     ) -> None:
         """The bounds with the cancel scope the connection lends (see ``_bounds``)."""
-        started = False
         bounds = self.bounds
         deadlines = self.deadlines if bounds.request_timeout is not None else None
         body: BodyClock | None = None
@@ -224,25 +311,24 @@ class RunnerMiddleware:
             body = BodyClock(receive, bounds.body_timeout, cancel)
             receive = body.receive
 
-        async def runner_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start" and not started:
-                if (deadlines is not None and key in deadlines.fired) or (
-                    body is not None and body.timed_out
-                ):
-                    await trio.lowlevel.checkpoint()  # too late: raises Cancelled
-                started = True
-                if deadlines is not None:
-                    deadlines.disarm(key)  # a started response is never cut
-            await send(message)
+        def on_start() -> bool:
+            if (deadlines is not None and key in deadlines.fired) or (
+                body is not None and body.timed_out
+            ):
+                return True  # too late
+            if deadlines is not None:
+                deadlines.disarm(key)  # a started response is never cut
+            return False
 
+        ex.on_start = on_start
         if deadlines is not None:
             deadlines.arm(key, cancel)
         ended: BaseException | None = None
         try:
-            await self._call_guarded(scope, receive, runner_send, lambda: started)
+            await self._call_guarded(scope, receive, ex.send, ex)
         except BaseException as exc:  # held until the cut request is answered
             ended = exc
+        ex.on_start = None
         late = False
         if deadlines is not None:
             deadlines.disarm(key)
@@ -252,12 +338,12 @@ class RunnerMiddleware:
         if late or slow:
             # The handler's scope is cancelled: answer from a shield, bounded.
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-                await self._answer_cut(scope, send, started, body if slow else None)
+                await self._answer_cut(scope, ex, body if slow else None)
         if ended is not None:
             raise ended
 
-    async def _call_bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = complete = False
+    async def _call_bounded(self, scope: Scope, receive: Receive, ex: Exchange) -> None:
+        complete = False
         bounds = self.bounds
         deadline = trio.CancelScope()
         if bounds.request_timeout is not None:
@@ -271,32 +357,33 @@ class RunnerMiddleware:
             body = BodyClock(receive, bounds.body_timeout, deadline.cancel)
             receive = body.receive
 
-        async def runner_send(message: Message) -> None:
-            nonlocal started, complete
-            if message["type"] == "http.response.start":
-                if deadline.cancel_called:
-                    await trio.lowlevel.checkpoint()  # too late: raises Cancelled
-                started = True
-                deadline.deadline = math.inf  # a started response is never cut
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                complete = True
-            await send(message)
+        def on_start() -> bool:
+            if deadline.cancel_called:
+                return True  # too late
+            deadline.deadline = math.inf  # a started response is never cut
+            return False
 
+        async def runner_send(message: Message) -> None:
+            nonlocal complete
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await ex.send(message)
+
+        ex.on_start = on_start
         with deadline:
             if reset is None:
-                await self._call_guarded(scope, receive, runner_send, lambda: started)
+                await self._call_guarded(scope, receive, runner_send, ex)
             else:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(reset.pump)
-                    await self._call_guarded(scope, receive, runner_send, lambda: started)
+                    await self._call_guarded(scope, receive, runner_send, ex)
                     nursery.cancel_scope.cancel()
+        ex.on_start = None
         if not deadline.cancelled_caught or (reset is not None and reset.gone):
             return
-        await self._answer_cut(scope, send, started, body if body and body.timed_out else None)
+        await self._answer_cut(scope, ex, body if body and body.timed_out else None)
 
-    async def _answer_cut(
-        self, scope: Scope, send: Send, started: bool, slow_body: BodyClock | None
-    ) -> None:
+    async def _answer_cut(self, scope: Scope, ex: Exchange, slow_body: BodyClock | None) -> None:
         """A bound cancelled the handler: 408 for a slow body, else 504 (if not started)."""
         if slow_body is not None:
             log.warning(
@@ -308,14 +395,14 @@ class RunnerMiddleware:
                 slow_body.waited,
             )
             recorder().request_timed_out("body")
-            if started:
+            if ex.status:
                 raise BodyTimeoutError("the request body was too slow")
             close = [(b"connection", b"close")] if is_http1(scope) else []
             message = "the request body arrived too slowly"
             error = {"error": {"type": "RequestTimeout", "message": message}}
-            await send_json(send, 408, error, extra_headers=close)
-        elif not started:
-            await self._timed_out(scope, send)
+            await send_json(ex.send, 408, error, extra_headers=close)
+        elif not ex.status:
+            await self._timed_out(scope, ex.send)
 
     async def _timed_out(self, scope: Scope, send: Send) -> None:
         """The request deadline passed before the response started: 504."""
@@ -330,33 +417,38 @@ class RunnerMiddleware:
         message = f"no response within {timeout} s"
         await send_json(send, 504, {"error": {"type": "RequestTimeout", "message": message}})
 
-    async def _call_guarded(
-        self, scope: Scope, receive: Receive, send: Send, started: Callable[[], bool]
-    ) -> None:
+    async def _call_guarded(self, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> None:
         try:
             await self.app(scope, receive, send)
         except BaseException as exc:
-            # Not ``except*``: it would wrap a plain error in a group, and the
-            # log would show an ExceptionGroup tree for an ordinary bug.
-            errors, _ = split_group(exc, Exception)
-            if errors is None:
-                raise  # trio.Cancelled, KeyboardInterrupt: never swallowed
-            for leaf in leaves(errors):
-                self.on_app_error(leaf)
-            engine_errors, rest = split_group(exc, self.error_types)
-            if engine_errors is None or started():
-                raise
-            first = next(leaves(engine_errors))
-            log.error(
-                "%s in %s %s: %s",
-                type(first).__name__,
-                scope.get("method"),
-                scope.get("path"),
-                first,
-            )
-            await send_json(send, 500, error_body(first))
-            if rest is not None:
-                raise rest from None
+            await self._app_failed(scope, ex, exc, send)
+
+    async def _app_failed(
+        self, scope: Scope, ex: Exchange, exc: BaseException, send: Send | None = None
+    ) -> None:
+        """The app raised ``exc``: the dead check, then a 500 for an engine error if the
+        response has not started; raises ``exc`` (or what is left of its group) otherwise."""
+        # Not ``except*``: it would wrap a plain error in a group, and the
+        # log would show an ExceptionGroup tree for an ordinary bug.
+        errors, _ = split_group(exc, Exception)
+        if errors is None:
+            raise exc  # trio.Cancelled, KeyboardInterrupt: never swallowed
+        for leaf in leaves(errors):
+            self.on_app_error(leaf)
+        engine_errors, rest = split_group(exc, self.error_types)
+        if engine_errors is None or ex.status:
+            raise exc
+        first = next(leaves(engine_errors))
+        log.error(
+            "%s in %s %s: %s",
+            type(first).__name__,
+            scope.get("method"),
+            scope.get("path"),
+            first,
+        )
+        await send_json(send or ex.send, 500, error_body(first))
+        if rest is not None:
+            raise rest from None
 
 
 def split_group(
@@ -371,10 +463,12 @@ def split_group(
 class StartingGate:
     """503 for every request while the runner is starting (its engine task loads).
 
-    Outermost layer, used with ``serve_http(engine_task=...)`` only: the
-    listeners accept before the engine and the app have started, so that a
-    client gets an answer instead of a hang. The health path goes on to the
-    runner (``{"status": "starting"}``); other requests get 503 with
+    Used with ``serve_http(engine_task=...)`` only, between the runner's
+    middleware and the app: the listeners accept before the engine and the
+    app have started, so that a client gets an answer instead of a hang. The
+    runner's middleware answers the health path (``{"status": "starting"}``)
+    and the metrics path, and measures these 503s and gives them request ids
+    like any other response. Other requests get 503 with
     ``Retry-After``, and on HTTP/1.x ``Connection: close``: a connection
     opened now must not keep the empty lifespan state it copied. An HTTP/2
     connection can stay open, so the app's lifespan state is copied into each
@@ -417,6 +511,18 @@ class StartingGate:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": data})
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_cancel(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+async def send_metrics(send: Send, metrics: Metrics, head_only: bool = False) -> None:
+    """The scrape, as a whole response."""
+    headers = [(b"content-type", METRICS_CONTENT_TYPE)]
+    await send_whole(send, 200, metrics.exposition(), headers, head_only)
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:

@@ -92,8 +92,9 @@ class InFlight:
         self._requests[key] = (time.monotonic(), method, path)
         return key
 
-    def remove(self, key: int) -> None:
-        del self._requests[key]
+    def remove(self, key: int) -> float:
+        """The request is done; its arrival time (``time.monotonic()``)."""
+        return self._requests.pop(key)[0]
 
     def oldest_age(self) -> float:
         """Seconds since the oldest request in flight arrived (0 when none is)."""

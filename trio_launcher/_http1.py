@@ -76,6 +76,7 @@ import trio
 
 from ._bounds import CANCEL_EXTENSION
 from ._hypercorn import AppWrapper, Config, WorkerContext, set_task_context
+from ._logging import HEADER_EXTENSION
 
 HIGH_WATER = 2**16  # request body bytes held for the app before the socket is left unread
 IDLE_RUNNERS = 2  # handler tasks a connection keeps waiting for its next request
@@ -362,7 +363,7 @@ class HTTP1:
             "client": self.client,
             "server": self.server,
             "state": self.state.copy(),
-            "extensions": {},
+            "extensions": {HEADER_EXTENSION: None},
         }
 
     def _start_next(self) -> None:
@@ -656,6 +657,10 @@ class Cycle:
             extra += b"connection: close\r\n"
         elif self.scope["http_version"] == "1.0":
             extra += b"connection: keep-alive\r\n"
+        ours = self.scope["extensions"].get(HEADER_EXTENSION)
+        if ours is not None:  # the request id (``HEADER_EXTENSION``): valid already
+            extra += ours[0] + b": " + ours[1] + b"\r\n"
+            self.response_headers = [*self.response_headers, ours]  # for the access log
         return head + extra + protocol.defaults.get() + b"\r\n"
 
     async def refuse(self, status: int) -> None:

@@ -306,15 +306,26 @@ CONNECTIONS = ("http_server_open_connections", "Number of open client connection
 _Key = tuple[str, int, str]  # method, status (0: no response), route
 
 
+def route_template(route: object) -> str:
+    """The route the framework matched (never the raw path), or "", from
+    ``scope["route"]``.
+
+    Starlette/FastAPI put the matched route object there (``.path`` is the
+    template); ``trio_launcher.quart`` puts Quart's rule string there.
+    """
+    if isinstance(route, str):
+        return route
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else ""
+
+
 class _Counting:
-    """The two gauges both kinds keep as plain ints: requests active, connections open."""
+    """The two gauges both kinds keep: requests active (read from the runner's
+    in-flight table, ``active_now``), connections open (a plain int)."""
 
     def __init__(self) -> None:
-        self.active = 0
+        self.active_now: Callable[[], int] = lambda: 0
         self.connections = 0
-
-    def started(self) -> None:
-        self.active += 1
 
     def connection_opened(self) -> None:
         self.connections += 1
@@ -338,8 +349,10 @@ class LocalRequests(_Counting):
         super().__init__()
         self.series: dict[_Key, list[float]] = {}  # bucket counts..., +Inf count, sum
 
-    def finished(self, key: _Key, seconds: float) -> None:
-        self.active -= 1
+    def finished(self, method: str, status: int, route: object, seconds: float) -> None:
+        """One request ended: ``route`` is ``scope.get("route")``, ``status`` 0 if the
+        response never started."""
+        key = (method, status, "" if route is None else route_template(route))
         counts = self.series.get(key)
         if counts is None:
             counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
@@ -359,7 +372,7 @@ class LocalRequests(_Counting):
                 counts[-1],
             )
         yield histogram
-        yield GaugeMetricFamily(*ACTIVE, value=self.active)
+        yield GaugeMetricFamily(*ACTIVE, value=self.active_now())
         yield GaugeMetricFamily(*CONNECTIONS, value=self.connections)
 
 
@@ -388,8 +401,8 @@ class SharedRequests(_Counting):
         self._children: dict[_Key, Any] = {}
         self._written = (0, 0)
 
-    def finished(self, key: _Key, seconds: float) -> None:
-        self.active -= 1
+    def finished(self, method: str, status: int, route: object, seconds: float) -> None:
+        key = (method, status, "" if route is None else route_template(route))
         child = self._children.get(key)
         if child is None:
             method, status, route = key
@@ -399,10 +412,10 @@ class SharedRequests(_Counting):
         child.observe(seconds)
 
     def write_gauges(self) -> None:
-        now = (self.active, self.connections)
+        now = (self.active_now(), self.connections)
         if now != self._written:
             self._written = now
-            self._active.set(self.active)
+            self._active.set(now[0])
             self._connections.set(self.connections)
 
     async def run(self) -> None:

@@ -43,9 +43,9 @@ from ._engine_task import engine_slot
 from ._errors import ConfigError, EngineDeadError, OptionError, readable_errors
 from ._glue import install_glue
 from ._hypercorn import Config, wrap_app
-from ._logging import access_log_filter, logger_filter
+from ._logging import RequestIds, access_log_filter, logger_filter
 from ._metrics import server_metrics, using
-from ._observe import Observed, bind_metrics, serve_metrics
+from ._observe import bind_metrics, serve_metrics
 from ._options import ServeKwargs, ServeOptions, Transport, build_options
 from ._ports import bind_sockets, log_foreign_holders, tcp_ports
 from ._proxy import ProxyHeadersMiddleware
@@ -163,7 +163,11 @@ async def serve_http(
     control.watchdog_interval = opts.watchdog_interval
     control.health_probe = (opts.engine_health_interval, opts.engine_health_timeout)
     error_types = (*ENGINE_ERRORS, *opts.engine_error_types)
-    served_app = install_glue(app, control.on_app_error, error_types)
+    served_app: Any = install_glue(app, control.on_app_error, error_types)
+    if opts.engine_task is not None:
+        control.has_engine_task = control.starting = True
+        served_app = StartingGate(served_app, lambda: control.starting, opts.health_path)
+    metrics = server_metrics(opts.metrics_path, opts.metrics_bind)
     middleware = RunnerMiddleware(
         served_app,
         control.on_app_error,
@@ -173,22 +177,14 @@ async def serve_http(
         limits=Limits(opts.max_header_count, opts.max_head_size),
         bounds=Bounds(opts.request_timeout, opts.limit_concurrency, opts.body_timeout),
         in_flight=control.in_flight,
+        metrics=metrics,
+        metrics_path=opts.metrics_path,
+        request_ids=RequestIds() if opts.request_ids else None,
+        draining=control.drain.is_set,
     )
     outer: Any = middleware
     if opts.proxy_headers:
         outer = ProxyHeadersMiddleware(outer, opts.forwarded_allow_ips)
-    if opts.engine_task is not None:
-        control.has_engine_task = control.starting = True
-        outer = StartingGate(outer, lambda: control.starting, opts.health_path)
-    metrics = server_metrics(opts.metrics_path, opts.metrics_bind)
-    if metrics is not None or opts.request_ids:
-        outer = Observed(
-            outer,
-            metrics,
-            metrics_path=opts.metrics_path,
-            request_ids=opts.request_ids,
-            draining=control.drain.is_set,
-        )
     wrapped = wrap_app(outer, config.wsgi_max_body_size, "asgi")
     ssl_context = initial_context(config) if config.ssl_enabled else None
     if ssl_context is not None:
