@@ -83,10 +83,12 @@ def server(
 
 
 @contextlib.contextmanager
-def listening(proc: subprocess.Popen[bytes], port: int) -> Iterator[subprocess.Popen[bytes]]:
+def listening(
+    proc: subprocess.Popen[bytes], port: int, timeout: float = 20.0
+) -> Iterator[subprocess.Popen[bytes]]:
     """Wait until the server ``proc`` listens on ``port``; end it (by its PID) after."""
     try:
-        wait_port(port, proc=proc)
+        wait_port(port, timeout, proc=proc)
         yield proc
     finally:
         if proc.poll() is None:

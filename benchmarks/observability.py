@@ -9,7 +9,10 @@ Three measures, because throughput alone is noise on a busy machine:
   run, divided by the requests wrk counted): what the work costs, less
   sensitive to what else runs on the core;
 * the layer alone, in-process: the same ASGI request through the runner's
-  observability layer and without it, in a loop (microseconds per request).
+  middleware with and without ids and metrics, in a loop (microseconds per request);
+* user-space instructions per request of the whole server, counted by
+  callgrind (``benchmarks/instructions.py``; skipped without valgrind): the
+  one measure that does not move with the machine's load.
 """
 
 from __future__ import annotations
@@ -21,18 +24,24 @@ from typing import Any
 import psutil
 import trio
 
+from benchmarks import instructions
 from benchmarks.harness import Summary, paired_ratio, rows, server, table_head, wrk
 
 VARIANTS = ["runner-plain", "runner-observed"]
 
 
 def side_by_side(rounds: int, seconds: float) -> dict[str, Any]:
-    """The comparison, and the same measurement of plain against plain (the noise floor)."""
-    return {
+    """The comparison, and the same measurement of plain against plain (the noise floor);
+    instructions per request when valgrind is there."""
+    results = {
         "observed vs plain": pair(VARIANTS, rounds, seconds),
         "plain vs plain (control)": pair([VARIANTS[0], VARIANTS[0]], rounds, seconds),
         "layer_us": layer_cost(),
     }
+    if instructions.available():
+        variants = ["runner-plain", "runner-ids", "runner-observed"]
+        results["instructions"] = {v: instructions.per_request(v) for v in variants}
+    return results
 
 
 def pair(variants: list[str], rounds: int, seconds: float) -> dict[str, Any]:
@@ -134,7 +143,7 @@ def render(results: dict[str, Any]) -> list[str]:
         "B / A median (per-round range)",
         "target",
     )
-    for name, r in rows(results, "layer_us"):
+    for name, r in rows(results, "layer_us", "instructions"):
         a, b = r["variants"]
         control = a == b
         ok = r["rps_ratio"] >= 0.97
@@ -151,6 +160,19 @@ def render(results: dict[str, Any]) -> list[str]:
             f"{_fmt(r['cpu_us_per_request'][1])} | {r['cpu_ratio']:.3f} "
             f"({min(r['cpu_ratios']):.2f}-{max(r['cpu_ratios']):.2f}) | {target} |"
         )
+    counted = results.get("instructions")
+    if counted:
+        plain = counted["runner-plain"]
+        for variant, count in counted.items():
+            if variant == "runner-plain":
+                continue
+            ratio = count / plain
+            verdict = "met" if ratio <= 1.03 else "MISSED"
+            out.append(
+                f"| user-space instructions per request (callgrind, lockstep): {variant} | "
+                f"runner-plain {plain:,.0f} | {variant} {count:,.0f} (+{count - plain:,.0f}) | "
+                f"{ratio:.3f} | <= 1.03 (an upper bound on CPU): {verdict} |"
+            )
     plain_cpu = first["cpu_us_per_request"][0]["median"]
     for name, us in results["layer_us"].items():
         share = 100 * us / plain_cpu

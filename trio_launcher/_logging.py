@@ -96,10 +96,10 @@ class RequestIds:
             scope["state"] = {"request_id": text}
         else:
             state["request_id"] = text  # the server's copy for this request (ASGI lifespan state)
-        if scope.get("http_version") == "2":
-            # Never indexed by HPACK: a value seen once would only churn the header table.
-            return NeverIndexedHeaderTuple(REQUEST_ID_HEADER, value)
-        return (b"x-request-id", value)  # a plain tuple costs a sixth of that class's
+        if scope["http_version"] != "2":
+            return (b"x-request-id", value)  # a plain tuple costs a sixth of the class's
+        # Never indexed by HPACK: a value seen once would only churn the header table.
+        return NeverIndexedHeaderTuple(REQUEST_ID_HEADER, value)
 
 
 def iso_time(created: float) -> str:

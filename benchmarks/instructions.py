@@ -1,0 +1,115 @@
+"""User-space instructions per request, counted by valgrind's callgrind.
+
+CPU time on a shared machine is too noisy to split a few microseconds (the
+same server measures 75-107 us per request in four runs in a row on our
+2-core box). Instructions are not: callgrind counts every user-space
+instruction of the server process, and a fixed lockstep load makes the count
+per request repeat to about 0.2 %. Kernel work (the same system calls either
+way, see BENCHMARKS.md) is not counted, so a ratio of instructions is an
+upper bound on the ratio of CPU time.
+
+Method: ``benchmarks.server VARIANT`` under ``valgrind --tool=callgrind``
+with ``PYTHONHASHSEED=0``; ``WARM_UP`` lockstep GETs on ``CONNECTIONS``
+keep-alive connections; ``callgrind_control --zero``; ``REQUESTS`` more;
+``callgrind_control --dump``; instructions / ``REQUESTS``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.harness import env, free_port, listening, pin
+
+CONNECTIONS = 4
+WARM_UP = 400
+REQUESTS = 1600
+REQUEST = b"GET / HTTP/1.1\r\nhost: bench\r\nuser-agent: lockstep\r\n\r\n"
+
+
+def available() -> bool:
+    return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
+
+
+def per_request(variant: str) -> float:
+    """User-space instructions per hello-world request of ``variant``."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="callgrind-") as directory:
+        out = Path(directory) / "cg.out"
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            "-m",
+            "benchmarks.server",
+            variant,
+            str(port),
+        ]
+        proc = subprocess.Popen(
+            pin(0, argv),
+            env={**env(), "PYTHONHASHSEED": "0"},
+            cwd=Path(__file__).parent.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with listening(proc, port, timeout=120.0):
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
+            try:
+                lockstep(socks, WARM_UP // CONNECTIONS)
+                control("--zero", proc.pid)
+                lockstep(socks, REQUESTS // CONNECTIONS)
+                control("--dump", proc.pid)
+                # The dump asked for is "cg.out.1"; "cg.out" is only written at exit.
+                dumps = sorted(Path(directory).glob("cg.out.*"), key=os.path.getmtime)
+                return total(dumps[-1]) / REQUESTS
+            finally:
+                for sock in socks:
+                    sock.close()
+
+
+def control(command: str, pid: int) -> None:
+    subprocess.run(
+        ["callgrind_control", command, str(pid)], check=True, capture_output=True, timeout=60
+    )
+
+
+def total(dump: Path) -> int:
+    for line in dump.read_text().splitlines():
+        match = re.match(r"(?:summary|totals): (\d+)", line)
+        if match:
+            return int(match.group(1))
+    raise RuntimeError(f"no instruction total in {dump}")
+
+
+def lockstep(socks: list[socket.socket], rounds: int) -> None:
+    """``rounds`` times: one GET on each connection, each answered before the next."""
+    for _ in range(rounds):
+        for sock in socks:
+            sock.settimeout(60)
+            sock.sendall(REQUEST)
+            read_response(sock)
+
+
+def read_response(sock: socket.socket) -> None:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        match = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+        if match is None:
+            raise RuntimeError("a response without content-length")
+        if len(body) >= int(match.group(1)):
+            return
