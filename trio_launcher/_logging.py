@@ -96,7 +96,7 @@ class RequestIds:
             scope["state"] = {"request_id": text}
         else:
             state["request_id"] = text  # the server's copy for this request (ASGI lifespan state)
-        if scope["http_version"] != "2":
+        if scope.get("http_version") != "2":  # optional in ASGI: "1.1"
             return (b"x-request-id", value)  # a plain tuple costs a sixth of the class's
         # Never indexed by HPACK: a value seen once would only churn the header table.
         return NeverIndexedHeaderTuple(REQUEST_ID_HEADER, value)
