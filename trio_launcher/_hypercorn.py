@@ -195,7 +195,33 @@ def guard_h2(wrapper: ProtocolWrapper, allow: Callable[[int], bool]) -> bool:
         return events
 
     connection.receive_data = counted  # type: ignore[method-assign,assignment]
+    _never_index(connection.encoder, NEVER_INDEXED)
     return True
+
+
+NEVER_INDEXED = frozenset((b"x-request-id",))
+"""Response headers whose value is new in every response (the runner's request id)."""
+
+
+def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
+    """HPACK: never add a header named in ``names`` to the dynamic table.
+
+    An id that changes with every response would evict the headers that do
+    repeat (date, server, content-type) and leave a table of ids that every
+    header search scans. hpack skips the table for a ``NeverIndexedHeaderTuple``,
+    but hypercorn rebuilds the app's headers as plain tuples, so the choice is
+    made here, in the encoder. The value goes out as a raw literal: hpack's
+    Huffman coder is pure Python, and coding 15 bytes cost more (about 100k
+    instructions) than the rest of the response's headers together.
+    """
+    add = encoder.add
+
+    def add_header(to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
+        if to_add[0] in names:  # and as a raw literal: hpack's Huffman coder is pure Python
+            return add(to_add, True, False)  # type: ignore[no-any-return]
+        return add(to_add, sensitive, huffman)  # type: ignore[no-any-return]
+
+    encoder.add = add_header
 
 
 def quart_error_handlers(app: Any) -> dict[type[BaseException], Any]:
@@ -246,6 +272,12 @@ def _trio_steps_in_task_context() -> bool:
     return "task.context.run(" in inspect.getsource(_run.unrolled_run)
 
 
+def _encoder_adds_each_header() -> bool:
+    from hpack import Encoder
+
+    return "self.add(" in inspect.getsource(Encoder.encode)
+
+
 def _has(owner: Any, *names: str) -> Callable[[], bool]:
     return lambda: all(hasattr(owner, name) for name in names)
 
@@ -270,6 +302,7 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         "hypercorn.protocol.h2.H2Protocol.connection (h2's H2Connection, read in handle)",
         _assigns(H2Protocol.__init__, "connection"),
     ),
+    ("hpack.Encoder.encode calls self.add per header (NEVER_INDEXED)", _encoder_adds_each_header),
     ("hypercorn.protocol.h11.H11Protocol.stream", _assigns(H11Protocol.__init__, "stream")),
     ("hypercorn.trio.tcp_server.TCPServer._idle_timeout", _has(TCPServer, "_idle_timeout")),
     (

@@ -51,8 +51,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from hpack import NeverIndexedHeaderTuple
-
 from ._hypercorn import Config
 
 LogFormat = Literal["text", "json"]
@@ -96,10 +94,8 @@ class RequestIds:
             scope["state"] = {"request_id": text}
         else:
             state["request_id"] = text  # the server's copy for this request (ASGI lifespan state)
-        if scope.get("http_version") != "2":  # optional in ASGI: "1.1"
-            return (b"x-request-id", value)  # a plain tuple costs a sixth of the class's
-        # Never indexed by HPACK: a value seen once would only churn the header table.
-        return NeverIndexedHeaderTuple(REQUEST_ID_HEADER, value)
+        # (HTTP/2: never indexed by HPACK, see ``_hypercorn.NEVER_INDEXED``.)
+        return (b"x-request-id", value)
 
 
 def iso_time(created: float) -> str:
