@@ -494,6 +494,56 @@ async def test_trickling_body_on_one_http2_stream_gets_408_and_the_connection_li
         assert app.ended["/upload"] == ["Cancelled"]
 
 
+async def test_http2_body_data_after_the_response_ended_keeps_the_connection() -> None:
+    """A response may end before its request body (RFC 9113 8.1): the rest of the body
+    then arrives for a stream hypercorn has forgotten. It used to raise KeyError there,
+    and the whole connection, with every other stream on it, was closed; now the stream
+    is reset with NO_ERROR (stop sending) and the connection goes on."""
+
+    async def answer_at_once(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    async with running_server(answer_at_once) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        post = [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "t")]
+        conn.send_headers(1, post)
+        conn.send_data(1, b"first part")
+        statuses: dict[int, str] = {}
+        resets: list[tuple[int, int]] = []
+
+        async def read() -> None:
+            data = await stream.receive_some(65536)
+            assert data, "the server closed the HTTP/2 connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+                elif isinstance(event, h2.events.StreamReset):
+                    resets.append((event.stream_id, event.error_code))
+            await stream.send_all(conn.data_to_send())
+
+        get = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t")]
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            with trio.fail_after(10):
+                while 1 not in statuses:
+                    await read()
+                conn.send_headers(3, get, end_stream=True)  # by its answer, 1 is long done
+                await stream.send_all(conn.data_to_send())
+                while 3 not in statuses:
+                    await read()
+                conn.send_data(1, b"the rest, too late", end_stream=True)
+                conn.send_headers(5, get, end_stream=True)
+                await stream.send_all(conn.data_to_send())
+                while 5 not in statuses:
+                    await read()
+        assert statuses == {1: "200", 3: "200", 5: "200"}
+        assert resets in ([], [(1, h2.errors.ErrorCodes.NO_ERROR)])
+
+
 async def _h2_read(
     stream: trio.SocketStream,
     conn: h2.connection.H2Connection,

@@ -17,14 +17,16 @@ public API, and a minor release may move any of it. So:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
@@ -192,11 +194,38 @@ def guard_h2(wrapper: ProtocolWrapper, allow: Callable[[int], bool]) -> bool:
             connection.clear_outbound_data_buffer()
             connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             raise H2Flood(connection.data_to_send())
+        streams = inner.streams
+        if any(type(e) is h2.events.DataReceived and e.stream_id not in streams for e in events):
+            return _drop_late_data(connection, events, streams.keys())
         return events
 
     connection.receive_data = counted  # type: ignore[method-assign,assignment]
     _never_index(connection.encoder, NEVER_INDEXED)
     return True
+
+
+def _drop_late_data(connection: Any, events: list[Any], live: Iterable[int]) -> list[Any]:
+    """Request body data for a stream whose response has ended (hypercorn forgot it).
+
+    RFC 9113 8.1 lets a server answer before the request body has all arrived.
+    hypercorn then raises KeyError on the rest of the body, which closes the
+    connection with every other stream on it. Here the data is taken off the
+    flow-control windows and dropped, and the stream is reset with NO_ERROR:
+    the RFC's way of telling the client to stop sending it.
+    """
+    kept = []
+    streams = set(live)
+    for event in events:
+        if type(event) is h2.events.RequestReceived:
+            streams.add(event.stream_id)  # hypercorn opens it before the data that follows
+        if type(event) is not h2.events.DataReceived or event.stream_id in streams:
+            kept.append(event)
+            continue
+        with contextlib.suppress(h2.exceptions.H2Error):
+            connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        with contextlib.suppress(h2.exceptions.H2Error):
+            connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+    return kept
 
 
 NEVER_INDEXED = frozenset((b"x-request-id",))
@@ -303,6 +332,10 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         _assigns(H2Protocol.__init__, "connection"),
     ),
     ("hpack.Encoder.encode calls self.add per header (NEVER_INDEXED)", _encoder_adds_each_header),
+    (
+        "hypercorn.protocol.h2.H2Protocol.streams (the live streams, by id)",
+        _assigns(H2Protocol.__init__, "streams"),
+    ),
     ("hypercorn.protocol.h11.H11Protocol.stream", _assigns(H11Protocol.__init__, "stream")),
     ("hypercorn.trio.tcp_server.TCPServer._idle_timeout", _has(TCPServer, "_idle_timeout")),
     (
