@@ -11,7 +11,11 @@ upper bound on the ratio of CPU time.
 Method: ``benchmarks.server VARIANT`` under ``valgrind --tool=callgrind``
 with ``PYTHONHASHSEED=0``; ``WARM_UP`` lockstep GETs on ``CONNECTIONS``
 keep-alive connections; ``callgrind_control --zero``; ``REQUESTS`` more;
-``callgrind_control --dump``; instructions / ``REQUESTS``.
+``callgrind_control --dump``; instructions / ``REQUESTS``. With
+``new_connections``, a quarter as many requests, each on its own connection.
+
+    python -m benchmarks.instructions VARIANT [VARIANT...]
+
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ def available() -> bool:
     return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
 
 
-def per_request(variant: str) -> float:
-    """User-space instructions per hello-world request of ``variant``."""
+def per_request(variant: str, new_connections: bool = False) -> float:
+    """User-space instructions per hello-world request of ``variant``: on keep-alive
+    connections, or with ``new_connections`` each on a connection of its own (accept,
+    request, ``connection: close``), the work a burst of new clients makes."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="callgrind-") as directory:
         out = Path(directory) / "cg.out"
@@ -61,18 +67,37 @@ def per_request(variant: str) -> float:
             stderr=subprocess.DEVNULL,
         )
         with listening(proc, port, timeout=120.0):
+            if new_connections:
+                one_by_one(port, WARM_UP // 4)
+                control("--zero", proc.pid)
+                one_by_one(port, REQUESTS // 4)
+                control("--dump", proc.pid)
+                return _dumped(Path(directory)) / (REQUESTS // 4)
             socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
             try:
                 lockstep(socks, WARM_UP // CONNECTIONS)
                 control("--zero", proc.pid)
                 lockstep(socks, REQUESTS // CONNECTIONS)
                 control("--dump", proc.pid)
-                # The dump asked for is "cg.out.1"; "cg.out" is only written at exit.
-                dumps = sorted(Path(directory).glob("cg.out.*"), key=os.path.getmtime)
-                return total(dumps[-1]) / REQUESTS
+                return _dumped(Path(directory)) / REQUESTS
             finally:
                 for sock in socks:
                     sock.close()
+
+
+def _dumped(directory: Path) -> int:
+    # The dump asked for is "cg.out.1"; "cg.out" is only written at exit.
+    dumps = sorted(directory.glob("cg.out.*"), key=os.path.getmtime)
+    return total(dumps[-1])
+
+
+def one_by_one(port: int, count: int) -> None:
+    """``count`` requests, each on a new connection that the server closes."""
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(REQUEST.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n"))
+            while sock.recv(65536):
+                pass
 
 
 def control(command: str, pid: int) -> None:
@@ -113,3 +138,14 @@ def read_response(sock: socket.socket) -> None:
             raise RuntimeError("a response without content-length")
         if len(body) >= int(match.group(1)):
             return
+
+
+def main(argv: list[str]) -> None:
+    for variant in argv or ["runner-plain"]:
+        kept = per_request(variant)
+        fresh = per_request(variant, new_connections=True)
+        print(f"{variant}: {kept:,.0f} per keep-alive request, {fresh:,.0f} per new connection")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -214,6 +214,7 @@ class HTTP1:
         self._raw_names = config.h11_pass_raw_headers
         self._first = True
         self._idle: list[trio.lowlevel.Task] = []  # runners waiting for the next request
+        self.running = 0  # runners in the app now
 
     # --- the transport's side ------------------------------------------------
 
@@ -280,6 +281,9 @@ class HTTP1:
         cycle, self.cycle = self.cycle, None
         self.pipeline.clear()
         self._wake()
+        for task in self._idle:  # parked runners end now, without a cancel
+            trio.lowlevel.reschedule(task, outcome.Value(None))
+        self._idle.clear()
         if cycle is not None:
             cycle.disconnected = True
             cycle.wake()
@@ -416,6 +420,13 @@ class HTTP1:
         return False
 
     async def _run(self, cycle: Cycle) -> None:
+        self.running += 1
+        try:
+            await self._run_app(cycle)
+        finally:
+            self.running -= 1
+
+    async def _run_app(self, cycle: Cycle) -> None:
         if self.context.max_requests is not None:
             await self.context.mark_request()
         try:

@@ -175,6 +175,8 @@ class Connection:
                     state=self.state,
                 )
                 handover = await self._serve_http1(http1)
+                if handover is None and not http1.running:
+                    return  # nothing to cancel: the parked runners were let go
             if handover is not None:
                 await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
             nursery.cancel_scope.cancel()  # the app tasks of a closed connection
@@ -446,16 +448,25 @@ class Connection:
             return
         self.closed = True
         self.scope.cancel()
+        if type(self.stream) is trio.SocketStream:
+            close_socket(self.stream)
+            return
         with trio.CancelScope(shield=True):
-            if isinstance(self.stream, trio.SocketStream):
-                with contextlib.suppress(  # a FIN after the last response, as hypercorn
-                    trio.BrokenResourceError,
-                    trio.BusyResourceError,
-                    trio.ClosedResourceError,
-                    OSError,
-                ):
-                    await self.stream.send_eof()
             await trio.aclose_forcefully(self.stream)
+
+
+def close_socket(stream: trio.SocketStream) -> None:
+    """A FIN after the last response (as hypercorn sends), then close: at once.
+
+    ``send_eof()`` and ``aclose_forcefully()`` would do the same through two
+    checkpoints, a cancel scope and a raised ``Cancelled``: a tenth of what a
+    connection that makes one request costs (a burst of new connections is
+    where that counts).
+    """
+    sock = stream.socket
+    with contextlib.suppress(OSError):
+        sock.shutdown(trio.socket.SHUT_WR)
+    sock.close()
 
 
 class ControlFrameBudget:
