@@ -91,27 +91,36 @@ class Exchange:
 
     ``status`` is 0 until the response starts, then its status (the duration
     histogram's label; "started" for the bounds). The request-id header, if
-    any, is added to the response head here. ``on_start``, if set, is called
-    when the response starts and returns True when that is too late (a bound
-    already cut the request): the send then raises ``trio.Cancelled``.
+    any, is added to the response head here. When the response starts, a
+    request deadline (``deadlines``, ``key``) is disarmed, and ``on_start``, if
+    set, is asked whether a bound already cut the request: if so (or if the
+    deadline already fired) it is too late, and the send raises
+    ``trio.Cancelled``.
 
     One object per request and its bound ``send``: the observing and the
     bounds share one wrapper (each extra ASGI level or ``send`` wrapper costs
     about 1 % of a hello-world request).
     """
 
-    __slots__ = ("_send", "header", "on_start", "status")
+    __slots__ = ("_send", "deadlines", "header", "key", "on_start", "status")
 
     def __init__(self, send: Send, header: tuple[bytes, bytes] | None) -> None:
         self._send = send
         self.header = header
         self.status = 0
         self.on_start: Callable[[], bool] | None = None
+        self.deadlines: Deadlines | None = None
+        self.key = 0
 
     async def send(self, message: Message) -> None:
         if not self.status and message["type"] == "http.response.start":
             if self.on_start is not None and self.on_start():
                 await trio.lowlevel.checkpoint()  # too late: raises Cancelled
+            deadlines = self.deadlines
+            if deadlines is not None:
+                if self.key in deadlines.fired:
+                    await trio.lowlevel.checkpoint()  # too late: raises Cancelled
+                deadlines.disarm(self.key)  # a started response is never cut
             self.status = message["status"]
             if self.header is not None:
                 message["headers"] = [*message.get("headers", ()), self.header]
@@ -310,30 +319,27 @@ class RunnerMiddleware:
         if body_bound and bounds.body_timeout is not None:
             body = BodyClock(receive, bounds.body_timeout, cancel)
             receive = body.receive
-
-        def on_start() -> bool:
-            if (deadlines is not None and key in deadlines.fired) or (
-                body is not None and body.timed_out
-            ):
-                return True  # too late
-            if deadlines is not None:
-                deadlines.disarm(key)  # a started response is never cut
-            return False
-
-        ex.on_start = on_start
+            ex.on_start = body.is_late
         if deadlines is not None:
+            ex.deadlines, ex.key = deadlines, key
             deadlines.arm(key, cancel)
         ended: BaseException | None = None
         try:
-            await self._call_guarded(scope, receive, ex.send, ex)
+            try:  # _call_guarded, inline: one level fewer
+                await self.app(scope, receive, ex.send)
+            except BaseException as exc:
+                await self._app_failed(scope, ex, exc)
         except BaseException as exc:  # held until the cut request is answered
             ended = exc
-        ex.on_start = None
+        ex.on_start = ex.deadlines = None
         late = False
         if deadlines is not None:
-            deadlines.disarm(key)
-            late = key in deadlines.fired
-            deadlines.fired.discard(key)
+            if not ex.status:
+                deadlines.disarm(key)  # (a started response disarmed it)
+            fired = deadlines.fired
+            if fired and key in fired:
+                late = True
+                fired.discard(key)
         slow = body is not None and body.timed_out
         if late or slow:
             # The handler's scope is cancelled: answer from a shield, bounded.

@@ -181,17 +181,18 @@ class Deadlines:
     cancelled and remembered in ``fired`` until the middleware has answered.
     """
 
-    __slots__ = ("_armed", "_wake", "fired", "running", "timeout")
+    __slots__ = ("_armed", "_now", "_wake", "fired", "running", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._armed: dict[int, tuple[float, Callable[[], object]]] = {}
         self._wake: trio.Event | None = None
+        self._now: Callable[[], float] = trio.current_time
         self.fired: set[int] = set()
         self.running = False  # without the reaper, the middleware uses a scope per request
 
     def arm(self, key: int, cancel: Callable[[], object]) -> None:
-        self._armed[key] = (trio.current_time() + self.timeout, cancel)
+        self._armed[key] = (self._now() + self.timeout, cancel)
         if self._wake is not None:
             self._wake.set()
             self._wake = None
@@ -202,6 +203,8 @@ class Deadlines:
     async def run(self) -> None:
         """Cancel each request whose deadline passed; runs until cancelled."""
         armed = self._armed
+        # The run's clock, asked directly: a sixth of trio.current_time()'s cost.
+        self._now = trio.lowlevel.current_clock().current_time
         self.running = True
         try:
             await self._reap(armed)
@@ -241,6 +244,10 @@ class BodyClock:
         self.waited = 0.0
         self.done = False
         self.timed_out = False
+
+    def is_late(self) -> bool:
+        """For the response start: True if the body timed out (the request is cut)."""
+        return self.timed_out
 
     async def receive(self) -> Message:
         if self.done:

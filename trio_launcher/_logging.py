@@ -31,11 +31,10 @@ per process and a counter (``5f0c9a2b1e7d-17``), unique across workers and
 restarts and far cheaper than a uuid. The id is echoed in the response,
 written in the access line (from the response header) and given to the app
 as ``scope["state"]["request_id"]`` (Starlette: ``request.state.request_id``;
-Quart: ``request.scope["state"]["request_id"]``). hypercorn gives each request
-a shallow copy of the lifespan state, but another protocol might hand every
-request of a connection the same dict (HTTP/2 streams run concurrently); the
-runner therefore always gives the request a fresh dict with the id added, and
-the lifespan state's entries are still there.
+Quart: ``request.scope["state"]["request_id"]``). Both HTTP/1.1 protocols and
+hypercorn's HTTP/2 give each request (each stream) a shallow copy of the
+lifespan state, so the id is written into that copy in place; the lifespan's
+own dict is never touched (``tests/test_logging.py`` checks both).
 """
 
 from __future__ import annotations
