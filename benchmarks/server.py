@@ -13,6 +13,7 @@ Variants:
   runner-plain  runner without request ids and metrics (the observability baseline)
   runner-observed  runner with request ids and metrics (--metrics-path /metrics)
   runner-ids, runner-metrics  one of the two
+  runner-bounds-off, runner-all-bounds  the bounds off (no body timeout), all on
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ RUNNERS: dict[str, dict[str, Any]] = {
     "runner-observed": {"metrics_path": "/metrics"},
     "runner-ids": {},
     "runner-metrics": {"request_ids": False, "metrics_path": "/metrics"},
+    "runner-bounds-off": {"body_timeout": None},
+    "runner-all-bounds": {"limit_concurrency": 1000, "request_timeout": 30.0, "body_timeout": 60.0},
 }
 
 

@@ -176,26 +176,23 @@ class Deadlines:
 
     ``request_timeout`` is the same for every request, so arrival order is
     deadline order: the table is a dict in insertion order, and the reaper
-    (``run``, one task) sleeps until its first entry is due. An entry leaves
+    (``run``, one task) sleeps until its first entry is due (or, with none,
+    for one timeout: nothing armed meanwhile is due sooner). An entry leaves
     when the response starts or the handler returns; one that is due is
     cancelled and remembered in ``fired`` until the middleware has answered.
     """
 
-    __slots__ = ("_armed", "_now", "_wake", "fired", "running", "timeout")
+    __slots__ = ("_armed", "_now", "fired", "running", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._armed: dict[int, tuple[float, Callable[[], object]]] = {}
-        self._wake: trio.Event | None = None
         self._now: Callable[[], float] = trio.current_time
         self.fired: set[int] = set()
         self.running = False  # without the reaper, the middleware uses a scope per request
 
     def arm(self, key: int, cancel: Callable[[], object]) -> None:
         self._armed[key] = (self._now() + self.timeout, cancel)
-        if self._wake is not None:
-            self._wake.set()
-            self._wake = None
 
     def disarm(self, key: int) -> None:
         self._armed.pop(key, None)
@@ -214,8 +211,10 @@ class Deadlines:
     async def _reap(self, armed: dict[int, tuple[float, Callable[[], object]]]) -> None:
         while True:
             if not armed:
-                self._wake = trio.Event()
-                await self._wake.wait()
+                # Nothing armed now is due before a timeout from now: sleep that long
+                # rather than be woken by the next arm (a task switch per request
+                # when requests come one at a time: 15 % of a hello world's cost).
+                await trio.sleep(self.timeout)
                 continue
             key = next(iter(armed))
             due, cancel = armed[key]
