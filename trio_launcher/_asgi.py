@@ -68,9 +68,6 @@ Headers = list[tuple[bytes, bytes]]
 
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (EngineDeadError, EngineGenerateError)
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-KNOWN_METHODS = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-)
 
 
 @dataclass(frozen=True)
@@ -184,10 +181,10 @@ class RunnerMiddleware:
             await send_metrics(send, self.metrics, head_only=method == "HEAD")
             return
         header = None
+        extensions = scope.get("extensions") or {}
         if self.request_ids is not None:
             header = self.request_ids.assign(scope)
-            extensions = scope.get("extensions")
-            if extensions is not None and HEADER_EXTENSION in extensions:
+            if HEADER_EXTENSION in extensions:
                 extensions[HEADER_EXTENSION] = header  # the protocol writes it (one line)
                 header = None
         ex = Exchange(send, header)
@@ -206,7 +203,7 @@ class RunnerMiddleware:
             h2 = scope.get("http_version") == "2"
             body_bound = bounds.body_timeout is not None and (h2 or has_body(scope))
             timed = bounds.request_timeout is not None
-            cancel = scope.get("extensions", {}).get(CANCEL_EXTENSION)
+            cancel = extensions.get(CANCEL_EXTENSION)
             if cancel is None or (timed and not self.deadlines.running):
                 if h2 or body_bound or timed:
                     await self._call_bounded(scope, receive, ex)
@@ -232,10 +229,7 @@ class RunnerMiddleware:
             arrived = in_flight.remove(key)
             if self.metrics is not None:
                 self.metrics.requests.finished(
-                    method if method in KNOWN_METHODS else "_OTHER",
-                    ex.status,
-                    scope.get("route"),
-                    time.monotonic() - arrived,
+                    method, ex.status, scope.get("route"), time.monotonic() - arrived
                 )
 
     async def _answer(self, scope: Scope, ex: Exchange) -> None:
@@ -261,8 +255,7 @@ class RunnerMiddleware:
             recorder().request_shed()
             await self._shed(scope, ex.send, limit)
         if self.metrics is not None:
-            known = method if method in KNOWN_METHODS else "_OTHER"
-            self.metrics.requests.finished(known, ex.status, None, time.monotonic() - start)
+            self.metrics.requests.finished(method, ex.status, None, time.monotonic() - start)
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -281,15 +274,7 @@ class RunnerMiddleware:
             body = self._shed_body = json.dumps(
                 {"error": {"type": "Overloaded", "message": message}}
             ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", RETRY_AFTER),
-        ]
-        if is_http1(scope):
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_retry_later(send, scope, body)
 
     def _over_limit(self, scope: Scope) -> str | None:
         headers = scope.get("headers") or ()
@@ -505,18 +490,8 @@ class StartingGate:
         await self.app(scope, receive, send)
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        data = json.dumps(
-            {"error": {"type": "Starting", "message": "the service is starting; retry later"}}
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode()),
-            (b"retry-after", RETRY_AFTER),
-        ]
-        if scope.get("http_version") in ("1.0", "1.1"):
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
+        error = {"type": "Starting", "message": "the service is starting; retry later"}
+        await send_retry_later(send, scope, json.dumps({"error": error}).encode())
 
 
 def _is_cancel(exc: BaseException) -> bool:
@@ -544,6 +519,15 @@ async def send_json(
 ) -> None:
     headers = [(b"content-type", b"application/json"), *(extra_headers or ())]
     await send_whole(send, status, json.dumps(body).encode(), headers, head_only)
+
+
+async def send_retry_later(send: Send, scope: Scope, body: bytes) -> None:
+    """503 with ``Retry-After`` and a JSON ``body``; on HTTP/1.x the connection closes
+    too (a refused client frees the most memory when it goes)."""
+    headers = [(b"content-type", b"application/json"), (b"retry-after", RETRY_AFTER)]
+    if is_http1(scope):
+        headers.append((b"connection", b"close"))
+    await send_whole(send, 503, body, headers, False)
 
 
 async def send_whole(send: Send, status: int, body: bytes, headers: Headers, head: bool) -> None:

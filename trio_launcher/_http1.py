@@ -394,7 +394,11 @@ class HTTP1:
             with scope:
                 while next_cycle is not None:
                     next_cycle.scope["extensions"][CANCEL_EXTENSION] = cancel
-                    await self._run(next_cycle)
+                    self.running += 1
+                    try:
+                        await self._run(next_cycle)
+                    finally:
+                        self.running -= 1
                     next_cycle = await self._park(task, fresh)
             if scope.cancelled_caught:  # a request deadline (the 504 is sent): a new scope
                 next_cycle = await self._park(task, fresh)
@@ -420,13 +424,6 @@ class HTTP1:
         return False
 
     async def _run(self, cycle: Cycle) -> None:
-        self.running += 1
-        try:
-            await self._run_app(cycle)
-        finally:
-            self.running -= 1
-
-    async def _run_app(self, cycle: Cycle) -> None:
         if self.context.max_requests is not None:
             await self.context.mark_request()
         try:

@@ -172,14 +172,20 @@ class H2Flood(Exception):
         self.goaway = goaway
 
 
-def guard_h2(wrapper: ProtocolWrapper, allow: Callable[[int], bool]) -> bool:
+def guard_h2(
+    wrapper: ProtocolWrapper,
+    allow: Callable[[int], bool],
+    never_indexed: frozenset[bytes] = frozenset(),
+) -> bool:
     """Count the peer's PING and SETTINGS frames on an HTTP/2 connection.
 
     Wraps the h2 connection's ``receive_data``: after each chunk, ``allow(n)``
     is asked about the ``n`` control frames it carried; when it says no, the
     ACKs queued for them are dropped and :class:`H2Flood` is raised with a
-    GOAWAY (ENHANCE_YOUR_CALM). Returns False if the connection is not (yet)
-    HTTP/2.
+    GOAWAY (ENHANCE_YOUR_CALM). Request body data for a stream whose response
+    has ended is dropped there too (:func:`_drop_late_data`), and the encoder
+    never indexes the headers named in ``never_indexed`` (:func:`_never_index`).
+    Returns False if the connection is not (yet) HTTP/2.
     """
     inner = wrapper.protocol
     if not isinstance(inner, H2Protocol):
@@ -200,7 +206,8 @@ def guard_h2(wrapper: ProtocolWrapper, allow: Callable[[int], bool]) -> bool:
         return events
 
     connection.receive_data = counted  # type: ignore[method-assign,assignment]
-    _never_index(connection.encoder, NEVER_INDEXED)
+    if never_indexed:
+        _never_index(connection.encoder, never_indexed)
     return True
 
 
@@ -226,10 +233,6 @@ def _drop_late_data(connection: Any, events: list[Any], live: Iterable[int]) -> 
         with contextlib.suppress(h2.exceptions.H2Error):
             connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
     return kept
-
-
-NEVER_INDEXED = frozenset((b"x-request-id",))
-"""Response headers whose value is new in every response (the runner's request id)."""
 
 
 def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
@@ -331,7 +334,10 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         "hypercorn.protocol.h2.H2Protocol.connection (h2's H2Connection, read in handle)",
         _assigns(H2Protocol.__init__, "connection"),
     ),
-    ("hpack.Encoder.encode calls self.add per header (NEVER_INDEXED)", _encoder_adds_each_header),
+    (
+        "hpack.Encoder.encode calls self.add per header (guard_h2's never_indexed)",
+        _encoder_adds_each_header,
+    ),
     (
         "hypercorn.protocol.h2.H2Protocol.streams (the live streams, by id)",
         _assigns(H2Protocol.__init__, "streams"),

@@ -79,7 +79,7 @@ class RequestIds:
         the lifespan state for each request), so it is written in place."""
         value = None
         for name, incoming in scope["headers"]:
-            if name == b"x-request-id":
+            if name == REQUEST_ID_HEADER:
                 if _VALID_ID.fullmatch(incoming):
                     value = incoming
                 break
@@ -93,8 +93,8 @@ class RequestIds:
             scope["state"] = {"request_id": text}
         else:
             state["request_id"] = text  # the server's copy for this request (ASGI lifespan state)
-        # (HTTP/2: never indexed by HPACK, see ``_hypercorn.NEVER_INDEXED``.)
-        return (b"x-request-id", value)
+        # (HTTP/2: never indexed by HPACK, see ``_transport.NEVER_INDEXED``.)
+        return (REQUEST_ID_HEADER, value)
 
 
 def iso_time(created: float) -> str:

@@ -304,6 +304,19 @@ DURATION_LABELS = ("http_request_method", "http_response_status_code", "http_rou
 ACTIVE = ("http_server_active_requests", "Number of active HTTP server requests.")
 CONNECTIONS = ("http_server_open_connections", "Number of open client connections.")
 _Key = tuple[str, int, str]  # method, status (0: no response), route
+KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
+def request_key(method: str, status: int, route: object) -> _Key:
+    """The histogram's labels: an unknown method is ``_OTHER``; ``route`` is
+    ``scope.get("route")`` (None: no route matched); ``status`` 0: no response."""
+    return (
+        method if method in KNOWN_METHODS else "_OTHER",
+        status,
+        "" if route is None else route_template(route),
+    )
 
 
 def route_template(route: object) -> str:
@@ -350,9 +363,8 @@ class LocalRequests(_Counting):
         self.series: dict[_Key, list[float]] = {}  # bucket counts..., +Inf count, sum
 
     def finished(self, method: str, status: int, route: object, seconds: float) -> None:
-        """One request ended: ``route`` is ``scope.get("route")``, ``status`` 0 if the
-        response never started."""
-        key = (method, status, "" if route is None else route_template(route))
+        """One request ended (the arguments: :func:`request_key`)."""
+        key = request_key(method, status, route)
         counts = self.series.get(key)
         if counts is None:
             counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
@@ -402,7 +414,7 @@ class SharedRequests(_Counting):
         self._written = (0, 0)
 
     def finished(self, method: str, status: int, route: object, seconds: float) -> None:
-        key = (method, status, "" if route is None else route_template(route))
+        key = request_key(method, status, route)
         child = self._children.get(key)
         if child is None:
             method, status, route = key

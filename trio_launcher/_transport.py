@@ -84,6 +84,7 @@ from ._hypercorn import (
     parse_socket_addr,
     run_app,
 )
+from ._logging import REQUEST_ID_HEADER
 
 log = logging.getLogger("trio_launcher")
 
@@ -92,6 +93,8 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 FRESH_GRACE = 0.5  # s: how long a fresh connection may take to send its request in a drain
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CALM_DOWN_WRITE = 1.0  # s: for the GOAWAY of a flooding peer
+NEVER_INDEXED = frozenset((REQUEST_ID_HEADER,))
+"""HTTP/2 response headers kept out of HPACK's table: new in every response."""
 
 
 @dataclass(eq=False)
@@ -328,7 +331,7 @@ class Connection:
         with self.scope:
             while not self.closed:
                 if not guarded:  # HTTP/2: from the start (ALPN, prior knowledge) or after h2c
-                    guarded = guard_h2(self.protocol, budget.allow)
+                    guarded = guard_h2(self.protocol, budget.allow, NEVER_INDEXED)
                 if data:
                     try:
                         await self.protocol.handle(RawData(bytes(data)))
