@@ -544,6 +544,93 @@ async def test_http2_body_data_after_the_response_ended_keeps_the_connection() -
         assert resets in ([], [(1, h2.errors.ErrorCodes.NO_ERROR)])
 
 
+class PendingBodies:
+    """Records the protocol's ``trio_launcher.body_pending`` for each path, then reads
+    the whole body; ``called`` is set once a handler has recorded it."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, object] = {}
+        self.called = trio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.pending[scope["path"]] = scope["extensions"].get("trio_launcher.body_pending")
+        self.called.set()
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = str(size).encode()
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_only_a_body_still_arriving_gets_a_body_clock_over_http1() -> None:
+    """The lean HTTP/1.1 protocol tells the bounds whether the body was all in when the
+    handler was called: a body that is all in has nothing left to trickle, so it gets no
+    body clock (before, every request whose head announced a body got one, and every
+    request paid a scan of its headers to find out)."""
+    app = PendingBodies()
+    async with running_server(app, body_timeout=60.0) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            with trio.fail_after(10):
+                await stream.send_all(b"GET /get HTTP/1.1\r\nhost: t\r\n\r\n")
+                await read_response(stream)
+                await stream.send_all(
+                    b"POST /whole HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello"
+                )
+                assert (await read_response(stream))[1] == b"5"
+                app.called = trio.Event()
+                await stream.send_all(
+                    b"POST /later HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\n"
+                )
+                await app.called.wait()
+                await stream.send_all(b"hello")
+                assert (await read_response(stream))[1] == b"5"
+    assert app.pending == {"/get": False, "/whole": False, "/later": True}
+
+
+async def test_only_a_body_still_arriving_gets_a_body_clock_over_http2() -> None:
+    """The same over HTTP/2: a stream whose headers ended it (a GET) or whose body came
+    with them is not bounded; one whose body is still to come is."""
+    app = PendingBodies()
+    async with running_server(app, body_timeout=60.0) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        statuses: dict[int, str] = {}
+
+        async def flush() -> None:
+            await stream.send_all(conn.data_to_send())
+
+        def head(method: str, path: str) -> list[tuple[str, str]]:
+            return [(":method", method), (":path", path), (":scheme", "http"), (":authority", "t")]
+
+        async with stream:
+            with trio.fail_after(10):
+                conn.send_headers(1, head("GET", "/get"), end_stream=True)
+                conn.send_headers(3, head("POST", "/whole"))
+                conn.send_data(3, b"hello", end_stream=True)
+                await flush()
+                while len(statuses) < 2:
+                    await _h2_read(stream, conn, statuses, flush)
+                app.called = trio.Event()
+                conn.send_headers(5, head("POST", "/later"))
+                await flush()
+                await app.called.wait()
+                conn.send_data(5, b"hello", end_stream=True)
+                await flush()
+                while len(statuses) < 3:
+                    await _h2_read(stream, conn, statuses, flush)
+    assert statuses == {1: "200", 3: "200", 5: "200"}
+    assert app.pending == {"/get": False, "/whole": False, "/later": True}
+
+
 async def _h2_read(
     stream: trio.SocketStream,
     conn: h2.connection.H2Connection,

@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 from ._bounds import (
+    BODY_PENDING_EXTENSION,
     CANCEL_EXTENSION,
     RETRY_AFTER,
     BodyClock,
@@ -201,7 +202,10 @@ class RunnerMiddleware:
         try:
             bounds = self.bounds
             h2 = scope.get("http_version") == "2"
-            body_bound = bounds.body_timeout is not None and (h2 or has_body(scope))
+            pending = extensions.get(BODY_PENDING_EXTENSION)
+            if pending is None:  # the protocol does not say: the head does
+                pending = h2 or has_body(scope)
+            body_bound = bounds.body_timeout is not None and pending
             timed = bounds.request_timeout is not None
             cancel = extensions.get(CANCEL_EXTENSION)
             if cancel is None or (timed and not self.deadlines.running):

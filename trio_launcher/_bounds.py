@@ -60,6 +60,12 @@ RETRY_AFTER = b"1"
 CANCEL_EXTENSION = "trio_launcher.cancel"
 """ASGI scope extension: cancels the handler's scope (lent by the lean transport)."""
 
+BODY_PENDING_EXTENSION = "trio_launcher.body_pending"
+"""ASGI scope extension: True if the request body had not all arrived when the
+handler was called (set by the lean HTTP/1.1 protocol). A body that is all in
+already has nothing left to trickle: it gets no body clock. Without it the
+request headers say whether there is a body (``has_body``)."""
+
 
 @dataclass(frozen=True)
 class Bounds:
@@ -270,7 +276,8 @@ class BodyClock:
 
 
 def has_body(scope: Scope) -> bool:
-    """An HTTP/1.x request that says it has a body (HTTP/2 is treated apart)."""
+    """An HTTP/1.x request that says it has a body (HTTP/2 is treated apart); the
+    fallback where the protocol does not say ``BODY_PENDING_EXTENSION``."""
     for name, value in scope.get("headers") or ():
         if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
             return True

@@ -115,9 +115,28 @@ async def run_app(
     scope: Any,
     receive: Callable[[], Awaitable[Any]],
     send: Callable[[Any], Awaitable[None]],
+    *,
+    end: bool = True,
 ) -> None:
-    """One ASGI request cycle as hypercorn's trio task group runs it (errors -> 500)."""
-    await _handle(app, config, scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run)
+    """One ASGI request cycle as hypercorn's trio task group runs it (errors -> 500).
+
+    With ``end=False``, without hypercorn's closing ``send(None)``: the caller
+    sends it (its error handling is hypercorn's ``_handle``, copied)."""
+    if end:
+        await _handle(
+            app, config, scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run
+        )
+        return
+    try:
+        await app(scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run)
+    except trio.Cancelled:
+        raise
+    except BaseExceptionGroup as group:
+        if group.split(trio.Cancelled)[1] is None:
+            raise
+        await config.log.exception("Error in ASGI Framework")
+    except Exception:
+        await config.log.exception("Error in ASGI Framework")
 
 
 def protocol_is_idle(wrapper: ProtocolWrapper) -> bool:
@@ -208,7 +227,48 @@ def guard_h2(
     connection.receive_data = counted  # type: ignore[method-assign,assignment]
     if never_indexed:
         _never_index(connection.encoder, never_indexed)
+    _end_with_last_data(inner)
     return True
+
+
+def _end_with_last_data(protocol: H2Protocol) -> None:
+    """A response's last DATA frame carries END_STREAM.
+
+    hypercorn's sending task sends the last body bytes, flushes, then ends the
+    stream with an empty DATA frame of its own and flushes again: one more
+    frame and one more write (a system call) for every response. This is its
+    ``_send_data`` with the two joined; everything else is as hypercorn does it.
+    """
+    connection = protocol.connection
+    buffers = protocol.stream_buffers
+
+    async def send_data(stream_id: int) -> None:
+        try:
+            chunk_size = min(
+                connection.local_flow_control_window(stream_id),
+                connection.max_outbound_frame_size,
+            )
+            buffer = buffers[stream_id]
+            data = await buffer.pop(max(0, chunk_size))
+            complete = buffer.complete
+            if data:
+                connection.send_data(stream_id, data, end_stream=complete)
+                await protocol._flush()
+            else:
+                protocol.priority.block(stream_id)
+                if complete:
+                    connection.end_stream(stream_id)
+                    await protocol._flush()
+            if complete:
+                del buffers[stream_id]
+                protocol.priority.remove_stream(stream_id)
+        except (h2.exceptions.StreamClosedError, KeyError, h2.exceptions.ProtocolError):
+            # The stream or the connection closed while waiting to send (as hypercorn).
+            await buffers[stream_id].close()
+            del buffers[stream_id]
+            protocol.priority.remove_stream(stream_id)
+
+    protocol._send_data = send_data  # type: ignore[method-assign]
 
 
 def _drop_late_data(connection: Any, events: list[Any], live: Iterable[int]) -> list[Any]:
@@ -341,6 +401,17 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
     (
         "hypercorn.protocol.h2.H2Protocol.streams (the live streams, by id)",
         _assigns(H2Protocol.__init__, "streams"),
+    ),
+    (
+        "hypercorn.protocol.h2.H2Protocol._send_data(stream_id), stream_buffers, priority,"
+        " _flush (its sending task's step)",
+        lambda: (
+            _params(H2Protocol._send_data) == ["self", "stream_id"]
+            and _assigns(H2Protocol.__init__, "stream_buffers")()
+            and _assigns(H2Protocol.__init__, "priority")()
+            and _has(H2Protocol, "_flush")()
+            and "self._send_data(" in inspect.getsource(H2Protocol.send_task)
+        ),
     ),
     ("hypercorn.protocol.h11.H11Protocol.stream", _assigns(H11Protocol.__init__, "stream")),
     ("hypercorn.trio.tcp_server.TCPServer._idle_timeout", _has(TCPServer, "_idle_timeout")),

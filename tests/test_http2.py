@@ -1,0 +1,54 @@
+"""HTTP/2 on the lean transport: what goes on the wire for a response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import trio
+
+from trio_launcher.testing import running_server
+
+BIG = 200_000  # more than the initial flow-control window (65,535): the end waits for it
+
+
+async def sized(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    body = b"x" * int(scope["path"].strip("/") or 5)
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize("size", [5, BIG])
+async def test_the_last_data_frame_ends_the_stream(size: int) -> None:
+    """hypercorn ended every response with an empty DATA frame of its own after the
+    last body bytes: one more frame and one more write (a system call) per response.
+    The last DATA frame carries END_STREAM now, also when flow control held it back."""
+    async with running_server(sized) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        head = [(":method", "GET"), (":path", f"/{size}"), (":scheme", "http"), (":authority", "t")]
+        conn.send_headers(1, head, end_stream=True)
+        frames: list[tuple[int, bool]] = []  # (data length, ends the stream)
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            with trio.fail_after(10):
+                while not frames or not frames[-1][1]:
+                    data = await stream.receive_some(65536)
+                    assert data, "the server closed the connection"
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            frames.append((len(event.data), event.stream_ended is not None))
+                            conn.acknowledge_received_data(
+                                event.flow_controlled_length, event.stream_id
+                            )
+                    await stream.send_all(conn.data_to_send())
+    assert sum(length for length, _ in frames) == size
+    assert frames[-1][0] > 0, f"an empty DATA frame ended the stream: {frames[-3:]}"
+    assert [ends for _, ends in frames].count(True) == 1
