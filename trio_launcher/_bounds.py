@@ -14,8 +14,8 @@ one HTTP/1.1 request is, and the handler is a trio task we can cancel.
   not started S seconds after it arrived has its handler cancelled (its
   nurseries too: it is plain trio cancellation) and is answered 504 with a
   JSON body; a started response (a stream) is never cut by it. How: the
-  lean transport runs each handler in a cancel scope it holds (HTTP/1.1: a
-  runner's long-lived scope; HTTP/2: the stream's) and lends the middleware
+  lean transport runs each handler in a cancel scope it holds (a runner's
+  long-lived scope, on HTTP/1.1 and HTTP/2 alike) and lends the middleware
   that scope's ``cancel`` (``CANCEL_EXTENSION``); one task per server
   (``Deadlines``) sleeps until the oldest request's deadline and cancels it
   there. A request costs a dict insert and a delete, not a cancel scope and
