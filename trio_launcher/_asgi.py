@@ -118,7 +118,7 @@ class Exchange:
             if deadlines is not None:
                 if self.key in deadlines.fired:
                     await trio.lowlevel.checkpoint()  # too late: raises Cancelled
-                deadlines.disarm(self.key)  # a started response is never cut
+                deadlines.armed.pop(self.key, None)  # a started response is never cut
             self.status = message["status"]
             if self.header is not None:
                 message["headers"] = [*message.get("headers", ()), self.header]
@@ -169,7 +169,7 @@ class RunnerMiddleware:
         if self.metrics is None:
             self.metrics_path = None
         else:
-            self.metrics.requests.active_now = self.in_flight.__len__
+            self.metrics.requests.active_now = self.in_flight.requests.__len__
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -192,7 +192,7 @@ class RunnerMiddleware:
         in_flight = self.in_flight
         limit = self.bounds.limit_concurrency
         if (
-            (limit is not None and len(in_flight) >= limit)
+            (limit is not None and len(in_flight.requests) >= limit)
             or (path == self.health_path and method in ("GET", "HEAD"))
             or self._over_limit(scope) is not None
         ):

@@ -83,36 +83,42 @@ class Bounds:
 
 
 class InFlight:
-    """The requests now in the app: arrival time, method and path, oldest first."""
+    """The requests now in the app: arrival time, method and path, oldest first.
+
+    ``requests`` is the table itself (key -> (arrival, method, path)):
+    ``len(in_flight.requests)`` counts without a Python call (the
+    concurrency limit asks for every request).
+    """
 
     def __init__(self) -> None:
-        self._requests: dict[int, tuple[float, str, str]] = {}
+        self.requests: dict[int, tuple[float, str, str]] = {}
         self._next = 0
         self.shed = 0  # requests refused by the concurrency limit
 
     def __len__(self) -> int:
-        return len(self._requests)
+        return len(self.requests)
 
     def add(self, method: str, path: str) -> int:
         key = self._next = self._next + 1
-        self._requests[key] = (time.monotonic(), method, path)
+        self.requests[key] = (time.monotonic(), method, path)
         return key
 
     def remove(self, key: int) -> float:
         """The request is done; its arrival time (``time.monotonic()``)."""
-        return self._requests.pop(key)[0]
+        return self.requests.pop(key)[0]
 
     def oldest_age(self) -> float:
         """Seconds since the oldest request in flight arrived (0 when none is)."""
-        for arrived, _, _ in self._requests.values():  # insertion order: oldest first
+        for arrived, _, _ in self.requests.values():  # insertion order: oldest first
             return time.monotonic() - arrived
         return 0.0
 
     def describe(self, most: int = 5) -> str:
         """``GET /a, POST /b (and 3 more)``: the oldest requests in flight."""
-        items = [f"{method} {path}" for _, method, path in list(self._requests.values())[:most]]
-        if len(self._requests) > most:
-            items.append(f"and {len(self._requests) - most} more")
+        requests = self.requests
+        items = [f"{method} {path}" for _, method, path in list(requests.values())[:most]]
+        if len(requests) > most:
+            items.append(f"and {len(requests) - most} more")
         return ", ".join(items)
 
 
@@ -188,24 +194,25 @@ class Deadlines:
     cancelled and remembered in ``fired`` until the middleware has answered.
     """
 
-    __slots__ = ("_armed", "_now", "fired", "running", "timeout")
+    __slots__ = ("_now", "armed", "fired", "running", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._armed: dict[int, tuple[float, Callable[[], object]]] = {}
+        self.armed: dict[int, tuple[float, Callable[[], object]]] = {}
+        """Key -> (due, cancel); the middleware's ``send`` pops a started response's entry."""
         self._now: Callable[[], float] = trio.current_time
         self.fired: set[int] = set()
         self.running = False  # without the reaper, the middleware uses a scope per request
 
     def arm(self, key: int, cancel: Callable[[], object]) -> None:
-        self._armed[key] = (self._now() + self.timeout, cancel)
+        self.armed[key] = (self._now() + self.timeout, cancel)
 
     def disarm(self, key: int) -> None:
-        self._armed.pop(key, None)
+        self.armed.pop(key, None)
 
     async def run(self) -> None:
         """Cancel each request whose deadline passed; runs until cancelled."""
-        armed = self._armed
+        armed = self.armed
         # The run's clock, asked directly: a sixth of trio.current_time()'s cost.
         self._now = trio.lowlevel.current_clock().current_time
         self.running = True
