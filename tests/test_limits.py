@@ -127,6 +127,63 @@ async def test_limit_concurrency_sheds_excess_at_once_and_health_stays_fast() ->
         assert (health.json()["in_flight"], health.json()["oldest_request_s"]) == (0, 0.0)
 
 
+class SpawnedRunners(trio.abc.Instrument):
+    """Counts the HTTP/1.1 handler runners (``HTTP1._runner`` tasks) started."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("HTTP1._runner"):
+            self.count += 1
+
+
+async def one_request(port: int, path: str) -> bytes:
+    """``GET path`` on a connection of its own; the status line."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+        head, _ = await read_response(stream)
+    return head.split(b"\r\n", 1)[0]
+
+
+async def test_what_the_runner_answers_itself_needs_no_handler_task() -> None:
+    """Under overload most requests are shed: each one used to start a handler task (a
+    runner) and wait a scheduler round for it, and so did every health probe. What the
+    runner's middleware answers without the app (a shed 503, the health and metrics
+    paths, a 431) is now answered in the connection's own task; a request for the app
+    still gets a runner."""
+    app = BoundsApp()
+    runners = SpawnedRunners()
+    options: dict[str, Any] = {"health_path": "/health", "metrics_path": "/metrics"}
+    async with running_server(app, limit_concurrency=1, max_header_count=3, **options) as server:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one_request, server.port, "/hold")
+                await app.entered.wait()  # the one slot is taken
+                trio.lowlevel.add_instrument(runners)
+                try:
+                    assert (
+                        await one_request(server.port, "/") == b"HTTP/1.1 503 Service Unavailable"
+                    )
+                    assert await one_request(server.port, "/health") == b"HTTP/1.1 200 OK"
+                    assert await one_request(server.port, "/metrics") == b"HTTP/1.1 200 OK"
+                    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                    async with stream:
+                        await stream.send_all(
+                            b"GET / HTTP/1.1\r\nhost: t\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n"
+                        )
+                        head, _ = await read_response(stream)
+                    assert head.startswith(b"HTTP/1.1 431 ")
+                    assert runners.count == 0
+                    app.release.set()
+                    await trio.testing.wait_all_tasks_blocked()  # (the slot is free again)
+                    assert await one_request(server.port, "/") == b"HTTP/1.1 200 OK"
+                    assert runners.count == 1
+                finally:
+                    trio.lowlevel.remove_instrument(runners)
+
+
 async def test_limit_counts_requests_not_connections() -> None:
     app = BoundsApp()
     async with running_server(app, limit_concurrency=1) as server:

@@ -189,15 +189,10 @@ class RunnerMiddleware:
                 extensions[HEADER_EXTENSION] = header  # the protocol writes it (one line)
                 header = None
         ex = Exchange(send, header)
-        in_flight = self.in_flight
-        limit = self.bounds.limit_concurrency
-        if (
-            (limit is not None and len(in_flight.requests) >= limit)
-            or (path == self.health_path and method in ("GET", "HEAD"))
-            or self._over_limit(scope) is not None
-        ):
+        if self._answered_here(scope, method, path):
             await self._answer(scope, ex)
             return
+        in_flight = self.in_flight
         key = in_flight.add(method, path)
         try:
             bounds = self.bounds
@@ -235,6 +230,29 @@ class RunnerMiddleware:
                 self.metrics.requests.finished(
                     method, ex.status, scope.get("route"), time.monotonic() - arrived
                 )
+
+    def answers_itself(self, scope: Scope) -> bool:
+        """True if this HTTP request is answered here without the app (the metrics
+        path, the health path, 431, a shed 503). A protocol may then make the call
+        at once, in the connection's own task: nothing in it waits for the app."""
+        method = scope["method"]
+        path = scope["path"]
+        if path == self.metrics_path and method in ("GET", "HEAD"):
+            return True
+        return self._answered_here(scope, method, path)
+
+    def _answered_here(self, scope: Scope, method: str, path: str) -> bool:
+        """Shed, the health path, or over the head limits: ``_answer`` answers it."""
+        limit = self.bounds.limit_concurrency
+        if limit is not None and len(self.in_flight.requests) >= limit:
+            return True
+        if path == self.health_path and method in ("GET", "HEAD"):
+            return True
+        limits = self.limits
+        if limits.max_head_size is not None:
+            return self._over_limit(scope) is not None
+        count = limits.max_header_count
+        return count is not None and len(scope.get("headers") or ()) > count
 
     async def _answer(self, scope: Scope, ex: Exchange) -> None:
         """What the runner answers itself, before the app: 431, the health path, 503."""

@@ -50,6 +50,12 @@ uvicorn's fast path); the rest is small and lives here:
   extension) for the request deadline (``_bounds``): cancelling it cancels
   that request's handler; the runner then starts a new scope.
 
+* **Answers without the app.** A request the runner's middleware answers
+  itself (the health and metrics paths, a shed 503, a 431: its
+  ``answers_itself``) is called at once in the connection's own task: no
+  runner, no scheduler round. Under overload that is most requests, and the
+  health probe is answered in the round its bytes arrive.
+
 A client that goes away is noticed by the transport (EOF or a failed write):
 the app's ``receive`` answers ``http.disconnect``, the access log records
 status 499 for a response that had not finished, and the transport cancels
@@ -66,6 +72,7 @@ import contextvars
 import re
 import time
 import weakref
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, ClassVar, Protocol
 from urllib.parse import unquote
@@ -199,8 +206,10 @@ class HTTP1:
         client: tuple[str, int] | None,
         server: tuple[str, int] | None,
         state: dict[str, Any],
+        answers_itself: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         self.app = app
+        self.answers_itself = answers_itself
         self.config = config
         self.context = context
         self.nursery = nursery
@@ -279,7 +288,13 @@ class HTTP1:
                 if self._head_bytes > self._max_head:
                     await self._refuse(431)
         if self.cycle is None and self.pipeline and not self.lost:
-            self._start_next()
+            cycle = self._start_next(at_once=True)
+            if cycle is not None:  # answered without the app: here, no runner
+                self.running += 1
+                try:
+                    await self._run(cycle)
+                finally:
+                    self.running -= 1
 
     def timed_out(self) -> bytes | None:
         """The connection's deadline passed: the 408 to send, if a head was arriving."""
@@ -384,18 +399,24 @@ class HTTP1:
             "extensions": {HEADER_EXTENSION: None},
         }
 
-    def _start_next(self) -> None:
+    def _start_next(self, at_once: bool = False) -> Cycle | None:
+        """Start the next request: in a runner; or, with ``at_once``, return it if the
+        server answers it without the app (``answers_itself``): the caller runs it."""
         cycle = self.pipeline.pop(0)
         self.cycle = cycle
         self.requests += 1
         self.transport.set_idle(False)
         if self.config.server_names and not self._server_name_ok(cycle):
             self.nursery.start_soon(cycle.refuse, 404)
+        elif at_once and self.answers_itself is not None and self.answers_itself(cycle.scope):
+            self._wake()
+            return cycle
         elif self._idle:
             trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(cycle))
         else:
             self.nursery.start_soon(self._runner, cycle)
         self._wake()
+        return None
 
     async def _runner(self, cycle: Cycle) -> None:
         """Run the app for one request after another (see "Handlers" above)."""

@@ -245,6 +245,7 @@ async def serve_http(
                     opts.on_max_requests,
                     opts.http1_protocol,
                     opts.header_timeout,
+                    middleware.answers_itself,
                 )
                 if opts.engine_task is None or await control.start_engine_then_app(
                     nursery, opts.engine_task, opts, urls
@@ -289,6 +290,7 @@ async def _run_server(
     on_max_requests: Callable[[], None] | None,
     http: str,
     header_timeout: float,
+    answers_itself: Callable[[dict[str, Any]], bool],
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -304,6 +306,7 @@ async def _run_server(
             transport=transport,
             http=http,
             header_timeout=header_timeout,
+            answers_itself=answers_itself,
             on_max_requests=on_max_requests,
             on_drain_deadline=control.on_drain_deadline,
             app_start=control.app_start if control.has_engine_task else None,

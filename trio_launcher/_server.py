@@ -74,6 +74,7 @@ async def serve_sockets(
     transport: Transport = "lean",
     http: str = "httptools",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    answers_itself: Callable[[dict[str, Any]], bool] | None = None,
     on_max_requests: Callable[[], None] | None = None,
     on_drain_deadline: Callable[[float], None] | None = None,
     app_start: AppStart | None = None,
@@ -119,7 +120,15 @@ async def serve_sockets(
 
             registry: set[Connection] = set()
             handler = _connection_handler(
-                transport, app, config, context, lifespan_state, registry, http, header_timeout
+                transport,
+                app,
+                config,
+                context,
+                lifespan_state,
+                registry,
+                http,
+                header_timeout,
+                answers_itself,
             )
             handler = recorder().connection_handler(handler)
             task_status.started(urls)
@@ -252,11 +261,20 @@ def _connection_handler(
     registry: set[Connection],
     http: str = "httptools",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    answers_itself: Callable[[dict[str, Any]], bool] | None = None,
 ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
     """The connection layer, chosen once: a function of the accepted stream."""
     if transport == "lean":
         return partial(
-            serve_connection, app, config, context, lifespan_state, registry, http, header_timeout
+            serve_connection,
+            app,
+            config,
+            context,
+            lifespan_state,
+            registry,
+            http,
+            header_timeout,
+            answers_itself,
         )
     return partial(serve_stock_connection, app, config, context, lifespan_state)
 

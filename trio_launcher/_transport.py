@@ -117,6 +117,8 @@ class Connection:
     registry: set[Connection]
     http: str = "httptools"
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    answers_itself: Callable[[dict[str, Any]], bool] | None = None
+    """The app's ``RunnerMiddleware.answers_itself``, if any (see ``_http1``)."""
 
     def __post_init__(self) -> None:
         stream, config = self.stream, self.config
@@ -179,6 +181,7 @@ class Connection:
                     client=client,
                     server=server,
                     state=self.state,
+                    answers_itself=self.answers_itself,
                 )
                 handover = await self._serve_http1(http1)
                 if handover is None and not http1.running:
@@ -701,12 +704,21 @@ async def serve_connection(
     registry: set[Connection],
     http: str,
     header_timeout: float,
+    answers_itself: Callable[[dict[str, Any]], bool] | None,
     stream: trio.abc.Stream,
 ) -> None:
     """Serve one accepted stream; anything it raises stays with it (see ``contained``)."""
     try:
         await Connection(
-            app, config, context, lifespan_state, stream, registry, http, header_timeout
+            app,
+            config,
+            context,
+            lifespan_state,
+            stream,
+            registry,
+            http,
+            header_timeout,
+            answers_itself,
         ).run()
     except* Exception as group:  # (inline: a context manager per connection costs 3 %)
         await _contain(stream, group)
