@@ -52,9 +52,10 @@ uvicorn's fast path); the rest is small and lives here:
 
 * **Answers without the app.** A request the runner's middleware answers
   itself (the health and metrics paths, a shed 503, a 431: its
-  ``answers_itself``) is called at once in the connection's own task: no
-  runner, no scheduler round. Under overload that is most requests, and the
-  health probe is answered in the round its bytes arrive.
+  ``answers_itself``) is called at once in the connection's own task when no
+  runner is waiting: no runner task, no scheduler round. Under overload that
+  is most requests on new connections, and a health probe on a connection of
+  its own is answered in the round its bytes arrive.
 
 A client that goes away is noticed by the transport (EOF or a failed write):
 the app's ``receive`` answers ``http.disconnect``, the access log records
@@ -408,11 +409,11 @@ class HTTP1:
         self.transport.set_idle(False)
         if self.config.server_names and not self._server_name_ok(cycle):
             self.nursery.start_soon(cycle.refuse, 404)
+        elif self._idle:  # (a parked runner is cheap: no need to ask)
+            trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(cycle))
         elif at_once and self.answers_itself is not None and self.answers_itself(cycle.scope):
             self._wake()
             return cycle
-        elif self._idle:
-            trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(cycle))
         else:
             self.nursery.start_soon(self._runner, cycle)
         self._wake()
