@@ -14,7 +14,10 @@ keep-alive connections; ``callgrind_control --zero``; ``REQUESTS`` more;
 ``callgrind_control --dump``; instructions / ``REQUESTS``. With
 ``new_connections``, a quarter as many requests, each on its own connection.
 
-    python -m benchmarks.instructions VARIANT [VARIANT...]
+    python -m benchmarks.instructions [--path PATH] VARIANT [VARIANT...]
+
+``--path /health`` with the ``runner-health`` variant counts what the runner
+answers itself (the health path; a shed 503 takes the same way).
 
 """
 
@@ -41,10 +44,12 @@ def available() -> bool:
     return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
 
 
-def per_request(variant: str, new_connections: bool = False) -> float:
+def per_request(variant: str, new_connections: bool = False, path: str = "/") -> float:
     """User-space instructions per hello-world request of ``variant``: on keep-alive
     connections, or with ``new_connections`` each on a connection of its own (accept,
-    request, ``connection: close``), the work a burst of new clients makes."""
+    request, ``connection: close``), the work a burst of new clients makes. ``path``:
+    the path of every GET."""
+    request = REQUEST.replace(b"GET / ", f"GET {path} ".encode(), 1)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="callgrind-") as directory:
         out = Path(directory) / "cg.out"
@@ -68,16 +73,16 @@ def per_request(variant: str, new_connections: bool = False) -> float:
         )
         with listening(proc, port, timeout=120.0):
             if new_connections:
-                one_by_one(port, WARM_UP // 4)
+                one_by_one(port, WARM_UP // 4, request)
                 control("--zero", proc.pid)
-                one_by_one(port, REQUESTS // 4)
+                one_by_one(port, REQUESTS // 4, request)
                 control("--dump", proc.pid)
                 return _dumped(Path(directory)) / (REQUESTS // 4)
             socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
             try:
-                lockstep(socks, WARM_UP // CONNECTIONS)
+                lockstep(socks, WARM_UP // CONNECTIONS, request)
                 control("--zero", proc.pid)
-                lockstep(socks, REQUESTS // CONNECTIONS)
+                lockstep(socks, REQUESTS // CONNECTIONS, request)
                 control("--dump", proc.pid)
                 return _dumped(Path(directory)) / REQUESTS
             finally:
@@ -91,11 +96,11 @@ def _dumped(directory: Path) -> int:
     return total(dumps[-1])
 
 
-def one_by_one(port: int, count: int) -> None:
+def one_by_one(port: int, count: int, request: bytes = REQUEST) -> None:
     """``count`` requests, each on a new connection that the server closes."""
     for _ in range(count):
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-            sock.sendall(REQUEST.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n"))
+            sock.sendall(request.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n"))
             while sock.recv(65536):
                 pass
 
@@ -114,12 +119,12 @@ def total(dump: Path) -> int:
     raise RuntimeError(f"no instruction total in {dump}")
 
 
-def lockstep(socks: list[socket.socket], rounds: int) -> None:
+def lockstep(socks: list[socket.socket], rounds: int, request: bytes = REQUEST) -> None:
     """``rounds`` times: one GET on each connection, each answered before the next."""
     for _ in range(rounds):
         for sock in socks:
             sock.settimeout(60)
-            sock.sendall(REQUEST)
+            sock.sendall(request)
             read_response(sock)
 
 
@@ -141,10 +146,16 @@ def read_response(sock: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> None:
+    path = "/"
+    if argv[:1] == ["--path"]:
+        path, argv = argv[1], argv[2:]
     for variant in argv or ["runner-plain"]:
-        kept = per_request(variant)
-        fresh = per_request(variant, new_connections=True)
-        print(f"{variant}: {kept:,.0f} per keep-alive request, {fresh:,.0f} per new connection")
+        kept = per_request(variant, path=path)
+        fresh = per_request(variant, new_connections=True, path=path)
+        print(
+            f"{variant} GET {path}: {kept:,.0f} per keep-alive request, "
+            f"{fresh:,.0f} per new connection"
+        )
 
 
 if __name__ == "__main__":

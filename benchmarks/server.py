@@ -14,6 +14,7 @@ Variants:
   runner-observed  runner with request ids and metrics (--metrics-path /metrics)
   runner-ids, runner-metrics  one of the two
   runner-bounds-off, runner-all-bounds  the bounds off (no body timeout), all on
+  runner-health  the runner with --health-path /health
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ RUNNERS: dict[str, dict[str, Any]] = {
     "runner-metrics": {"request_ids": False, "metrics_path": "/metrics"},
     "runner-bounds-off": {"body_timeout": None},
     "runner-all-bounds": {"limit_concurrency": 1000, "request_timeout": 30.0, "body_timeout": 60.0},
+    "runner-health": {"health_path": "/health"},
 }
 
 

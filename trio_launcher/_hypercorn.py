@@ -214,13 +214,19 @@ def guard_h2(
 
     def counted(data: bytes) -> list[Any]:  # (h2 takes any buffer; it gets bytes here)
         events = receive_data(data)
-        control = sum(isinstance(e, _CONTROL_EVENTS) for e in events)
+        control = 0
+        late = False
+        streams = inner.streams
+        for event in events:  # (one loop, no generators: this runs for every read)
+            if isinstance(event, _CONTROL_EVENTS):
+                control += 1
+            elif type(event) is h2.events.DataReceived and event.stream_id not in streams:
+                late = True
         if control and not allow(control):
             connection.clear_outbound_data_buffer()
             connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             raise H2Flood(connection.data_to_send())
-        streams = inner.streams
-        if any(type(e) is h2.events.DataReceived and e.stream_id not in streams for e in events):
+        if late:
             return _drop_late_data(connection, events, streams.keys())
         return events
 
