@@ -81,6 +81,7 @@ from ._hypercorn import (
     RawData,
     Updated,
     WorkerContext,
+    call_app,
     guard_h2,
     new_protocol,
     parse_socket_addr,
@@ -601,8 +602,16 @@ class LeanTaskGroup:
             with scope:
                 while handler is not None:
                     handler.scope = scope
+                    handler.prepare()
                     try:
-                        await handler.run()
+                        # hypercorn's error handling, without its send(None): see end()
+                        await call_app(
+                            handler.app,
+                            handler.config,
+                            handler.asgi_scope,
+                            handler.receive,
+                            handler.send,
+                        )
                     finally:
                         handler.scope = None
                         if scope.cancel_called:
@@ -647,7 +656,7 @@ class _Handler:
     runs in it too unless the scope was cancelled, then after it.
     """
 
-    __slots__ = ("_app", "_config", "_inbox", "_scope", "_send", "complete", "scope")
+    __slots__ = ("_inbox", "_send", "app", "asgi_scope", "complete", "config", "receive", "scope")
 
     def __init__(
         self,
@@ -657,9 +666,10 @@ class _Handler:
         inbox: _Inbox,
         send: Callable[[Any], Awaitable[None]],
     ) -> None:
-        self._app = app
-        self._config = config
-        self._scope = scope
+        self.app = app
+        self.config = config
+        self.asgi_scope = scope
+        self.receive = inbox.get
         self._inbox = inbox
         self._send = send
         self.scope: trio.CancelScope | None = None  # the runner's, while the app runs
@@ -670,13 +680,11 @@ class _Handler:
         if self.scope is not None:
             self.scope.cancel()
 
-    async def run(self) -> None:
-        """The app call, with hypercorn's handling of its errors (``run_app``, without its
-        ``send(None)``: see ``end``)."""
-        extensions = self._scope.setdefault("extensions", {})
+    def prepare(self) -> None:
+        """Lend the bounds this handler's ``cancel`` and say whether its body is in."""
+        extensions = self.asgi_scope.setdefault("extensions", {})
         extensions[CANCEL_EXTENSION] = self.cancel
         extensions[BODY_PENDING_EXTENSION] = not self._inbox.body_ended()
-        await run_app(self._app, self._config, self._scope, self._inbox.get, self.send, end=False)
 
     async def end(self) -> None:
         await self._send(None)
