@@ -186,6 +186,20 @@ async def _access(config: Config, scope: Any, response: Any, start: float) -> No
     await config.log.access(scope, response, time.time() - start)
 
 
+async def park(idle: list[trio.lowlevel.Task], task: trio.lowlevel.Task, fresh: Any) -> Any:
+    """A runner waits in ``idle`` for its next piece of work, which arrives by
+    ``trio.lowlevel.reschedule(task, outcome.Value(work))``; the work starts in a
+    fresh copy of ``fresh`` (the contextvars a task of its own would have)."""
+    set_task_context(task, fresh.copy())
+    idle.append(task)
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        idle.remove(task)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
 class HTTP1:
     """One connection's HTTP/1.1 protocol state.
 
@@ -445,14 +459,7 @@ class HTTP1:
         """Wait for the next request; None: this runner is not needed any more."""
         if len(self._idle) >= IDLE_RUNNERS or self.lost:
             return None
-        set_task_context(task, fresh.copy())  # each request starts with the same contextvars
-        self._idle.append(task)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._idle.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        cycle: Cycle = await trio.lowlevel.wait_task_rescheduled(abort)
+        cycle: Cycle = await park(self._idle, task, fresh)
         return cycle
 
     def _server_name_ok(self, cycle: Cycle) -> bool:

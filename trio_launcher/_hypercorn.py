@@ -70,7 +70,6 @@ __all__ = [
     "Updated",
     "WorkerContext",
     "broken_contract",
-    "call_app",
     "guard_h2",
     "new_protocol",
     "parse_socket_addr",
@@ -116,23 +115,18 @@ async def run_app(
     scope: Any,
     receive: Callable[[], Awaitable[Any]],
     send: Callable[[Any], Awaitable[None]],
+    *,
+    end: bool = True,
 ) -> None:
-    """One ASGI request cycle as hypercorn's trio task group runs it (errors -> 500)."""
-    await _handle(app, config, scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run)
+    """One ASGI request cycle as hypercorn's trio task group runs it (errors -> 500).
 
-
-async def call_app(
-    app: AppWrapper,
-    config: Config,
-    scope: Any,
-    receive: Callable[[], Awaitable[Any]],
-    send: Callable[[Any], Awaitable[None]],
-) -> None:
-    """``run_app`` without hypercorn's closing ``send(None)``: the caller sends it.
-
-    The error handling is hypercorn's ``_handle``'s: an error is logged (the
-    stream's end then answers 500 if nothing was sent), ``trio.Cancelled``
-    goes on."""
+    With ``end=False``, without hypercorn's closing ``send(None)``: the caller
+    sends it (the error handling is hypercorn's ``_handle``'s, copied)."""
+    if end:
+        await _handle(
+            app, config, scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run
+        )
+        return
     try:
         await app(scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run)
     except trio.Cancelled:

@@ -119,17 +119,21 @@ async def serve_sockets(
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
-            handler = _connection_handler(
-                transport,
-                app,
-                config,
-                context,
-                lifespan_state,
-                registry,
-                http,
-                header_timeout,
-                answers_itself,
-            )
+            handler: Callable[[trio.abc.Stream], Awaitable[None]]
+            if transport == "lean":
+                handler = partial(
+                    serve_connection,
+                    app,
+                    config,
+                    context,
+                    lifespan_state,
+                    registry,
+                    http,
+                    header_timeout,
+                    answers_itself,
+                )
+            else:
+                handler = partial(serve_stock_connection, app, config, context, lifespan_state)
             handler = recorder().connection_handler(handler)
             task_status.started(urls)
             async with trio.open_nursery() as accepting:
@@ -250,33 +254,6 @@ class _Lifespan(Lifespan):
         except* LifespanFailureError as group:
             if self.failure is None:  # a failed shutdown: the server is stopping anyway
                 log.error("the app's lifespan shutdown failed: %s", group.exceptions[0])
-
-
-def _connection_handler(
-    transport: Transport,
-    app: AppWrapper,
-    config: Config,
-    context: WorkerContext,
-    lifespan_state: LifespanState,
-    registry: set[Connection],
-    http: str = "httptools",
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-    answers_itself: Callable[[dict[str, Any]], bool] | None = None,
-) -> Callable[[trio.abc.Stream], Awaitable[None]]:
-    """The connection layer, chosen once: a function of the accepted stream."""
-    if transport == "lean":
-        return partial(
-            serve_connection,
-            app,
-            config,
-            context,
-            lifespan_state,
-            registry,
-            http,
-            header_timeout,
-            answers_itself,
-        )
-    return partial(serve_stock_connection, app, config, context, lifespan_state)
 
 
 async def _drain_on_max_requests(context: WorkerContext, stop: Callable[[], None]) -> None:

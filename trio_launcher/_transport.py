@@ -68,7 +68,7 @@ import outcome
 import trio
 
 from ._bounds import BODY_PENDING_EXTENSION, CANCEL_EXTENSION
-from ._http1 import HTTP1
+from ._http1 import HTTP1, park
 from ._hypercorn import (
     AppWrapper,
     Closed,
@@ -81,12 +81,10 @@ from ._hypercorn import (
     RawData,
     Updated,
     WorkerContext,
-    call_app,
     guard_h2,
     new_protocol,
     parse_socket_addr,
     run_app,
-    set_task_context,
 )
 from ._logging import REQUEST_ID_HEADER
 
@@ -604,13 +602,13 @@ class LeanTaskGroup:
                     handler.scope = scope
                     handler.prepare()
                     try:
-                        # hypercorn's error handling, without its send(None): see end()
-                        await call_app(
+                        await run_app(  # (its send(None) comes below: see end())
                             handler.app,
                             handler.config,
                             handler.asgi_scope,
                             handler.receive,
                             handler.send,
+                            end=False,
                         )
                     finally:
                         handler.scope = None
@@ -628,14 +626,7 @@ class LeanTaskGroup:
         """Wait for the next stream; None: this runner is not needed any more."""
         if len(self._idle) >= IDLE_RUNNERS:
             return None
-        set_task_context(task, fresh.copy())  # each stream starts with the same contextvars
-        self._idle.append(task)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._idle.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        handler: _Handler = await trio.lowlevel.wait_task_rescheduled(abort)
+        handler: _Handler = await park(self._idle, task, fresh)
         return handler
 
 
