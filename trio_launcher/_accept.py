@@ -13,10 +13,10 @@ So this loop waits until the listening socket is readable and then takes
 everything the kernel holds, as asyncio's accept loop does: up to ``BURST``
 connections a round, so that a flood of connects cannot starve the
 connections already being served. A burst waits in the kernel's backlog,
-not in our memory: with 2000 clients connecting at once, 64 a round kept the
-server's RSS growth at 9.5-18.6 MiB where 256 a round took 19.5-28.6 MiB
-(BENCHMARKS.md), with no loss of throughput (a round's own cost, an epoll
-wait, is small next to 64 connections' work).
+not in our memory: with 2000 clients connecting at once, 64 a round gave an
+RSS growth of 9.5-19.2 MiB (median 17.3, five runs) where 256 a round gave
+19.5-28.6 MiB (median 20.7; BENCHMARKS.md). A round's own cost, an epoll
+wait, is small next to 64 connections' work.
 
 The connection's task gets the stream and closes it when it is done, as in
 trio. Capacity errors (EMFILE and friends: out of descriptors or memory) are
