@@ -251,6 +251,7 @@ class RunnerMiddleware:
         limits = self.limits
         if limits.max_head_size is not None:
             return self._over_limit(scope) is not None
+        # Else only ``_over_limit``'s count rule applies: inline (one call fewer a request).
         count = limits.max_header_count
         return count is not None and len(scope.get("headers") or ()) > count
 

@@ -62,7 +62,7 @@ CANCEL_EXTENSION = "trio_launcher.cancel"
 
 BODY_PENDING_EXTENSION = "trio_launcher.body_pending"
 """ASGI scope extension: True if the request body had not all arrived when the
-handler was called (set by the lean HTTP/1.1 protocol). A body that is all in
+handler was called (set by the lean transport, HTTP/1.1 and HTTP/2). A body that is all in
 already has nothing left to trickle: it gets no body clock. Without it the
 request headers say whether there is a body (``has_body``)."""
 

@@ -115,28 +115,9 @@ async def run_app(
     scope: Any,
     receive: Callable[[], Awaitable[Any]],
     send: Callable[[Any], Awaitable[None]],
-    *,
-    end: bool = True,
 ) -> None:
-    """One ASGI request cycle as hypercorn's trio task group runs it (errors -> 500).
-
-    With ``end=False``, without hypercorn's closing ``send(None)``: the caller
-    sends it (the error handling is hypercorn's ``_handle``'s, copied)."""
-    if end:
-        await _handle(
-            app, config, scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run
-        )
-        return
-    try:
-        await app(scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run)
-    except trio.Cancelled:
-        raise
-    except BaseExceptionGroup as group:
-        if group.split(trio.Cancelled)[1] is None:
-            raise
-        await config.log.exception("Error in ASGI Framework")
-    except Exception:
-        await config.log.exception("Error in ASGI Framework")
+    """One ASGI request cycle as hypercorn's trio task group runs it (errors -> 500)."""
+    await _handle(app, config, scope, receive, send, trio.to_thread.run_sync, trio.from_thread.run)
 
 
 def protocol_is_idle(wrapper: ProtocolWrapper) -> bool:

@@ -602,13 +602,12 @@ class LeanTaskGroup:
                     handler.scope = scope
                     handler.prepare()
                     try:
-                        await run_app(  # (its send(None) comes below: see end())
+                        await run_app(
                             handler.app,
                             handler.config,
                             handler.asgi_scope,
                             handler.receive,
-                            handler.send,
-                            end=False,
+                            handler.send,  # (it keeps hypercorn's closing send(None): end())
                         )
                     finally:
                         handler.scope = None
@@ -643,8 +642,9 @@ class _Handler:
     deadline and the body timeout, so no request needs a second scope or a
     task that watches its ``receive``; it cancels the runner's scope only
     while this handler runs in it (a runner serves many streams). The app
-    call runs in the scope; hypercorn's end of the request (``send(None)``)
-    runs in it too unless the scope was cancelled, then after it.
+    call runs in the scope; hypercorn's end of the request (the ``send(None)``
+    that ``run_app`` makes) is held back by ``send`` and sent by ``end()``:
+    in the scope, unless the scope was cancelled, then after it.
     """
 
     __slots__ = ("_inbox", "_send", "app", "asgi_scope", "complete", "config", "receive", "scope")
@@ -681,11 +681,9 @@ class _Handler:
         await self._send(None)
 
     async def send(self, message: Any) -> None:
-        if (
-            message is not None
-            and message["type"] == "http.response.body"
-            and not message.get("more_body", False)
-        ):
+        if message is None:
+            return  # hypercorn's end of the stream: ``end()`` sends it, after the scope if need be
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.complete = True
         await self._send(message)
 
