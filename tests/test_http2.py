@@ -52,3 +52,59 @@ async def test_the_last_data_frame_ends_the_stream(size: int) -> None:
     assert sum(length for length, _ in frames) == size
     assert frames[-1][0] > 0, f"an empty DATA frame ended the stream: {frames[-3:]}"
     assert [ends for _, ends in frames].count(True) == 1
+
+
+async def failing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/raise":
+        raise ValueError("the handler failed")
+    if scope["path"] == "/half":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise ValueError("the handler failed mid-response")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on() -> None:
+    """A stream's end (hypercorn's closing ``send(None)``) is held back while its handler
+    runs and sent once it returns: a handler that raises before its response gets a 500,
+    one that raises mid-response has its stream cut, and the same connection (and its
+    runner) serves the next stream."""
+    async with running_server(failing) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        statuses: dict[int, str] = {}
+        ended: dict[int, str] = {}
+        async with stream:
+            with trio.fail_after(10):
+                for stream_id, path in (
+                    (1, "/raise"),
+                    (3, "/half"),
+                    (5, "/"),
+                    (7, "/raise"),
+                    (9, "/"),
+                ):
+                    head = [
+                        (":method", "GET"),
+                        (":path", path),
+                        (":scheme", "http"),
+                        (":authority", "t"),
+                    ]
+                    conn.send_headers(stream_id, head, end_stream=True)
+                    await stream.send_all(conn.data_to_send())
+                    while stream_id not in ended:
+                        data = await stream.receive_some(65536)
+                        assert data, "the server closed the connection"
+                        for event in conn.receive_data(data):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+                            elif isinstance(event, h2.events.StreamEnded):
+                                ended[event.stream_id] = "ended"
+                            elif isinstance(event, h2.events.StreamReset):
+                                ended[event.stream_id] = "reset"
+                        await stream.send_all(conn.data_to_send())
+    assert statuses == {1: "500", 3: "200", 5: "200", 7: "500", 9: "200"}
+    assert ended == {1: "ended", 3: "reset", 5: "ended", 7: "ended", 9: "ended"}

@@ -18,8 +18,9 @@ as plain ASGI middleware:
 * after any error from the app, the runner's dead check runs: an
   ``EngineDeadError`` or an engine that reports itself dead starts the drain;
 * after a streaming response has started its status cannot change; the error
-  propagates, hypercorn ends the response (the client sees a cut stream, not
-  a fake clean end) and the dead check has still run.
+  propagates, the response is cut (the client sees a cut stream, not a fake
+  clean end: HTTP/1.1 closes the connection, HTTP/2 resets the stream with
+  INTERNAL_ERROR) and the dead check has still run.
 
 Errors raised inside the app's own nurseries arrive as exception groups; they
 are split by type so that ``trio.Cancelled`` is never swallowed, and a plain

@@ -24,13 +24,16 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.stream
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
@@ -215,7 +218,35 @@ def guard_h2(
     if never_indexed:
         _never_index(connection.encoder, never_indexed)
     _end_with_last_data(inner)
+    _reset_cut_streams(inner)
     return True
+
+
+_UNENDED = frozenset((h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE))
+
+
+def _reset_cut_streams(protocol: H2Protocol) -> None:
+    """A stream whose handler ended before its response did is reset (INTERNAL_ERROR).
+
+    When the app raises (or is cut by a bound) after its response started,
+    hypercorn closes the stream on its side and sends nothing: no END_STREAM,
+    no RST_STREAM, and the client waits for the rest of a response that will
+    never come. HTTP/1.1 closes the connection there; on HTTP/2 only that
+    stream is ended, with the error code RFC 9113 gives a server failure.
+    """
+    connection = protocol.connection
+    stream_send = protocol.stream_send
+
+    async def send(event: Any) -> None:
+        if type(event) is StreamClosed:
+            stream = connection.streams.get(event.stream_id)
+            if stream is not None and stream.state_machine.state in _UNENDED:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                await protocol._flush()
+        await stream_send(event)
+
+    protocol.stream_send = send  # type: ignore[method-assign]
 
 
 def _end_with_last_data(protocol: H2Protocol) -> None:
@@ -398,6 +429,16 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
             and _assigns(H2Protocol.__init__, "priority")()
             and _has(H2Protocol, "_flush")()
             and "self._send_data(" in inspect.getsource(H2Protocol.send_task)
+        ),
+    ),
+    (
+        "hypercorn.protocol.h2.H2Protocol.stream_send(event) gets StreamClosed at a stream's"
+        " end; h2's H2Connection.streams and H2Stream.state_machine.state (a StreamState)",
+        lambda: (
+            _params(H2Protocol.stream_send) == ["self", "event"]
+            and "StreamClosed" in inspect.getsource(H2Protocol.stream_send)
+            and "self.state_machine =" in inspect.getsource(h2.stream.H2Stream.__init__)
+            and "self.streams" in inspect.getsource(h2.connection.H2Connection.__init__)
         ),
     ),
     ("hypercorn.protocol.h11.H11Protocol.stream", _assigns(H11Protocol.__init__, "stream")),
