@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 
 import h2.config
 import h2.connection
+import h2.events
 import trio
 
 from trio_launcher import EngineDeadError, EngineGenerateError
@@ -156,3 +157,25 @@ async def vanishing_h2_client(port: int, streams: int) -> None:
     with trio.move_on_after(0.02):
         await stream.receive_some(65536)
     await trio.aclose_forcefully(stream)  # gone, mid-response
+
+
+async def h2_read(
+    stream: trio.SocketStream,
+    conn: h2.connection.H2Connection,
+    statuses: dict[int, str],
+    flush: Callable[[], Awaitable[None]],
+    ended: dict[int, str] | None = None,
+) -> None:
+    """One read of an HTTP/2 client connection: each response's ``:status`` into
+    ``statuses`` and, with ``ended``, how each stream ended ("ended" or "reset");
+    then ``flush`` what the client queued (ACKs, window updates)."""
+    data = await stream.receive_some(65536)
+    assert data, "the server closed the HTTP/2 connection"
+    for event in conn.receive_data(data):
+        if isinstance(event, h2.events.ResponseReceived):
+            statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+        elif ended is not None and isinstance(event, h2.events.StreamEnded):
+            ended[event.stream_id] = "ended"
+        elif ended is not None and isinstance(event, h2.events.StreamReset):
+            ended[event.stream_id] = "reset"
+    await flush()

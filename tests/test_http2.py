@@ -12,6 +12,8 @@ import trio
 
 from trio_launcher.testing import running_server
 
+from .apps import h2_read
+
 BIG = 200_000  # more than the initial flow-control window (65,535): the end waits for it
 
 
@@ -78,6 +80,10 @@ async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on()
         conn.initiate_connection()
         statuses: dict[int, str] = {}
         ended: dict[int, str] = {}
+
+        async def flush() -> None:
+            await stream.send_all(conn.data_to_send())
+
         async with stream:
             with trio.fail_after(10):
                 for stream_id, path in (
@@ -94,17 +100,8 @@ async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on()
                         (":authority", "t"),
                     ]
                     conn.send_headers(stream_id, head, end_stream=True)
-                    await stream.send_all(conn.data_to_send())
+                    await flush()
                     while stream_id not in ended:
-                        data = await stream.receive_some(65536)
-                        assert data, "the server closed the connection"
-                        for event in conn.receive_data(data):
-                            if isinstance(event, h2.events.ResponseReceived):
-                                statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
-                            elif isinstance(event, h2.events.StreamEnded):
-                                ended[event.stream_id] = "ended"
-                            elif isinstance(event, h2.events.StreamReset):
-                                ended[event.stream_id] = "reset"
-                        await stream.send_all(conn.data_to_send())
+                        await h2_read(stream, conn, statuses, flush, ended)
     assert statuses == {1: "500", 3: "200", 5: "200", 7: "500", 9: "200"}
     assert ended == {1: "ended", 3: "reset", 5: "ended", 7: "ended", 9: "ended"}

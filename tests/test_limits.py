@@ -13,7 +13,6 @@ import logging
 import math
 import re
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from hypercorn.config import Config
 from trio_launcher import AppStartupError, ConfigError, serve_http
 from trio_launcher.testing import TLSFiles, running_server
 
+from .apps import h2_read
 from .bounds_apps import BoundsApp
 from .proc import launch, run_cli
 
@@ -535,7 +535,7 @@ async def test_trickling_body_on_one_http2_stream_gets_408_and_the_connection_li
             nursery.start_soon(trickle)
             with trio.fail_after(5):
                 while 1 not in statuses:
-                    await _h2_read(stream, conn, statuses, flush)
+                    await h2_read(stream, conn, statuses, flush)
                 took = elapsed_since(start)
                 conn.send_headers(
                     3,
@@ -544,7 +544,7 @@ async def test_trickling_body_on_one_http2_stream_gets_408_and_the_connection_li
                 )
                 await flush()
                 while 3 not in statuses:
-                    await _h2_read(stream, conn, statuses, flush)
+                    await h2_read(stream, conn, statuses, flush)
             nursery.cancel_scope.cancel()
         assert statuses == {1: "408", 3: "200"}
         assert 1.0 <= took < 2.5
@@ -675,7 +675,7 @@ async def test_only_a_body_still_arriving_gets_a_body_clock_over_http2() -> None
                 conn.send_data(3, b"hello", end_stream=True)
                 await flush()
                 while len(statuses) < 2:
-                    await _h2_read(stream, conn, statuses, flush)
+                    await h2_read(stream, conn, statuses, flush)
                 app.called = trio.Event()
                 conn.send_headers(5, head("POST", "/later"))
                 await flush()
@@ -683,23 +683,9 @@ async def test_only_a_body_still_arriving_gets_a_body_clock_over_http2() -> None
                 conn.send_data(5, b"hello", end_stream=True)
                 await flush()
                 while len(statuses) < 3:
-                    await _h2_read(stream, conn, statuses, flush)
+                    await h2_read(stream, conn, statuses, flush)
     assert statuses == {1: "200", 3: "200", 5: "200"}
     assert app.pending == {"/get": False, "/whole": False, "/later": True}
-
-
-async def _h2_read(
-    stream: trio.SocketStream,
-    conn: h2.connection.H2Connection,
-    statuses: dict[int, str],
-    flush: Callable[[], Awaitable[None]],
-) -> None:
-    data = await stream.receive_some(65536)
-    assert data, "the server closed the HTTP/2 connection"
-    for event in conn.receive_data(data):
-        if isinstance(event, h2.events.ResponseReceived):
-            statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
-    await flush()
 
 
 # --- 6. a client that leaves stops its work ---------------------------------------------
