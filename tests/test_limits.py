@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,101 @@ async def test_what_the_runner_answers_itself_needs_no_handler_task() -> None:
                     assert runners.count == 1
                 finally:
                     trio.lowlevel.remove_instrument(runners)
+
+
+class SpawnedConnections(trio.abc.Instrument):
+    """Counts the connection tasks the accept loop starts."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name == "trio_launcher._accept._run":
+            self.count += 1
+
+
+def connected(port: int, request: bytes) -> trio.SocketStream:
+    """A connection whose request is in the server's socket before the server can
+    accept it: a blocking connect and send, with no checkpoint between them."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(request)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def test_a_shed_request_is_answered_at_the_door_without_a_task() -> None:
+    """Under overload nearly every new connection is shed. Each one used to get a
+    connection task, a stream, a protocol and a parser before its 503; now the accept
+    loop answers it from the bytes it peeks at, with the very response the middleware
+    gives, and logs and counts it. The health path, the metrics path, a request with
+    its own X-Request-Id and what the limits refuse with 431 still take the ordinary
+    way."""
+    app = BoundsApp()
+    connections = SpawnedConnections()
+    access = AccessLines()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = access.logger
+    options: dict[str, Any] = {"health_path": "/health", "metrics_path": "/metrics"}
+    async with running_server(
+        app, config, limit_concurrency=1, max_header_count=3, **options
+    ) as server:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one_request, server.port, "/hold")
+                await app.entered.wait()  # the one slot is taken
+                trio.lowlevel.add_instrument(connections)
+                try:
+                    get = b"GET /x?q=1 HTTP/1.1\r\nhost: t\r\nuser-agent: door\r\n\r\n"
+                    shed = [connected(server.port, get) for _ in range(10)]
+                    shed.append(connected(server.port, get.replace(b"GET", b"HEAD")))
+                    answers = []
+                    for stream in shed:
+                        async with stream:  # the whole answer, to the close
+                            answer = b"".join([chunk async for chunk in stream])
+                            answers.append(answer.split(b"\r\n\r\n", 1))
+                    assert connections.count == 0
+                    ids = set()
+                    for head, body in answers:
+                        lines = head.split(b"\r\n")
+                        assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+                        fields = dict(line.split(b": ", 1) for line in lines[1:])
+                        assert fields[b"retry-after"] == b"1"
+                        assert fields[b"connection"] == b"close"
+                        assert fields[b"content-type"] == b"application/json"
+                        assert b"date" in fields
+                        ids.add(fields[b"x-request-id"])
+                        if body:
+                            assert json.loads(body)["error"]["type"] == "Overloaded"
+                    assert [bool(body) for _, body in answers] == [True] * 10 + [False]
+                    assert len(ids) == 11
+                    # The ordinary way: one connection task each.
+                    for path in (b"/health", b"/metrics"):
+                        stream = connected(
+                            server.port, b"GET %s HTTP/1.1\r\nhost: t\r\n\r\n" % path
+                        )
+                        async with stream:
+                            head, _ = await read_response(stream)
+                        assert head.startswith(b"HTTP/1.1 200 ")
+                    own_id = get.replace(b"host: t", b"host: t\r\nx-request-id: mine-1")
+                    async with connected(server.port, own_id) as stream:
+                        head, _ = await read_response(stream)
+                    assert head.startswith(b"HTTP/1.1 503 ")
+                    assert b"x-request-id: mine-1\r\n" in head
+                    many = get.replace(b"host: t", b"host: t\r\na: 1\r\nb: 2\r\nc: 3")
+                    async with connected(server.port, many) as stream:
+                        head, _ = await read_response(stream)
+                    assert head.startswith(b"HTTP/1.1 431 ")
+                    assert connections.count == 4
+                finally:
+                    trio.lowlevel.remove_instrument(connections)
+                app.release.set()
+        assert server.handle.in_flight == 0
+        metrics = (await server.client.get("/metrics")).text
+    assert "trio_launcher_requests_shed_total 12.0" in metrics
+    assert 'http_response_status_code="503"' in metrics
+    shed_lines = [line for line in access.lines if '/x 1.1" 503 ' in line]
+    assert len(shed_lines) == 12
+    assert all(line.endswith('"door"') for line in shed_lines)
 
 
 async def test_limit_counts_requests_not_connections() -> None:

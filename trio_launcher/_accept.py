@@ -18,6 +18,12 @@ RSS growth of 9.5-19.2 MiB (median 17.3, five runs) where 256 a round gave
 19.5-28.6 MiB (median 20.7; BENCHMARKS.md). A round's own cost, an epoll
 wait, is small next to 64 connections' work.
 
+While the server sheds load, a ``door`` (``_door``) may answer a new plain-TCP
+connection's request with its 503 at once, without a task: those cost a few
+system calls each, so a round takes up to ``TURN_AWAY_BURST`` of them besides
+its ``BURST`` connections, and a burst of refused clients leaves the backlog
+in tens of milliseconds instead of half a second.
+
 The connection's task gets the stream and closes it when it is done, as in
 trio. Capacity errors (EMFILE and friends: out of descriptors or memory) are
 logged as one line, without a traceback, and retried after ``RETRY`` s;
@@ -33,13 +39,14 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import trio
 
 log = logging.getLogger("trio_launcher")
 
 BURST = 64  # connections accepted in one scheduler round, at most (see below)
+TURN_AWAY_BURST = 512  # connections the door answers in one round, at most (see below)
 RETRY = 0.1  # seconds to wait after a capacity error, as trio does
 
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -61,16 +68,28 @@ class TLSContext(Protocol):
     ) -> ssl.SSLObject: ...
 
 
+class Door(Protocol):
+    """Turns away, before it has a task, a new connection whose request would be shed
+    (``_door.Door``)."""
+
+    def shedding(self) -> bool: ...
+
+    async def turn_away(self, sock: socket.socket, client: Any) -> bool: ...
+
+
 async def serve_listening(
     listening: Sequence[tuple[socket.socket, TLSContext | None]],
     handler: Handler,
     connections: trio.Nursery,
+    door: Door | None = None,
 ) -> NoReturn:
     """Accept on every ``(socket, tls)`` pair until cancelled; each connection is a
-    task ``handler(stream)`` in ``connections``. Closes the sockets when it ends."""
+    task ``handler(stream)`` in ``connections``, unless ``door`` turns it away (plain
+    TCP only, while it sheds). Closes the sockets when it ends."""
     async with trio.open_nursery() as nursery:
         for sock, tls in listening:
-            nursery.start_soon(_accept_loop, sock, tls, handler, connections)
+            door_here = door if tls is None else None
+            nursery.start_soon(_accept_loop, sock, tls, handler, connections, door_here)
     raise AssertionError("the accept loops never return")  # pragma: no cover
 
 
@@ -79,14 +98,16 @@ async def _accept_loop(
     tls: TLSContext | None,
     handler: Handler,
     connections: trio.Nursery,
+    door: Door | None,
 ) -> NoReturn:
     sock.setblocking(False)
     try:
         while True:
             await trio.lowlevel.wait_readable(sock)
-            for _ in range(BURST):
+            spawned = turned_away = 0
+            while spawned < BURST and turned_away < TURN_AWAY_BURST:
                 try:
-                    raw, _ = sock.accept()
+                    raw, client = sock.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
@@ -102,6 +123,10 @@ async def _accept_loop(
                     )
                     await trio.sleep(RETRY)
                     break
+                if door is not None and door.shedding() and await door.turn_away(raw, client):
+                    turned_away += 1
+                    continue
+                spawned += 1
                 stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
                 if tls is not None:
                     stream = trio.SSLStream(

@@ -242,6 +242,39 @@ class RunnerMiddleware:
             return True
         return self._answered_here(scope, method, path)
 
+    def shedding(self) -> bool:
+        """True while every new HTTP request is shed: the concurrency limit is reached."""
+        limit = self.bounds.limit_concurrency
+        return limit is not None and len(self.in_flight.requests) >= limit
+
+    def shed_at_door(
+        self, method: str, path: str, header_count: int, head_size: int
+    ) -> tuple[bytes, bytes | None] | None:
+        """A request met before any protocol exists (``_door``): if it is shed now, count
+        it as shed and return its 503's JSON body and a new request id (or None).
+
+        None: serve it the ordinary way: not shedding, the health or metrics path
+        (exempt), or a head the limits may refuse with 431 first (``head_size``, the
+        whole head's bytes, is at least what ``_over_limit`` counts)."""
+        limit = self.bounds.limit_concurrency
+        if limit is None or len(self.in_flight.requests) < limit:
+            return None
+        if method in ("GET", "HEAD") and path in (self.health_path, self.metrics_path):
+            return None
+        limits = self.limits
+        if (limits.max_header_count is not None and header_count > limits.max_header_count) or (
+            limits.max_head_size is not None and head_size > limits.max_head_size
+        ):
+            return None
+        self.in_flight.shed += 1
+        recorder().request_shed()
+        if self.metrics is not None:
+            self.metrics.requests.finished(method, 503, None, 0.0)
+        request_id = None
+        if self.request_ids is not None:
+            request_id = self.request_ids.assign({"headers": (), "state": {}})[1]
+        return self._shed_body_for(limit), request_id
+
     def _answered_here(self, scope: Scope, method: str, path: str) -> bool:
         """Shed, the health path, or over the head limits: ``_answer`` answers it."""
         limit = self.bounds.limit_concurrency
@@ -292,13 +325,16 @@ class RunnerMiddleware:
 
     async def _shed(self, scope: Scope, send: Send, limit: int) -> None:
         """503 at once; on HTTP/1.x the connection closes too (it frees the most memory)."""
+        await send_retry_later(send, scope, self._shed_body_for(limit))
+
+    def _shed_body_for(self, limit: int) -> bytes:
         body = self._shed_body
         if body is None:
             message = f"{limit} requests in flight, the limit; retry later"
             body = self._shed_body = json.dumps(
                 {"error": {"type": "Overloaded", "message": message}}
             ).encode()
-        await send_retry_later(send, scope, body)
+        return body
 
     def _over_limit(self, scope: Scope) -> str | None:
         headers = scope.get("headers") or ()

@@ -176,6 +176,16 @@ class _DefaultHeaders:
         return self.block
 
 
+def default_headers(config: Config) -> bytes:
+    """The header lines every response of ``config`` carries (date, server, alt-svc)."""
+    return _DefaultHeaders.for_config(config).get()
+
+
+def status_line(status: int) -> bytes:
+    """``HTTP/1.1 503 Service Unavailable\r\n``."""
+    return _STATUS.get(status) or b"HTTP/1.1 %d \r\n" % status
+
+
 def error_response(status: int, defaults: bytes) -> bytes:
     """A body-less response that closes the connection (for refusals and timeouts)."""
     return _STATUS[status] + b"content-length: 0\r\nconnection: close\r\n" + defaults + b"\r\n"

@@ -39,6 +39,7 @@ import trio
 from ._asgi import ENGINE_ERRORS, Limits, RunnerMiddleware, StartingGate, describe_routes
 from ._bounds import Bounds, ClientGoneStatus
 from ._control import Control, StopReason, outcome_of
+from ._door import Door
 from ._engine_task import engine_slot
 from ._errors import ConfigError, EngineDeadError, OptionError, readable_errors
 from ._glue import install_glue
@@ -246,6 +247,7 @@ async def serve_http(
                     opts.http1_protocol,
                     opts.header_timeout,
                     middleware.answers_itself,
+                    Door(config, middleware) if opts.limit_concurrency is not None else None,
                 )
                 if opts.engine_task is None or await control.start_engine_then_app(
                     nursery, opts.engine_task, opts, urls
@@ -291,6 +293,7 @@ async def _run_server(
     http: str,
     header_timeout: float,
     answers_itself: Callable[[dict[str, Any]], bool],
+    door: Door | None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -307,6 +310,7 @@ async def _run_server(
             http=http,
             header_timeout=header_timeout,
             answers_itself=answers_itself,
+            door=door,
             on_max_requests=on_max_requests,
             on_drain_deadline=control.on_drain_deadline,
             app_start=control.app_start if control.has_engine_task else None,

@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from ._accept import TLSContext, serve_listening
+from ._accept import Door, TLSContext, serve_listening
 from ._errors import AppStartupError
 from ._hypercorn import (
     AppWrapper,
@@ -75,6 +75,7 @@ async def serve_sockets(
     http: str = "httptools",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     answers_itself: Callable[[dict[str, Any]], bool] | None = None,
+    door: Door | None = None,
     on_max_requests: Callable[[], None] | None = None,
     on_drain_deadline: Callable[[float], None] | None = None,
     app_start: AppStart | None = None,
@@ -137,7 +138,9 @@ async def serve_sockets(
             handler = recorder().connection_handler(handler)
             task_status.started(urls)
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(serve_listening, listening, handler, connections)
+                if transport != "lean":
+                    door = None
+                accepting.start_soon(serve_listening, listening, handler, connections, door)
                 stop = on_max_requests or drain.set
                 accepting.start_soon(_drain_on_max_requests, context, stop)
                 if app_start is not None:

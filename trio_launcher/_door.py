@@ -1,0 +1,146 @@
+"""Turning a shed request away at the door: its 503 before the connection has a task.
+
+Under overload (``limit_concurrency`` reached) nearly every new connection
+carries a request that the runner's middleware sheds. Served the ordinary
+way, each one cost a task, a socket stream, a protocol with its parser and a
+trip through the middleware, about 0.77 million instructions (BENCHMARKS.md):
+a burst of 2000 refused clients kept the server busy for half a second, a
+health probe that connected during it waited behind all of it, and every
+refused connection held its objects until its turn came.
+
+So while the server sheds, the accept loop asks the door about each new
+plain-TCP connection. The door *peeks* at the bytes already waiting. If they
+hold a whole HTTP/1.x request head that the middleware would shed
+(``RunnerMiddleware.shed_at_door``: not the health or metrics path, not a head
+the limits would refuse with 431 first), the door reads them, writes the 503
+the middleware would (``Retry-After``, the JSON body, a new request id,
+``Connection: close``), counts and logs it like any other response, and closes
+the socket: a few system calls, and no task, stream or protocol is made.
+
+Everything else takes the ordinary way, where the middleware sheds it as
+before: TLS and HTTP/2 (the bytes are no HTTP/1.x head), a head not all there
+yet or longer than ``PEEK``, an ``Upgrade`` or an ``X-Request-Id`` of its own
+(to be kept and echoed), a target that is not a plain path (the middleware
+compares the decoded path).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Protocol
+
+from ._bounds import RETRY_AFTER
+from ._http1 import default_headers, status_line
+from ._hypercorn import Config
+from ._logging import REQUEST_ID_HEADER
+
+PEEK = 8192  # bytes of a head the door looks at; a longer head takes the ordinary way
+TAKE = 65536  # bytes read before the close (what the client sent with its request)
+
+_VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # (Linux, macOS; elsewhere: no door)
+
+
+class Shedder(Protocol):
+    """What the door asks of the runner's middleware."""
+
+    def shedding(self) -> bool: ...
+
+    def shed_at_door(
+        self, method: str, path: str, header_count: int, head_size: int
+    ) -> tuple[bytes, bytes | None] | None: ...
+
+
+class Door:
+    """Answers a new connection's request with the 503 it would get anyway, or lets
+    it in (see the module docstring).
+
+    Args:
+        config: the server's config (default headers, the access log).
+        shedder: the runner's middleware.
+    """
+
+    def __init__(self, config: Config, shedder: Shedder) -> None:
+        self.config = config
+        self.shedding = shedder.shedding
+        self._shed = shedder.shed_at_door
+
+    async def turn_away(self, sock: socket.socket, client: Any) -> bool:
+        """Answer ``sock``'s request with 503 and close it, if it is shed; False: serve
+        it (``sock`` is untouched)."""
+        if not _DONTWAIT:
+            return False
+        start = time.time()
+        try:
+            head = sock.recv(PEEK, socket.MSG_PEEK | _DONTWAIT)
+        except OSError:
+            return False  # nothing there yet, or gone: the ordinary way sees to it
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        line, _, fields = head[:end].partition(b"\r\n")
+        words = line.split(b" ")
+        if len(words) != 3 or words[2] not in _VERSIONS:
+            return False
+        method, target, version = words
+        path, _, query = target.partition(b"?")
+        if not (method.isalpha() and path[:1] == b"/" and path.isascii()) or b"%" in path:
+            return False
+        lowered = fields.lower()
+        if b"upgrade:" in lowered or b"x-request-id:" in lowered:
+            return False
+        count = fields.count(b"\r\n") + 1 if fields else 0
+        answer = self._shed(method.decode(), path.decode(), count, end + 4)
+        if answer is None:
+            return False
+        body, request_id = answer
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"retry-after", RETRY_AFTER),
+            (b"connection", b"close"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        if request_id is not None:
+            headers.append((REQUEST_ID_HEADER, request_id))
+        response = b"%s%s%s\r\n" % (
+            status_line(503),
+            b"".join(b"%s: %s\r\n" % header for header in headers),
+            default_headers(self.config),
+        )
+        if method != b"HEAD":
+            response += body
+        try:
+            sock.recv(TAKE, _DONTWAIT)  # read: the close then sends a FIN, not a reset
+            sock.send(response, _DONTWAIT)  # (a new connection's buffer holds it)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client left: nothing to say to it
+        finally:
+            sock.close()
+        log = self.config.log
+        if log.access_logger is not None:
+            scope = {
+                "type": "http",
+                "http_version": _VERSIONS[version],
+                "scheme": "http",
+                "method": method.decode(),
+                "path": path.decode(),
+                "raw_path": path,
+                "query_string": query,
+                "root_path": self.config.root_path,
+                "headers": _header_list(fields),
+                "client": tuple(client[:2]) if isinstance(client, tuple) else None,
+                "server": None,
+            }
+            response_summary = {"status": 503, "headers": headers}
+            await log.access(scope, response_summary, time.time() - start)  # type: ignore[arg-type]
+        return True
+
+
+def _header_list(fields: bytes) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for line in fields.split(b"\r\n") if fields else ():
+        name, _, value = line.partition(b":")
+        headers.append((name.strip().lower(), value.strip()))
+    return headers
