@@ -28,6 +28,7 @@ import trio.testing
 from hypercorn.config import Config
 
 from trio_launcher import AppStartupError, ConfigError, serve_http
+from trio_launcher._door import plain_head
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import h2_read
@@ -944,3 +945,24 @@ async def test_stock_transport_logs_499_for_a_client_that_left() -> None:
                 await trio.sleep(0.01)
     line = next(li for li in access.lines if "/upload" in li)
     assert " 499 " in line
+
+
+@pytest.mark.parametrize(
+    ("data", "answered"),
+    [
+        (b"GET /a?b=1 HTTP/1.1\r\nhost: t\r\n\r\n", True),
+        (b"HEAD / HTTP/1.0\r\n\r\n", True),
+        (b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc", True),
+        (b"GET /a HTTP/1.1\r\nhost: t\r\n", False),  # the head is still arriving
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", False),  # HTTP/2: its own framing
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", False),  # TLS
+        (b"GET http://t/a HTTP/1.1\r\nhost: t\r\n\r\n", False),  # absolute form
+        (b"GET /%68ealth HTTP/1.1\r\nhost: t\r\n\r\n", False),  # decoded, it may be exempt
+        (b"GET /a HTTP/1.1\r\nhost: t\r\nUpgrade: websocket\r\n\r\n", False),
+        (b"GET /a HTTP/1.1\r\nhost: t\r\nX-Request-ID: mine\r\n\r\n", False),  # echo it
+        (b"GET  /a HTTP/1.1\r\n\r\n", False),
+        (b"G-T /a HTTP/1.1\r\n\r\n", False),
+    ],
+)
+def test_the_door_answers_only_a_plain_whole_http1_head(data: bytes, answered: bool) -> None:
+    assert (plain_head(data) is not None) is answered

@@ -76,22 +76,13 @@ class Door:
             head = sock.recv(PEEK, socket.MSG_PEEK | _DONTWAIT)
         except OSError:
             return False  # nothing there yet, or gone: the ordinary way sees to it
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
+        request = plain_head(head)
+        if request is None:
             return False
-        line, _, fields = head[:end].partition(b"\r\n")
-        words = line.split(b" ")
-        if len(words) != 3 or words[2] not in _VERSIONS:
-            return False
-        method, target, version = words
-        path, _, query = target.partition(b"?")
-        if not (method.isalpha() and path[:1] == b"/" and path.isascii()) or b"%" in path:
-            return False
-        lowered = fields.lower()
-        if b"upgrade:" in lowered or b"x-request-id:" in lowered:
-            return False
+        method, path, query, version, fields = request
         count = fields.count(b"\r\n") + 1 if fields else 0
-        answer = self._shed(method.decode(), path.decode(), count, end + 4)
+        size = len(method) + len(path) + len(query) + len(fields) + 16  # (at least)
+        answer = self._shed(method.decode(), path.decode(), count, size)
         if answer is None:
             return False
         body, request_id = answer
@@ -136,6 +127,26 @@ class Door:
             response_summary = {"status": 503, "headers": headers}
             await log.access(scope, response_summary, time.time() - start)  # type: ignore[arg-type]
         return True
+
+
+def plain_head(data: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
+    """``(method, path, query, version, header lines)`` if ``data`` starts with a whole
+    HTTP/1.x request head the door may answer, else None (the ordinary way decides)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    line, _, fields = data[:end].partition(b"\r\n")
+    words = line.split(b" ")
+    if len(words) != 3 or words[2] not in _VERSIONS:
+        return None
+    method, target, version = words
+    path, _, query = target.partition(b"?")
+    if not (method.isalpha() and path[:1] == b"/" and path.isascii()) or b"%" in path:
+        return None
+    lowered = fields.lower()
+    if b"upgrade:" in lowered or b"x-request-id:" in lowered:
+        return None
+    return method, path, query, version, fields
 
 
 def _header_list(fields: bytes) -> list[tuple[bytes, bytes]]:
