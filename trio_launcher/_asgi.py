@@ -211,8 +211,22 @@ class RunnerMiddleware:
                     # Nothing to bound: no cancel scope (entering one costs more than
                     # the rest of this middleware; hello world pays nothing for it).
                     await self._call_guarded(scope, receive, ex.send, ex)
-            elif body_bound or timed:
+            elif body_bound:
                 await self._call_lent(scope, receive, ex, key, cancel, body_bound)
+            elif timed:  # the request deadline alone: ``_call_lent``, inline (one level fewer)
+                deadlines = self.deadlines
+                ex.deadlines, ex.key = deadlines, key
+                deadlines.armed[key] = (deadlines.now() + deadlines.timeout, cancel)
+                ended: BaseException | None = None
+                try:
+                    try:
+                        await self.app(scope, receive, ex.send)
+                    except BaseException as exc:
+                        await self._app_failed(scope, ex, exc)
+                except BaseException as exc:  # held until the cut request is answered
+                    ended = exc
+                if ended is not None or not ex.status or deadlines.fired:
+                    await self._settle_lent(scope, ex, key, None, ended)
             else:
                 try:  # _call_guarded, inline: the hello-world path, one level fewer
                     await self.app(scope, receive, ex.send)
@@ -376,6 +390,19 @@ class RunnerMiddleware:
                 await self._app_failed(scope, ex, exc)
         except BaseException as exc:  # held until the cut request is answered
             ended = exc
+        await self._settle_lent(scope, ex, key, body, ended)
+
+    async def _settle_lent(
+        self,
+        scope: Scope,
+        ex: Exchange,
+        key: int,
+        body: BodyClock | None,
+        ended: BaseException | None,
+    ) -> None:
+        """After the app, under lent bounds: disarm, answer a request a bound cut (504 or
+        408), then raise what the app ended with (``ended``), if anything."""
+        deadlines = ex.deadlines
         ex.on_start = ex.deadlines = None
         late = False
         if deadlines is not None:
