@@ -104,7 +104,6 @@ class Door:
         try:
             sock.recv(TAKE, _DONTWAIT)  # read: the close then sends a FIN, not a reset
             sock.send(response, _DONTWAIT)  # (a new connection's buffer holds it)
-            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the client left: nothing to say to it
         finally:
