@@ -22,7 +22,9 @@ While the server sheds load, a ``door`` (``_door``) may answer a new plain-TCP
 connection's request with its 503 at once, without a task: those cost a few
 system calls each, so a round takes up to ``TURN_AWAY_BURST`` of them besides
 its ``BURST`` connections, and a burst of refused clients leaves the backlog
-in tens of milliseconds instead of half a second.
+in tens of milliseconds instead of half a second. A connection the door lets
+in meanwhile (a health probe, a head not all there yet) ends the round, so
+that its task runs before the door answers the rest of the burst.
 
 The connection's task gets the stream and closes it when it is done, as in
 trio. Capacity errors (EMFILE and friends: out of descriptors or memory) are
@@ -123,9 +125,12 @@ async def _accept_loop(
                     )
                     await trio.sleep(RETRY)
                     break
-                if door is not None and door.shedding() and await door.turn_away(raw, client):
-                    turned_away += 1
-                    continue
+                let_in = False
+                if door is not None and door.shedding():
+                    if await door.turn_away(raw, client):
+                        turned_away += 1
+                        continue
+                    let_in = True  # (a health probe, say): its task runs before the rest
                 spawned += 1
                 stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
                 if tls is not None:
@@ -136,6 +141,8 @@ async def _accept_loop(
                         https_compatible=True,
                     )
                 connections.start_soon(_run, handler, stream)
+                if let_in:
+                    break
     finally:
         sock.close()
 
