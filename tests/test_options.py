@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 
 import pytest
+import trio
 from hypercorn.config import Config
 
 from tests.apps import App
-from trio_launcher import OptionError, ServeOptions
+from trio_launcher import ConfigError, OptionError, ServeOptions, serve_http
 from trio_launcher._cli import main
 from trio_launcher._options import ServeKwargs, option_flags
 from trio_launcher.testing import running_server
@@ -87,3 +89,20 @@ def test_cli_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["trio-launcher: error: --health-path must start with '/', got 'health'"]
+
+
+@pytest.mark.parametrize(
+    ("app", "needle"),
+    [
+        (42, "app must be an ASGI application (a callable), got int"),
+        ("main:app", "app must be an ASGI application (a callable), got str"),
+    ],
+)
+async def test_an_app_that_is_not_callable_is_a_config_error_before_serving(
+    app: object, needle: str
+) -> None:
+    """It used to be served: the port listened, and every request got a 500."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    with trio.fail_after(10), pytest.raises(ConfigError, match=re.escape(needle)):
+        await serve_http(app, config, handle_signals=False)

@@ -149,6 +149,9 @@ async def serve_http(
         ConfigError: a bad argument (``OptionError`` names the option).
     """
     opts = build_options(options, kwargs)
+    if not callable(app):  # (else it is served, and every request gets a 500)
+        got = type(app).__name__
+        raise ConfigError(f"app must be an ASGI application (a callable), got {got} {app!r:.60}")
     config = _prepare_config(config)
     if opts.handle_signals and threading.current_thread() is not threading.main_thread():
         raise OptionError("handle_signals", "needs the main thread; pass handle_signals=False")
