@@ -65,6 +65,8 @@ class Door:
         self.config = config
         self.shedding = shedder.shedding
         self._shed = shedder.shed_at_door
+        self._body = b""
+        self._head = b""
 
     async def turn_away(self, sock: socket.socket, client: Any) -> bool:
         """Answer ``sock``'s request with 503 and close it, if it is shed; False: serve
@@ -92,15 +94,19 @@ class Door:
             (b"connection", b"close"),
             (b"content-length", b"%d" % len(body)),
         ]
+        if body is not self._body:  # (the same body every time: its head is made once)
+            self._body = body
+            self._head = status_line(503) + b"".join(b"%s: %s\r\n" % h for h in headers)
+        line = b""
         if request_id is not None:
             headers.append((REQUEST_ID_HEADER, request_id))
-        response = b"%s%s%s\r\n" % (
-            status_line(503),
-            b"".join(b"%s: %s\r\n" % header for header in headers),
+            line = b"%s: %s\r\n" % (REQUEST_ID_HEADER, request_id)
+        response = b"%s%s%s\r\n%s" % (
+            self._head,
+            line,
             default_headers(self.config),
+            b"" if method == b"HEAD" else body,
         )
-        if method != b"HEAD":
-            response += body
         try:
             sock.recv(TAKE, _DONTWAIT)  # read: the close then sends a FIN, not a reset
             sock.send(response, _DONTWAIT)  # (a new connection's buffer holds it)
