@@ -105,3 +105,38 @@ async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on()
                         await h2_read(stream, conn, statuses, flush, ended)
     assert statuses == {1: "500", 3: "200", 5: "200", 7: "500", 9: "200"}
     assert ended == {1: "ended", 3: "reset", 5: "ended", 7: "ended", 9: "ended"}
+
+
+def test_the_encoder_cache_writes_what_hpack_writes() -> None:
+    """The encoder's cache of fields sent as table indexes (``_never_index``) gives the
+    same bytes as hpack's own encoder, block after block: across new dates and
+    lengths, evictions (a small table), a resize from the peer's settings, huffman
+    off, and sensitive headers; and a decoder reads them back."""
+    import hpack
+
+    from trio_launcher._hypercorn import _never_index
+
+    plain, cached, decoder = hpack.Encoder(), hpack.Encoder(), hpack.Decoder()
+    _never_index(cached, frozenset((b"x-request-id",)))
+    for encoder in (plain, cached):
+        encoder.header_table_size = 300  # a few entries: additions evict
+    decoder.header_table_size = 300
+    for i in range(200):
+        if i == 120:
+            for encoder in (plain, cached):
+                encoder.header_table_size = 120  # the peer's SETTINGS_HEADER_TABLE_SIZE
+        block = [
+            (b":status", b"200" if i % 7 else b"404"),
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"%d" % (i % 5)),
+            (b"date", b"second %d" % (i // 10)),
+            (b"server", b"hypercorn-h2"),
+            (b"authorization", b"secret") if i % 3 else (b"vary", b"accept"),
+        ]
+        huffman = i % 11 != 0
+        ours = cached.encode(block, huffman)
+        assert ours == plain.encode(block, huffman), i
+        assert decoder.decode(ours, raw=True) == block
+        ids = [(b"x-request-id", b"id-%d" % i)]
+        assert decoder.decode(cached.encode(ids), raw=True) == ids
+    assert b"x-request-id" not in [name for name, _ in cached.header_table.dynamic_entries]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -51,6 +52,7 @@ from hypercorn.utils import (
 )
 
 _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
+_HPACK_LOG = logging.getLogger("hpack.hpack")  # hpack's encoder logs here (see _never_index)
 
 __all__ = [
     "CONTRACT",
@@ -314,7 +316,8 @@ def _drop_late_data(connection: Any, events: list[Any], live: Iterable[int]) -> 
 
 
 def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
-    """HPACK: never add a header named in ``names`` to the dynamic table.
+    """HPACK: never add a header named in ``names`` to the dynamic table; and remember
+    the fields that went out as table indexes.
 
     An id that changes with every response would evict the headers that do
     repeat (date, server, content-type) and leave a table of ids that every
@@ -323,13 +326,39 @@ def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
     made here, in the encoder. The value goes out as a raw literal: hpack's
     Huffman coder is pure Python, and coding 15 bytes cost more (about 100k
     instructions) than the rest of the response's headers together.
+
+    Most of a response's other headers (status, content-type, server, the
+    date within its second) are in the table already, and hpack finds each by
+    a scan of the dynamic table, logging twice on the way, to write an index
+    of a byte or two. What ``add`` returned for a header that left the table
+    as it was is kept, keyed by the header, and is valid for as long as the
+    table stays the same: any change (an entry added, entries evicted by a
+    resize) comes with a new first entry or a new length, and empties the
+    cache. Off while hpack's logger says DEBUG (its lines stay complete).
     """
     add = encoder.add
+    entries = encoder.header_table.dynamic_entries  # (a deque: new entries go in at the left)
+    cache: dict[tuple[bytes, bytes], bytes] = {}
+    table: list[Any] = [0, None]  # the length and first entry the cache was made for
 
     def add_header(to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
         if to_add[0] in names:  # and as a raw literal: hpack's Huffman coder is pure Python
             return add(to_add, True, False)  # type: ignore[no-any-return]
-        return add(to_add, sensitive, huffman)  # type: ignore[no-any-return]
+        if sensitive or not huffman or _HPACK_LOG.isEnabledFor(logging.DEBUG):
+            return add(to_add, sensitive, huffman)  # type: ignore[no-any-return]
+        size = len(entries)
+        first = entries[0] if size else None
+        if size == table[0] and first is table[1]:
+            encoded: bytes | None = cache.get(to_add)
+            if encoded is not None:
+                return encoded
+        else:
+            cache.clear()
+            table[0], table[1] = size, first
+        encoded = add(to_add, False, True)
+        if len(entries) == size and (entries[0] if size else None) is first:
+            cache[to_add] = encoded  # the table is as it was: an index (or the same literal)
+        return encoded
 
     encoder.add = add_header
 
@@ -388,6 +417,16 @@ def _encoder_adds_each_header() -> bool:
     return "self.add(" in inspect.getsource(Encoder.encode)
 
 
+def _table_adds_at_the_left() -> bool:
+    import hpack.hpack
+    from hpack.table import HeaderTable
+
+    return (
+        "self.dynamic_entries.appendleft(" in inspect.getsource(HeaderTable.add)
+        and hpack.hpack.log is _HPACK_LOG
+    )
+
+
 def _has(owner: Any, *names: str) -> Callable[[], bool]:
     return lambda: all(hasattr(owner, name) for name in names)
 
@@ -415,6 +454,11 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
     (
         "hpack.Encoder.encode calls self.add per header (guard_h2's never_indexed)",
         _encoder_adds_each_header,
+    ),
+    (
+        "hpack.HeaderTable.dynamic_entries (a deque; add puts entries in at the left) and"
+        " the 'hpack.hpack' logger (guard_h2's encoder cache)",
+        _table_adds_at_the_left,
     ),
     (
         "hypercorn.protocol.h2.H2Protocol.streams (the live streams, by id)",
