@@ -9,6 +9,8 @@ import h2.connection
 import h2.events
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_launcher.testing import running_server
 
@@ -140,3 +142,66 @@ def test_the_encoder_cache_writes_what_hpack_writes() -> None:
         ids = [(b"x-request-id", b"id-%d" % i)]
         assert decoder.decode(cached.encode(ids), raw=True) == ids
     assert b"x-request-id" not in [name for name, _ in cached.header_table.dynamic_entries]
+
+
+_NAMES = [
+    b":status", b":path", b":authority", b":custom", b"te", b"TE", b"connection", b"keep-alive",
+    b"Content-Type", b" server ", b"authorization", b"cookie", b"x-id", b"", b"date",
+]  # fmt: skip
+_VALUES = [b"200", b"103", b"trailers", b"Trailers", b"gzip", b" v ", b"", b"a" * 25, b"ok"]
+
+
+def _h2_outbound(headers: list[Any], trailers: bool) -> list[Any]:
+    from h2.utilities import (
+        HeaderValidationFlags,
+        normalize_outbound_headers,
+        utf8_encode_headers,
+        validate_outbound_headers,
+    )
+
+    flags = HeaderValidationFlags(False, trailers, not trailers, False)
+    normalized = normalize_outbound_headers(utf8_encode_headers(headers), flags)
+    return list(validate_outbound_headers(normalized, flags))
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES), st.integers(0, 3)),
+        max_size=7,
+    ),
+    st.booleans(),
+)
+@settings(max_examples=1000, deadline=None)
+def test_our_outbound_header_check_is_h2s(
+    raw: list[tuple[bytes, bytes, int]], trailers: bool
+) -> None:
+    """``outbound_headers`` (h2's outbound checks in one loop, on for every HTTP/2
+    response) gives what h2's normalize + validate give, and fails where they fail:
+    names lowercased and stripped, connection headers dropped, secrets never indexed,
+    te, pseudo-headers (known, once, first, :status in a response, none in trailers)."""
+    import hpack
+    from h2.exceptions import ProtocolError
+
+    from trio_launcher._hypercorn import outbound_headers
+
+    def made(name: bytes, value: bytes, kind: int) -> Any:
+        if kind == 1:
+            return hpack.HeaderTuple(name, value)
+        if kind == 2:
+            return hpack.NeverIndexedHeaderTuple(name, value)
+        return (name.decode(), value.decode()) if kind == 3 else (name, value)
+
+    headers = [made(name, value, kind) for name, value, kind in raw]
+    expected: Any
+    try:
+        expected = _h2_outbound(headers, trailers)
+    except (ProtocolError, IndexError) as exc:
+        expected = type(exc)
+    ours: Any
+    try:
+        ours = outbound_headers(headers, trailers=trailers)
+    except (ProtocolError, IndexError) as exc:
+        ours = type(exc)
+    assert ours == expected
+    if isinstance(expected, list):
+        assert [type(h) for h in ours] == [type(h) for h in expected]

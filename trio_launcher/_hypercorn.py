@@ -30,7 +30,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.stream
+import h2.utilities
 import trio
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
@@ -221,7 +223,131 @@ def guard_h2(
         _never_index(connection.encoder, never_indexed)
     _end_with_last_data(inner)
     _reset_cut_streams(inner)
+    _check_outbound_in_one_pass(connection)
     return True
+
+
+def _check_outbound_in_one_pass(connection: Any) -> None:
+    """h2's checks of the header blocks we send, made in one pass (:func:`outbound_headers`).
+
+    h2 normalizes and validates every header block it sends through a chain of
+    nine generators: nine generator steps for each header of each response.
+    Here its two flags are off for this connection (its own configuration
+    object), and ``send_headers`` (responses, informational responses,
+    trailers) makes the same checks in one loop first. A push promise goes
+    through h2's own two functions, with the flags h2 would give it.
+    """
+    config = connection.config
+    config.normalize_outbound_headers = False
+    config.validate_outbound_headers = False
+    streams = connection.streams
+    send_headers = connection.send_headers
+    push_stream = connection.push_stream
+
+    def checked_send_headers(
+        stream_id: int, headers: Any, end_stream: bool = False, *args: Any, **kwargs: Any
+    ) -> None:
+        stream = streams.get(stream_id)
+        trailers = stream is not None and bool(stream.state_machine.headers_sent)
+        checked = outbound_headers(
+            headers, trailers=trailers, split_cookies=config.split_outbound_cookies
+        )
+        send_headers(stream_id, checked, end_stream, *args, **kwargs)
+
+    def checked_push_stream(stream_id: int, promised_stream_id: int, request_headers: Any) -> None:
+        flags = h2.utilities.HeaderValidationFlags(
+            is_client=False, is_trailer=False, is_response_header=False, is_push_promise=True
+        )
+        headers = h2.utilities.utf8_encode_headers(request_headers)
+        normalized = h2.utilities.normalize_outbound_headers(
+            headers, flags, config.split_outbound_cookies
+        )
+        push_stream(
+            stream_id,
+            promised_stream_id,
+            list(h2.utilities.validate_outbound_headers(normalized, flags)),
+        )
+
+    connection.send_headers = checked_send_headers
+    connection.push_stream = checked_push_stream
+
+
+_CONNECTION_HEADERS = h2.utilities.CONNECTION_HEADERS
+_SECURE_HEADERS = h2.utilities._SECURE_HEADERS
+_PSEUDO_HEADERS = h2.utilities._ALLOWED_PSEUDO_HEADER_FIELDS
+_REQUEST_ONLY_HEADERS = h2.utilities._REQUEST_ONLY_HEADERS
+
+
+def outbound_headers(headers: Any, *, trailers: bool, split_cookies: bool = False) -> list[Any]:
+    """A response's (or trailers') header block, normalized and validated as h2 does it.
+
+    h2's ``normalize_outbound_headers`` (names lowercased, names and values
+    stripped, connection-specific headers dropped, ``authorization`` and short
+    cookies never indexed) then its ``validate_outbound_headers`` for a server's
+    response or trailers (``te`` only "trailers"; pseudo-headers known, first,
+    once, ``:status`` there and no request-only one; none in trailers), one
+    header at a time in the same order, so the same header fails first.
+
+    Raises:
+        h2.exceptions.ProtocolError: as h2 raises it.
+    """
+    if split_cookies:  # (hypercorn never asks for it): h2's own generators
+        flags = h2.utilities.HeaderValidationFlags(
+            is_client=False,
+            is_trailer=trailers,
+            is_response_header=not trailers,
+            is_push_promise=False,
+        )
+        normalized = h2.utilities.normalize_outbound_headers(
+            h2.utilities.utf8_encode_headers(headers), flags, True
+        )
+        return list(h2.utilities.validate_outbound_headers(normalized, flags))
+    checked: list[Any] = []
+    pseudo: set[bytes] = set()
+    regular = False
+    for header in headers:
+        name, value = header[0], header[1]
+        if type(name) is not bytes:
+            name = name.encode("utf-8") if isinstance(name, str) else name
+        if type(value) is not bytes:
+            value = value.encode("utf-8") if isinstance(value, str) else value
+        name = name.lower().strip()
+        value = value.strip()
+        if name in _CONNECTION_HEADERS:
+            continue
+        if name in _SECURE_HEADERS or (name == b"cookie" and len(value) < 20):
+            header = NeverIndexedHeaderTuple(name, value)
+        elif isinstance(header, HeaderTuple):
+            header = header.__class__(name, value)
+        else:
+            header = (name, value)
+        if name == b"te" and value.lower() != b"trailers":
+            raise h2.exceptions.ProtocolError(f"Invalid value for TE header: {value!r}")
+        if name[0] == 0x3A:  # b":" (an empty name raises IndexError here, as in h2)
+            if name in pseudo:
+                raise h2.exceptions.ProtocolError(
+                    f"Received duplicate pseudo-header field {name!r}"
+                )
+            pseudo.add(name)
+            if regular:
+                raise h2.exceptions.ProtocolError(
+                    f"Received pseudo-header field out of sequence: {name!r}"
+                )
+            if name not in _PSEUDO_HEADERS:
+                raise h2.exceptions.ProtocolError(f"Received custom pseudo-header field {name!r}")
+        else:
+            regular = True
+        checked.append(header)
+    if trailers:
+        if pseudo:
+            raise h2.exceptions.ProtocolError(f"Received pseudo-header in trailer {pseudo}")
+    elif b":status" not in pseudo:
+        raise h2.exceptions.ProtocolError("Header block missing mandatory b':status' header")
+    elif pseudo & _REQUEST_ONLY_HEADERS:
+        raise h2.exceptions.ProtocolError(
+            f"Encountered request-only headers {pseudo & _REQUEST_ONLY_HEADERS}"
+        )
+    return checked
 
 
 _UNENDED = frozenset((h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE))
@@ -427,6 +553,30 @@ def _table_adds_at_the_left() -> bool:
     )
 
 
+def _h2_checks_outbound_per_block() -> bool:
+    build = inspect.getsource(h2.stream.H2Stream._build_headers_frames)
+    return (
+        _params(h2.connection.H2Connection.send_headers)[:4]
+        == ["self", "stream_id", "headers", "end_stream"]
+        and _params(h2.connection.H2Connection.push_stream)
+        == ["self", "stream_id", "promised_stream_id", "request_headers"]
+        and "self.config.normalize_outbound_headers" in build
+        and "self.config.validate_outbound_headers" in build
+        and "self.headers_sent" in inspect.getsource(h2.stream.H2StreamStateMachine.__init__)
+        and _has(
+            h2.utilities,
+            "CONNECTION_HEADERS",
+            "_SECURE_HEADERS",
+            "_ALLOWED_PSEUDO_HEADER_FIELDS",
+            "_REQUEST_ONLY_HEADERS",
+            "HeaderValidationFlags",
+            "normalize_outbound_headers",
+            "validate_outbound_headers",
+            "utf8_encode_headers",
+        )()
+    )
+
+
 def _has(owner: Any, *names: str) -> Callable[[], bool]:
     return lambda: all(hasattr(owner, name) for name in names)
 
@@ -459,6 +609,12 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         "hpack.HeaderTable.dynamic_entries (a deque; add puts entries in at the left) and"
         " the 'hpack.hpack' logger (guard_h2's encoder cache)",
         _table_adds_at_the_left,
+    ),
+    (
+        "h2: H2Connection.send_headers/push_stream parameters, H2Stream._build_headers_frames"
+        " reads normalize/validate_outbound_headers per block, state_machine.headers_sent,"
+        " h2.utilities' header sets and outbound functions (guard_h2's outbound check)",
+        _h2_checks_outbound_per_block,
     ),
     (
         "hypercorn.protocol.h2.H2Protocol.streams (the live streams, by id)",
