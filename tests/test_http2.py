@@ -205,3 +205,64 @@ def test_our_outbound_header_check_is_h2s(
     assert ours == expected
     if isinstance(expected, list):
         assert [type(h) for h in ours] == [type(h) for h in expected]
+
+
+async def _bodies(
+    sizes: dict[int, int], window: int | None = None, ack_after: int = 0
+) -> dict[int, list[tuple[int, bool]]]:
+    """Request ``/size`` on each stream id of ``sizes`` at once; each stream's DATA
+    frames (length, ends the stream). With ``window``, the client's initial stream
+    window; flow control is acknowledged only once ``ack_after`` streams ended."""
+    frames: dict[int, list[tuple[int, bool]]] = {stream_id: [] for stream_id in sizes}
+    async with running_server(sized) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.increment_flow_control_window(2**30)  # (only stream windows hold data back)
+        if window is not None:
+            conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        for stream_id, size in sizes.items():
+            head = [(":method", "GET"), (":path", f"/{size}"), (":scheme", "http")]
+            conn.send_headers(stream_id, [*head, (":authority", "t")], end_stream=True)
+        unacked: list[tuple[int, int]] = []
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            with trio.fail_after(10):
+                while not all(got and got[-1][1] for got in frames.values()):
+                    data = await stream.receive_some(65536)
+                    assert data, "the server closed the connection"
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            ends = event.stream_ended is not None
+                            frames[event.stream_id].append((len(event.data), ends))
+                            unacked.append((event.flow_controlled_length, event.stream_id))
+                    if sum(bool(got and got[-1][1]) for got in frames.values()) >= ack_after:
+                        for length, stream_id in unacked:
+                            conn.acknowledge_received_data(length, stream_id)
+                        unacked.clear()
+                    await stream.send_all(conn.data_to_send())
+    return frames
+
+
+async def test_a_short_rest_ends_at_once_and_waits_its_turn() -> None:
+    """A response whose rest fits one DATA frame is ended at once (not through
+    hypercorn's sending task), unless another stream has bytes waiting: then it
+    waits its turn there. Stream 1 waits for flow control (the client acknowledges
+    nothing until the three small responses ended), so the small ones take
+    hypercorn's way: they end meanwhile, whole, each in one frame; then stream 1."""
+    frames = await _bodies({1: BIG, 3: 5, 5: 7, 7: 0}, ack_after=3)
+    assert {stream_id: sum(n for n, _ in got) for stream_id, got in frames.items()} == {
+        1: BIG,
+        3: 5,
+        5: 7,
+        7: 0,
+    }
+    assert frames[3] == [(5, True)] and frames[5] == [(7, True)]
+    assert [ends for _, ends in frames[1]].count(True) == 1
+
+
+async def test_a_rest_larger_than_the_window_waits_for_it() -> None:
+    """The client's stream window (3 bytes) is smaller than the 5-byte body: 3 bytes
+    go out, the other 2 (with END_STREAM) after the client's WINDOW_UPDATE."""
+    frames = await _bodies({1: 5}, window=3)
+    assert frames[1] == [(3, False), (2, True)]

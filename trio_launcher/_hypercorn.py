@@ -36,7 +36,7 @@ from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
@@ -354,19 +354,57 @@ _UNENDED = frozenset((h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLO
 
 
 def _reset_cut_streams(protocol: H2Protocol) -> None:
-    """A stream whose handler ended before its response did is reset (INTERNAL_ERROR).
+    """A stream whose handler ended before its response did is reset (INTERNAL_ERROR);
+    a response whose rest fits in one DATA frame is ended at once.
 
     When the app raises (or is cut by a bound) after its response started,
     hypercorn closes the stream on its side and sends nothing: no END_STREAM,
     no RST_STREAM, and the client waits for the rest of a response that will
     never come. HTTP/1.1 closes the connection there; on HTTP/2 only that
     stream is ended, with the error code RFC 9113 gives a server failure.
+
+    At the end of a response (``EndBody``) hypercorn marks its buffer complete,
+    wakes its sending task and waits for it to send the rest: two task
+    switches for every response. When the rest fits in one DATA frame and
+    the flow-control windows, and no other stream has bytes waiting (their
+    order is the sending task's), it goes out here, with END_STREAM, as the
+    sending task would send it (:func:`_end_with_last_data`).
     """
     connection = protocol.connection
     stream_send = protocol.stream_send
+    buffers = protocol.stream_buffers
+
+    def ended_here(stream_id: int) -> bool:
+        buffer = buffers.get(stream_id)
+        if buffer is None or buffer._complete:
+            return False
+        for other in buffers.values():
+            if other.buffer and other is not buffer:
+                return False  # another stream waits to send: the sending task's order
+        data = buffer.buffer
+        try:
+            if len(data) > min(
+                connection.max_outbound_frame_size,
+                connection.local_flow_control_window(stream_id),
+            ):
+                return False
+            if data:
+                connection.send_data(stream_id, bytes(data), end_stream=True)
+            else:
+                connection.end_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            return False  # (the stream closed: hypercorn's way handles it)
+        del buffers[stream_id]
+        protocol.priority.remove_stream(stream_id)
+        return True
 
     async def send(event: Any) -> None:
-        if type(event) is StreamClosed:
+        kind = type(event)
+        if kind is EndBody:
+            if ended_here(event.stream_id):
+                await protocol._flush()
+                return
+        elif kind is StreamClosed:
             stream = connection.streams.get(event.stream_id)
             if stream is not None and stream.state_machine.state in _UNENDED:
                 with contextlib.suppress(h2.exceptions.H2Error):
