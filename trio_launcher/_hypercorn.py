@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -29,11 +30,13 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.stream
+import h2.utilities
 import trio
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
@@ -51,6 +54,7 @@ from hypercorn.utils import (
 )
 
 _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
+_HPACK_LOG = logging.getLogger("hpack.hpack")  # hpack's encoder logs here (see _never_index)
 
 __all__ = [
     "CONTRACT",
@@ -219,26 +223,188 @@ def guard_h2(
         _never_index(connection.encoder, never_indexed)
     _end_with_last_data(inner)
     _reset_cut_streams(inner)
+    _check_outbound_in_one_pass(connection)
     return True
+
+
+def _check_outbound_in_one_pass(connection: Any) -> None:
+    """h2's checks of the header blocks we send, made in one pass (:func:`outbound_headers`).
+
+    h2 normalizes and validates every header block it sends through a chain of
+    nine generators: nine generator steps for each header of each response.
+    Here its two flags are off for this connection (its own configuration
+    object), and ``send_headers`` (responses, informational responses,
+    trailers) makes the same checks in one loop first. A push promise goes
+    through h2's own two functions, with the flags h2 would give it.
+    """
+    config = connection.config
+    config.normalize_outbound_headers = False
+    config.validate_outbound_headers = False
+    streams = connection.streams
+    send_headers = connection.send_headers
+    push_stream = connection.push_stream
+
+    def checked_send_headers(
+        stream_id: int, headers: Any, end_stream: bool = False, *args: Any, **kwargs: Any
+    ) -> None:
+        stream = streams.get(stream_id)
+        trailers = stream is not None and bool(stream.state_machine.headers_sent)
+        checked = outbound_headers(
+            headers, trailers=trailers, split_cookies=config.split_outbound_cookies
+        )
+        send_headers(stream_id, checked, end_stream, *args, **kwargs)
+
+    def checked_push_stream(stream_id: int, promised_stream_id: int, request_headers: Any) -> None:
+        flags = h2.utilities.HeaderValidationFlags(
+            is_client=False, is_trailer=False, is_response_header=False, is_push_promise=True
+        )
+        headers = h2.utilities.utf8_encode_headers(request_headers)
+        normalized = h2.utilities.normalize_outbound_headers(
+            headers, flags, config.split_outbound_cookies
+        )
+        push_stream(
+            stream_id,
+            promised_stream_id,
+            list(h2.utilities.validate_outbound_headers(normalized, flags)),
+        )
+
+    connection.send_headers = checked_send_headers
+    connection.push_stream = checked_push_stream
+
+
+_CONNECTION_HEADERS = h2.utilities.CONNECTION_HEADERS
+_SECURE_HEADERS = h2.utilities._SECURE_HEADERS
+_PSEUDO_HEADERS = h2.utilities._ALLOWED_PSEUDO_HEADER_FIELDS
+_REQUEST_ONLY_HEADERS = h2.utilities._REQUEST_ONLY_HEADERS
+
+
+def outbound_headers(headers: Any, *, trailers: bool, split_cookies: bool = False) -> list[Any]:
+    """A response's (or trailers') header block, normalized and validated as h2 does it.
+
+    h2's ``normalize_outbound_headers`` (names lowercased, names and values
+    stripped, connection-specific headers dropped, ``authorization`` and short
+    cookies never indexed) then its ``validate_outbound_headers`` for a server's
+    response or trailers (``te`` only "trailers"; pseudo-headers known, first,
+    once, ``:status`` there and no request-only one; none in trailers), one
+    header at a time in the same order, so the same header fails first.
+
+    Raises:
+        h2.exceptions.ProtocolError: as h2 raises it.
+    """
+    if split_cookies:  # (hypercorn never asks for it): h2's own generators
+        flags = h2.utilities.HeaderValidationFlags(
+            is_client=False,
+            is_trailer=trailers,
+            is_response_header=not trailers,
+            is_push_promise=False,
+        )
+        normalized = h2.utilities.normalize_outbound_headers(
+            h2.utilities.utf8_encode_headers(headers), flags, True
+        )
+        return list(h2.utilities.validate_outbound_headers(normalized, flags))
+    checked: list[Any] = []
+    pseudo: set[bytes] = set()
+    regular = False
+    for header in headers:
+        name, value = header[0], header[1]
+        if type(name) is not bytes:
+            name = name.encode("utf-8") if isinstance(name, str) else name
+        if type(value) is not bytes:
+            value = value.encode("utf-8") if isinstance(value, str) else value
+        name = name.lower().strip()
+        value = value.strip()
+        if name in _CONNECTION_HEADERS:
+            continue
+        if name in _SECURE_HEADERS or (name == b"cookie" and len(value) < 20):
+            header = NeverIndexedHeaderTuple(name, value)
+        elif isinstance(header, HeaderTuple):
+            header = header.__class__(name, value)
+        else:
+            header = (name, value)
+        if name == b"te" and value.lower() != b"trailers":
+            raise h2.exceptions.ProtocolError(f"Invalid value for TE header: {value!r}")
+        if name[0] == 0x3A:  # b":" (an empty name raises IndexError here, as in h2)
+            if name in pseudo:
+                raise h2.exceptions.ProtocolError(
+                    f"Received duplicate pseudo-header field {name!r}"
+                )
+            pseudo.add(name)
+            if regular:
+                raise h2.exceptions.ProtocolError(
+                    f"Received pseudo-header field out of sequence: {name!r}"
+                )
+            if name not in _PSEUDO_HEADERS:
+                raise h2.exceptions.ProtocolError(f"Received custom pseudo-header field {name!r}")
+        else:
+            regular = True
+        checked.append(header)
+    if trailers:
+        if pseudo:
+            raise h2.exceptions.ProtocolError(f"Received pseudo-header in trailer {pseudo}")
+    elif b":status" not in pseudo:
+        raise h2.exceptions.ProtocolError("Header block missing mandatory b':status' header")
+    elif pseudo & _REQUEST_ONLY_HEADERS:
+        raise h2.exceptions.ProtocolError(
+            f"Encountered request-only headers {pseudo & _REQUEST_ONLY_HEADERS}"
+        )
+    return checked
 
 
 _UNENDED = frozenset((h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE))
 
 
 def _reset_cut_streams(protocol: H2Protocol) -> None:
-    """A stream whose handler ended before its response did is reset (INTERNAL_ERROR).
+    """A stream whose handler ended before its response did is reset (INTERNAL_ERROR);
+    a response whose rest fits in one DATA frame is ended at once.
 
     When the app raises (or is cut by a bound) after its response started,
     hypercorn closes the stream on its side and sends nothing: no END_STREAM,
     no RST_STREAM, and the client waits for the rest of a response that will
     never come. HTTP/1.1 closes the connection there; on HTTP/2 only that
     stream is ended, with the error code RFC 9113 gives a server failure.
+
+    At the end of a response (``EndBody``) hypercorn marks its buffer complete,
+    wakes its sending task and waits for it to send the rest: two task
+    switches for every response. When the rest fits in one DATA frame and
+    the flow-control windows, and no other stream has bytes waiting (their
+    order is the sending task's), it goes out here, with END_STREAM, as the
+    sending task would send it (:func:`_end_with_last_data`).
     """
     connection = protocol.connection
     stream_send = protocol.stream_send
+    buffers = protocol.stream_buffers
+
+    def ended_here(stream_id: int) -> bool:
+        buffer = buffers.get(stream_id)
+        if buffer is None or buffer._complete:
+            return False
+        for other in buffers.values():
+            if other.buffer and other is not buffer:
+                return False  # another stream waits to send: the sending task's order
+        data = buffer.buffer
+        try:
+            if len(data) > min(
+                connection.max_outbound_frame_size,
+                connection.local_flow_control_window(stream_id),
+            ):
+                return False
+            if data:
+                connection.send_data(stream_id, bytes(data), end_stream=True)
+            else:
+                connection.end_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            return False  # (the stream closed: hypercorn's way handles it)
+        del buffers[stream_id]
+        protocol.priority.remove_stream(stream_id)
+        return True
 
     async def send(event: Any) -> None:
-        if type(event) is StreamClosed:
+        kind = type(event)
+        if kind is EndBody:
+            if ended_here(event.stream_id):
+                await protocol._flush()
+                return
+        elif kind is StreamClosed:
             stream = connection.streams.get(event.stream_id)
             if stream is not None and stream.state_machine.state in _UNENDED:
                 with contextlib.suppress(h2.exceptions.H2Error):
@@ -314,7 +480,8 @@ def _drop_late_data(connection: Any, events: list[Any], live: Iterable[int]) -> 
 
 
 def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
-    """HPACK: never add a header named in ``names`` to the dynamic table.
+    """HPACK: never add a header named in ``names`` to the dynamic table; and remember
+    the fields that went out as table indexes.
 
     An id that changes with every response would evict the headers that do
     repeat (date, server, content-type) and leave a table of ids that every
@@ -323,13 +490,39 @@ def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
     made here, in the encoder. The value goes out as a raw literal: hpack's
     Huffman coder is pure Python, and coding 15 bytes cost more (about 100k
     instructions) than the rest of the response's headers together.
+
+    Most of a response's other headers (status, content-type, server, the
+    date within its second) are in the table already, and hpack finds each by
+    a scan of the dynamic table, logging twice on the way, to write an index
+    of a byte or two. What ``add`` returned for a header that left the table
+    as it was is kept, keyed by the header, and is valid for as long as the
+    table stays the same: any change (an entry added, entries evicted by a
+    resize) comes with a new first entry or a new length, and empties the
+    cache. Off while hpack's logger says DEBUG (its lines stay complete).
     """
     add = encoder.add
+    entries = encoder.header_table.dynamic_entries  # (a deque: new entries go in at the left)
+    cache: dict[tuple[bytes, bytes], bytes] = {}
+    table: list[Any] = [0, None]  # the length and first entry the cache was made for
 
     def add_header(to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
         if to_add[0] in names:  # and as a raw literal: hpack's Huffman coder is pure Python
             return add(to_add, True, False)  # type: ignore[no-any-return]
-        return add(to_add, sensitive, huffman)  # type: ignore[no-any-return]
+        if sensitive or not huffman or _HPACK_LOG.isEnabledFor(logging.DEBUG):
+            return add(to_add, sensitive, huffman)  # type: ignore[no-any-return]
+        size = len(entries)
+        first = entries[0] if size else None
+        if size == table[0] and first is table[1]:
+            encoded: bytes | None = cache.get(to_add)
+            if encoded is not None:
+                return encoded
+        else:
+            cache.clear()
+            table[0], table[1] = size, first
+        encoded = add(to_add, False, True)
+        if len(entries) == size and (entries[0] if size else None) is first:
+            cache[to_add] = encoded  # the table is as it was: an index (or the same literal)
+        return encoded
 
     encoder.add = add_header
 
@@ -388,6 +581,40 @@ def _encoder_adds_each_header() -> bool:
     return "self.add(" in inspect.getsource(Encoder.encode)
 
 
+def _table_adds_at_the_left() -> bool:
+    import hpack.hpack
+    from hpack.table import HeaderTable
+
+    return (
+        "self.dynamic_entries.appendleft(" in inspect.getsource(HeaderTable.add)
+        and hpack.hpack.log is _HPACK_LOG
+    )
+
+
+def _h2_checks_outbound_per_block() -> bool:
+    build = inspect.getsource(h2.stream.H2Stream._build_headers_frames)
+    return (
+        _params(h2.connection.H2Connection.send_headers)[:4]
+        == ["self", "stream_id", "headers", "end_stream"]
+        and _params(h2.connection.H2Connection.push_stream)
+        == ["self", "stream_id", "promised_stream_id", "request_headers"]
+        and "self.config.normalize_outbound_headers" in build
+        and "self.config.validate_outbound_headers" in build
+        and "self.headers_sent" in inspect.getsource(h2.stream.H2StreamStateMachine.__init__)
+        and _has(
+            h2.utilities,
+            "CONNECTION_HEADERS",
+            "_SECURE_HEADERS",
+            "_ALLOWED_PSEUDO_HEADER_FIELDS",
+            "_REQUEST_ONLY_HEADERS",
+            "HeaderValidationFlags",
+            "normalize_outbound_headers",
+            "validate_outbound_headers",
+            "utf8_encode_headers",
+        )()
+    )
+
+
 def _has(owner: Any, *names: str) -> Callable[[], bool]:
     return lambda: all(hasattr(owner, name) for name in names)
 
@@ -415,6 +642,17 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
     (
         "hpack.Encoder.encode calls self.add per header (guard_h2's never_indexed)",
         _encoder_adds_each_header,
+    ),
+    (
+        "hpack.HeaderTable.dynamic_entries (a deque; add puts entries in at the left) and"
+        " the 'hpack.hpack' logger (guard_h2's encoder cache)",
+        _table_adds_at_the_left,
+    ),
+    (
+        "h2: H2Connection.send_headers/push_stream parameters, H2Stream._build_headers_frames"
+        " reads normalize/validate_outbound_headers per block, state_machine.headers_sent,"
+        " h2.utilities' header sets and outbound functions (guard_h2's outbound check)",
+        _h2_checks_outbound_per_block,
     ),
     (
         "hypercorn.protocol.h2.H2Protocol.streams (the live streams, by id)",

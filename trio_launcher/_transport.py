@@ -343,12 +343,9 @@ class Connection:
                     except H2Flood as flood:
                         await self._calm_down(flood.goaway)
                         break
-                if not self.idle:
+                if not self.idle and self._read_timeout != math.inf:
                     self.scope.deadline = trio.current_time() + self._read_timeout
-                try:
-                    data = await self.stream.receive_some(MAX_RECV)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    break
+                data = await self._receive()  # (b"" when the peer is gone too)
                 self.fresh = False
                 if not data:
                     await self.protocol.handle(RawData(b""))
