@@ -120,6 +120,15 @@ async def test_an_incoming_id_is_kept_only_if_valid(incoming: str, kept: bool) -
     assert response.json()["id"] == echoed
 
 
+async def test_an_incoming_id_is_kept_with_raw_header_names() -> None:
+    """``h11_pass_raw_headers``: the request's header names keep their case."""
+    config = Config()
+    config.h11_pass_raw_headers = True
+    async with running_server(StateApp(), config) as server:
+        response = await server.client.get("/", headers=[(b"X-Request-Id", b"mine")])
+    assert (response.headers["x-request-id"], response.json()["id"]) == ("mine", "mine")
+
+
 async def test_non_ascii_id_is_replaced() -> None:
     async with running_server(StateApp()) as server:
         response = await server.client.get("/", headers=[(b"x-request-id", "café".encode())])

@@ -16,7 +16,14 @@ from quart_trio import QuartTrio
 from trio_launcher import ConfigError, serve_http
 from trio_launcher._asgi import RunnerMiddleware
 from trio_launcher._logging import RequestIds
-from trio_launcher._metrics import Metrics, Recorder, recorder, route_template
+from trio_launcher._metrics import (
+    DURATION_BUCKETS,
+    LocalRequests,
+    Metrics,
+    Recorder,
+    recorder,
+    route_template,
+)
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from .apps import App
@@ -131,6 +138,28 @@ def test_route_template_shapes() -> None:
     assert route_template(Route()) == "/a/{b}"
     assert route_template("/x/<y>") == "/x/<y>"
     assert route_template(object()) == ""
+
+
+def test_unknown_methods_are_one_series_and_never_remembered_one_by_one() -> None:
+    """The per-request shortcut (labels by what a request gives) stays bounded."""
+
+    class Route:
+        path = "/a/{b}"
+
+    requests = LocalRequests()
+    for method in ("GET", "GET", "BREW", "WHEN", "GET"):
+        requests.finished(method, 200, None, 0.001)
+    requests.finished("GET", 200, "/x/<y>", 0.3)
+    requests.finished("POST", 0, Route(), 20.0)
+    assert {key: sum(counts[:-1]) for key, counts in requests.series.items()} == {
+        ("GET", 200, ""): 3,
+        ("_OTHER", 200, ""): 2,
+        ("GET", 200, "/x/<y>"): 1,
+        ("POST", 0, "/a/{b}"): 1,
+    }
+    assert requests.series["GET", 200, "/x/<y>"][DURATION_BUCKETS.index(0.5)] == 1
+    assert requests.series["POST", 0, "/a/{b}"][-1] == 20.0
+    assert len(requests._seen) == 3  # not BREW, not WHEN
 
 
 async def test_separate_listener_and_engine_up() -> None:

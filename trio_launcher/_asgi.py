@@ -56,7 +56,7 @@ from ._bounds import (
     is_http1,
 )
 from ._errors import EngineDeadError, EngineGenerateError, leaves
-from ._logging import HEADER_EXTENSION, RequestIds
+from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds
 from ._metrics import Metrics, recorder
 
 log = logging.getLogger("trio_launcher")
@@ -184,11 +184,13 @@ class RunnerMiddleware:
             return
         header = None
         extensions = scope.get("extensions") or {}
-        if self.request_ids is not None:
-            header = self.request_ids.assign(scope)
-            if HEADER_EXTENSION in extensions:
-                extensions[HEADER_EXTENSION] = header  # the protocol writes it (one line)
-                header = None
+        ids = self.request_ids
+        if ids is not None:
+            incoming = extensions.get(REQUEST_ID_EXTENSION)
+            if incoming is None:  # the protocol does not say: the headers do
+                header = ids.assign(scope)  # (sent with the app's headers)
+            else:  # the protocol writes the line itself
+                extensions[HEADER_EXTENSION] = ids.keep_or_make(incoming, scope)
         ex = Exchange(send, header)
         if self._answered_here(scope, method, path):
             await self._answer(scope, ex)

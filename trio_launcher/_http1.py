@@ -84,7 +84,7 @@ import trio
 
 from ._bounds import BODY_PENDING_EXTENSION, CANCEL_EXTENSION
 from ._hypercorn import AppWrapper, Config, WorkerContext, set_task_context
-from ._logging import HEADER_EXTENSION
+from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION
 
 HIGH_WATER = 2**16  # request body bytes held for the app before the socket is left unread
 IDLE_RUNNERS = 2  # handler tasks a connection keeps waiting for its next request
@@ -374,14 +374,20 @@ class HTTP1:
             raise _Reject(431, "request head too large")
         hosts = 0
         expect = False
+        request_id = None
+        raw = self._raw_names
         for name, value in self._headers:
-            if name == b"host" or (self._raw_names and name.lower() == b"host"):
+            if raw:
+                name = name.lower()
+            if name == b"host":
                 hosts += 1
-            elif name == b"expect" or (self._raw_names and name.lower() == b"expect"):
+            elif name == b"expect":
                 expect = value.lower() == b"100-continue"
+            elif name == b"x-request-id" and request_id is None:
+                request_id = value  # the first one (``REQUEST_ID_EXTENSION``)
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise _Reject(400, "a request needs exactly one Host header")
-        cycle = Cycle(self, self._scope(version), parser.should_keep_alive())
+        cycle = Cycle(self, self._scope(version, request_id or b""), parser.should_keep_alive())
         cycle.expect_100 = expect and version == "1.1"
         self.receiving = cycle
         self.pipeline.append(cycle)
@@ -401,7 +407,7 @@ class HTTP1:
 
     # --- requests and responses ------------------------------------------------
 
-    def _scope(self, version: str) -> dict[str, Any]:
+    def _scope(self, version: str, request_id: bytes) -> dict[str, Any]:
         url = self._url
         path, _, query = url.partition(b"?")
         if path[:1] != b"/" and b"://" in path:  # absolute-form: keep the path only
@@ -421,7 +427,7 @@ class HTTP1:
             "client": self.client,
             "server": self.server,
             "state": self.state.copy(),
-            "extensions": {HEADER_EXTENSION: None},
+            "extensions": {REQUEST_ID_EXTENSION: request_id},
         }
 
     def _start_next(self, at_once: bool = False) -> Cycle | None:

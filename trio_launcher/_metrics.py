@@ -40,7 +40,6 @@ The ASGI layer that measures requests, and the scrape listener, are in
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import contextvars
 import itertools
@@ -48,6 +47,7 @@ import logging
 import os
 import shutil
 import tempfile
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal
 
@@ -59,6 +59,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "TRIO_LAUNCHER_METRICS"
 # OpenTelemetry's advice for http.server.request.duration.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_FIRST = DURATION_BUCKETS[0]
 PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -304,6 +305,7 @@ DURATION_LABELS = ("http_request_method", "http_response_status_code", "http_rou
 ACTIVE = ("http_server_active_requests", "Number of active HTTP server requests.")
 CONNECTIONS = ("http_server_open_connections", "Number of open client connections.")
 _Key = tuple[str, int, str]  # method, status (0: no response), route
+_Seen = tuple[str, int, str | None]  # the same as a request gives them (route None: none)
 KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 )
@@ -361,14 +363,22 @@ class LocalRequests(_Counting):
     def __init__(self) -> None:
         super().__init__()
         self.series: dict[_Key, list[float]] = {}  # bucket counts..., +Inf count, sum
+        self._seen: dict[_Seen, list[float]] = {}  # the same lists by what a request gives
 
     def finished(self, method: str, status: int, route: object, seconds: float) -> None:
         """One request ended (the arguments: :func:`request_key`)."""
-        key = request_key(method, status, route)
-        counts = self.series.get(key)
+        # (A route object, Starlette's, by its template: it is not hashable.)
+        given = route if route is None or isinstance(route, str) else route_template(route)
+        counts = self._seen.get((method, status, given))
         if counts is None:
-            counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
-        counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+            key = request_key(method, status, given)
+            counts = self.series.get(key)
+            if counts is None:
+                counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
+            if key[0] is method:  # (an unknown method is not remembered: no bound)
+                self._seen[method, status, given] = counts
+        # (Most requests of a fast service end in the first bucket: one comparison.)
+        counts[0 if seconds <= _FIRST else bisect_left(DURATION_BUCKETS, seconds)] += 1
         counts[-1] += seconds
 
     def collect(self) -> Iterator[Any]:
@@ -410,17 +420,17 @@ class SharedRequests(_Counting):
         )
         self._active = Gauge(*ACTIVE, registry=registry, multiprocess_mode="livesum")
         self._connections = Gauge(*CONNECTIONS, registry=registry, multiprocess_mode="livesum")
-        self._children: dict[_Key, Any] = {}
+        self._children: dict[_Seen, Any] = {}  # by what a request gives
         self._written = (0, 0)
 
     def finished(self, method: str, status: int, route: object, seconds: float) -> None:
-        key = request_key(method, status, route)
-        child = self._children.get(key)
+        given = route if route is None or isinstance(route, str) else route_template(route)
+        child = self._children.get((method, status, given))
         if child is None:
-            method, status, route = key
-            child = self._children[key] = self.duration.labels(
-                method, str(status) if status else "", route
-            )
+            key = request_key(method, status, given)
+            child = self.duration.labels(key[0], str(status) if status else "", key[2])
+            if key[0] is method:  # (an unknown method is not remembered: no bound)
+                self._children[method, status, given] = child
         child.observe(seconds)
 
     def write_gauges(self) -> None:
