@@ -281,35 +281,6 @@ async def test_a_shed_request_is_answered_at_the_door_without_a_task() -> None:
     assert all(line.endswith('"door"') for line in shed_lines)
 
 
-async def test_a_client_that_writes_after_connecting_is_answered_at_the_door() -> None:
-    """Clients connect, then write (h2load's 2000 do): accepted before its request is
-    in, a connection waits at the door (no task) and is answered there when it comes.
-    One that never writes is served the ordinary way after ``DOOR_WAIT``."""
-    app = BoundsApp()
-    connections = SpawnedConnections()
-    async with running_server(app, limit_concurrency=1) as server:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(one_request, server.port, "/hold")
-                await app.entered.wait()  # the one slot is taken
-                trio.lowlevel.add_instrument(connections)
-                try:
-                    late = socket.create_connection(("127.0.0.1", server.port))
-                    silent = socket.create_connection(("127.0.0.1", server.port))
-                    await trio.testing.wait_all_tasks_blocked()  # both accepted, at the door
-                    late.sendall(b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n")
-                    async with trio.SocketStream(trio.socket.from_stdlib_socket(late)) as stream:
-                        answer = b"".join([chunk async for chunk in stream])
-                    assert answer.startswith(b"HTTP/1.1 503 ")
-                    assert connections.count == 0
-                    while connections.count == 0:  # the silent one, after DOOR_WAIT
-                        await trio.sleep(0.01)
-                    silent.close()
-                finally:
-                    trio.lowlevel.remove_instrument(connections)
-                app.release.set()
-
-
 async def test_limit_counts_requests_not_connections() -> None:
     app = BoundsApp()
     async with running_server(app, limit_concurrency=1) as server:

@@ -23,12 +23,8 @@ connection's request with its 503 at once, without a task: those cost a few
 system calls each, so a round takes up to ``TURN_AWAY_BURST`` of them besides
 its ``BURST`` connections, and a burst of refused clients leaves the backlog
 in tens of milliseconds instead of half a second. A connection the door lets
-in meanwhile (a health probe) ends the round, so that its task runs before the
-door answers the rest of the burst. A connection whose request is not in yet
-when it is accepted (a client that connects, then writes: h2load's 2000 do)
-waits at the door, a socket in a list, and is looked at again every
-``DOOR_POLL`` s for up to ``DOOR_WAIT`` s; served the ordinary way at once, it
-would cost what the door saves.
+in meanwhile (a health probe, a head not all there yet) ends the round, so
+that its task runs before the door answers the rest of the burst.
 
 The connection's task gets the stream and closes it when it is done, as in
 trio. Capacity errors (EMFILE and friends: out of descriptors or memory) are
@@ -53,8 +49,6 @@ log = logging.getLogger("trio_launcher")
 
 BURST = 64  # connections accepted in one scheduler round, at most (see below)
 TURN_AWAY_BURST = 512  # connections the door answers in one round, at most (see below)
-DOOR_POLL = 0.002  # s between looks at connections whose request was not in at the door
-DOOR_WAIT = 0.1  # s such a connection may wait there; then it is served the ordinary way
 RETRY = 0.1  # seconds to wait after a capacity error, as trio does
 
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -82,8 +76,7 @@ class Door(Protocol):
 
     def shedding(self) -> bool: ...
 
-    async def turn_away(self, sock: socket.socket, client: Any) -> bool | None:
-        """True: answered and closed; False: to be served; None: its request is not in yet."""
+    async def turn_away(self, sock: socket.socket, client: Any) -> bool: ...
 
 
 async def serve_listening(
@@ -114,28 +107,9 @@ async def _accept_loop(
     # turned into an enum on every call: 13k instructions a connection, a seventh of
     # what a client the door turns away costs. The same, with plain ints made once:
     family, kind, proto = int(sock.family), int(sock.type), sock.proto
-    waiting: list[tuple[socket.socket, Any, float]] = []  # at the door, their request not in
-
-    def spawn(raw: socket.socket) -> None:
-        stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
-        if tls is not None:
-            stream = trio.SSLStream(
-                stream,
-                tls,  # type: ignore[arg-type]
-                server_side=True,
-                https_compatible=True,
-            )
-        connections.start_soon(_run, handler, stream)
-
     try:
         while True:
-            if waiting:
-                assert door is not None
-                with trio.move_on_after(DOOR_POLL):
-                    await trio.lowlevel.wait_readable(sock)
-                waiting = await _look_again(door, waiting, spawn)
-            else:
-                await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(sock)
             spawned = turned_away = 0
             while spawned < BURST and turned_away < TURN_AWAY_BURST:
                 try:
@@ -158,42 +132,24 @@ async def _accept_loop(
                     break
                 let_in = False
                 if door is not None and door.shedding():
-                    verdict = await door.turn_away(raw, client)
-                    if verdict is not False:
-                        if verdict is None:
-                            waiting.append((raw, client, trio.current_time()))
+                    if await door.turn_away(raw, client):
                         turned_away += 1
                         continue
                     let_in = True  # (a health probe, say): its task runs before the rest
                 spawned += 1
-                spawn(raw)
+                stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+                if tls is not None:
+                    stream = trio.SSLStream(
+                        stream,
+                        tls,  # type: ignore[arg-type]
+                        server_side=True,
+                        https_compatible=True,
+                    )
+                connections.start_soon(_run, handler, stream)
                 if let_in:
                     break
     finally:
         sock.close()
-        for raw, _, _ in waiting:
-            raw.close()
-
-
-async def _look_again(
-    door: Door,
-    waiting: list[tuple[socket.socket, Any, float]],
-    spawn: Callable[[socket.socket], None],
-) -> list[tuple[socket.socket, Any, float]]:
-    """The connections at the door whose request was not in: answered, served, or still
-    waiting (``DOOR_WAIT`` at most; then, or once the server no longer sheds, served)."""
-    now = trio.current_time()
-    still = []
-    for raw, client, since in waiting:
-        if door.shedding() and now - since < DOOR_WAIT:
-            verdict = await door.turn_away(raw, client)
-            if verdict:
-                continue
-            if verdict is None:
-                still.append((raw, client, since))
-                continue
-        spawn(raw)
-    return still
 
 
 async def _run(handler: Handler, stream: trio.abc.Stream) -> None:

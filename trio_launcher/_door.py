@@ -68,22 +68,18 @@ class Door:
         self._body = b""
         self._head = b""
 
-    async def turn_away(self, sock: socket.socket, client: Any) -> bool | None:
-        """Answer ``sock``'s request with 503 and close it, if it is shed: True. False:
-        serve it (``sock`` is untouched). None: its request head is not all in yet."""
+    async def turn_away(self, sock: socket.socket, client: Any) -> bool:
+        """Answer ``sock``'s request with 503 and close it, if it is shed; False: serve
+        it (``sock`` is untouched)."""
         if not _DONTWAIT:
             return False
         start = time.time()
         try:
             head = sock.recv(PEEK, socket.MSG_PEEK | _DONTWAIT)
-        except BlockingIOError:
-            return None
         except OSError:
-            return False  # gone: the ordinary way sees to it
+            return False  # nothing there yet, or gone: the ordinary way sees to it
         request = plain_head(head)
         if request is None:
-            if head and len(head) < PEEK and b"\r\n\r\n" not in head:
-                return None  # (a head still arriving)
             return False
         method, path, query, version, fields = request
         count = fields.count(b"\r\n") + 1 if fields else 0
