@@ -149,6 +149,12 @@ async def one_request(port: int, path: str) -> bytes:
     return head.split(b"\r\n", 1)[0]
 
 
+async def take_the_slot(nursery: trio.Nursery, app: BoundsApp, port: int) -> None:
+    """Reach a limit of 1: a ``/hold`` request that stays in the app until released."""
+    nursery.start_soon(one_request, port, "/hold")
+    await app.entered.wait()
+
+
 async def test_what_the_runner_answers_itself_needs_no_handler_task() -> None:
     """Under overload most requests are shed: each one used to start a handler task (a
     runner) and wait a scheduler round for it, and so did every health probe. What the
@@ -161,8 +167,7 @@ async def test_what_the_runner_answers_itself_needs_no_handler_task() -> None:
     async with running_server(app, limit_concurrency=1, max_header_count=3, **options) as server:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(one_request, server.port, "/hold")
-                await app.entered.wait()  # the one slot is taken
+                await take_the_slot(nursery, app, server.port)
                 trio.lowlevel.add_instrument(runners)
                 try:
                     assert (
@@ -224,8 +229,7 @@ async def test_a_shed_request_is_answered_at_the_door_without_a_task() -> None:
     ) as server:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(one_request, server.port, "/hold")
-                await app.entered.wait()  # the one slot is taken
+                await take_the_slot(nursery, app, server.port)
                 trio.lowlevel.add_instrument(connections)
                 try:
                     get = b"GET /x?q=1 HTTP/1.1\r\nhost: t\r\nuser-agent: door\r\n\r\n"
