@@ -83,7 +83,7 @@ import outcome
 import trio
 
 from ._bounds import BODY_PENDING_EXTENSION, CANCEL_EXTENSION
-from ._hypercorn import AppWrapper, Config, WorkerContext, set_task_context
+from ._hypercorn import AppWrapper, Config, WorkerContext, logs_access, set_task_context
 from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION
 
 HIGH_WATER = 2**16  # request body bytes held for the app before the socket is left unread
@@ -245,6 +245,7 @@ class HTTP1:
         self.state = state
         self.parser = httptools.HttpRequestParser(self)
         self.defaults = _DefaultHeaders.for_config(config)
+        self.logs_access = logs_access(config)  # (else no summary, no call: 1.5 % of hello)
         self.cycle: Cycle | None = None  # the request being answered
         self.pipeline: list[Cycle] = []  # parsed, waiting (a list: a deque is 600 bytes)
         self.receiving: Cycle | None = None  # the request whose body is arriving
@@ -697,8 +698,9 @@ class Cycle:
         await self.protocol.transport.write(data)
         if not more:
             protocol = self.protocol
-            summary = {"status": self.status, "headers": self.response_headers}
-            await _access(protocol.config, self.scope, summary, self.start)
+            if protocol.logs_access:
+                summary = {"status": self.status, "headers": self.response_headers}
+                await _access(protocol.config, self.scope, summary, self.start)
             if self.more_body:  # the request body was never read to its end
                 self.keep_alive = False
             await protocol.response_done(self)

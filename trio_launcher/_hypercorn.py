@@ -35,6 +35,7 @@ import trio
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.logging import Logger
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
@@ -615,6 +616,13 @@ def _h2_checks_outbound_per_block() -> bool:
     )
 
 
+def logs_access(config: Config) -> bool:
+    """False when an access line would do nothing: hypercorn's own ``Logger`` without
+    an access logger (a subclass, such as the statsd one, counts every response)."""
+    log = config.log
+    return type(log) is not Logger or log.access_logger is not None
+
+
 def _has(owner: Any, *names: str) -> Callable[[], bool]:
     return lambda: all(hasattr(owner, name) for name in names)
 
@@ -630,6 +638,10 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         lambda: _params(ProtocolWrapper.__init__) == _PROTOCOL_WRAPPER_PARAMS,
     ),
     ("hypercorn.protocol.ProtocolWrapper.protocol", _assigns(ProtocolWrapper.__init__, "protocol")),
+    (
+        "hypercorn.logging.Logger.access_logger (logs_access)",
+        _assigns(Logger.__init__, "access_logger"),
+    ),
     (
         "hypercorn.trio.task_group._handle(...) parameters",
         lambda: _params(_handle) == _HANDLE_PARAMS,
