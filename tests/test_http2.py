@@ -144,6 +144,31 @@ def test_the_encoder_cache_writes_what_hpack_writes() -> None:
     assert b"x-request-id" not in [name for name, _ in cached.header_table.dynamic_entries]
 
 
+def test_the_encoder_cache_stays_small_when_nothing_is_indexed() -> None:
+    """A peer may set its header table to 0 bytes: then no field ever enters the table,
+    the table never changes, and a cache emptied only on a change kept every field
+    ever sent (a date a second, every ETag) for the life of the connection."""
+    import tracemalloc
+
+    import hpack
+
+    from trio_launcher._hypercorn import _never_index
+
+    encoder = hpack.Encoder()
+    _never_index(encoder, frozenset((b"x-request-id",)))
+    encoder.header_table_size = 0  # the peer's SETTINGS_HEADER_TABLE_SIZE
+    encoder.encode([(b":status", b"200")])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            encoder.encode([(b":status", b"200"), (b"etag", b'"%d"' % i)])
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, f"{grown} bytes kept after 20,000 distinct fields"
+
+
 _NAMES = [
     b":status", b":path", b":authority", b":custom", b"te", b"TE", b"connection", b"keep-alive",
     b"Content-Type", b" server ", b"authorization", b"cookie", b"x-id", b"", b"date",

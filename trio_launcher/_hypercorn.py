@@ -55,6 +55,7 @@ from hypercorn.utils import (
 )
 
 _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
+ENCODER_CACHE = 64  # header fields the HPACK encoder's cache holds, at most (_never_index)
 _HPACK_LOG = logging.getLogger("hpack.hpack")  # hpack's encoder logs here (see _never_index)
 
 __all__ = [
@@ -499,7 +500,10 @@ def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
     as it was is kept, keyed by the header, and is valid for as long as the
     table stays the same: any change (an entry added, entries evicted by a
     resize) comes with a new first entry or a new length, and empties the
-    cache. Off while hpack's logger says DEBUG (its lines stay complete).
+    cache. It holds ``ENCODER_CACHE`` fields at most: a peer whose table is 0
+    bytes never lets the table change, and every distinct field sent (a date a
+    second, each ETag) would stay for the life of the connection. Off while
+    hpack's logger says DEBUG (its lines stay complete).
     """
     add = encoder.add
     entries = encoder.header_table.dynamic_entries  # (a deque: new entries go in at the left)
@@ -522,6 +526,8 @@ def _never_index(encoder: Any, names: frozenset[bytes]) -> None:
             table[0], table[1] = size, first
         encoded = add(to_add, False, True)
         if len(entries) == size and (entries[0] if size else None) is first:
+            if len(cache) >= ENCODER_CACHE:
+                cache.clear()
             cache[to_add] = encoded  # the table is as it was: an index (or the same literal)
         return encoded
 
