@@ -951,6 +951,36 @@ async def test_stock_transport_logs_499_for_a_client_that_left() -> None:
     assert " 499 " in line
 
 
+async def test_statsd_counts_every_response_including_503s_at_the_door() -> None:
+    """With ``statsd_host`` set, hypercorn's statsd logger counts each response through
+    the access log call. It sent nothing at all: the runner read ``config.log`` (making
+    a plain Logger) before the statsd class was set. And the door skipped the call when
+    there was no access logger."""
+    receiver = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await receiver.bind(("127.0.0.1", 0))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.statsd_host = f"127.0.0.1:{receiver.getsockname()[1]}"
+    app = BoundsApp()
+    with receiver:
+        async with running_server(app, config, limit_concurrency=1) as server:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    await take_the_slot(nursery, app, server.port)
+                    get = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
+                    async with connected(server.port, get) as stream:
+                        answer = b"".join([chunk async for chunk in stream])
+                    assert answer.startswith(b"HTTP/1.1 503 ")
+                    lines = b""
+                    while b"hypercorn.request.status.503:1" not in lines:
+                        lines += await receiver.recv(65536)
+                    app.release.set()
+                # The ordinary way (a client that stays while its response is logged):
+                assert (await server.client.get("/")).status_code == 200
+                while b"hypercorn.request.status.200:1" not in lines:
+                    lines += await receiver.recv(65536)
+
+
 @pytest.mark.parametrize(
     ("data", "answered"),
     [

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from ._bounds import RETRY_AFTER
 from ._http1 import default_headers, status_line
-from ._hypercorn import Config
+from ._hypercorn import Config, logs_access
 from ._logging import REQUEST_ID_HEADER
 
 PEEK = 8192  # bytes of a head the door looks at; a longer head takes the ordinary way
@@ -65,8 +65,10 @@ class Door:
         self.config = config
         self.shedding = shedder.shedding
         self._shed = shedder.shed_at_door
+        self._logs_access = logs_access(config)  # (the statsd logger counts every response)
         self._body = b""
         self._head = b""
+        self._headers: list[tuple[bytes, bytes]] = []
 
     async def turn_away(self, sock: socket.socket, client: Any) -> bool:
         """Answer ``sock``'s request with 503 and close it, if it is shed; False: serve
@@ -88,18 +90,17 @@ class Door:
         if answer is None:
             return False
         body, request_id = answer
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"retry-after", RETRY_AFTER),
-            (b"connection", b"close"),
-            (b"content-length", b"%d" % len(body)),
-        ]
         if body is not self._body:  # (the same body every time: its head is made once)
             self._body = body
-            self._head = status_line(503) + b"".join(b"%s: %s\r\n" % h for h in headers)
+            self._headers = [
+                (b"content-type", b"application/json"),
+                (b"retry-after", RETRY_AFTER),
+                (b"connection", b"close"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            self._head = status_line(503) + b"".join(b"%s: %s\r\n" % h for h in self._headers)
         line = b""
         if request_id is not None:
-            headers.append((REQUEST_ID_HEADER, request_id))
             line = b"%s: %s\r\n" % (REQUEST_ID_HEADER, request_id)
         response = b"%s%s%s\r\n%s" % (
             self._head,
@@ -114,8 +115,7 @@ class Door:
             pass  # the client left: nothing to say to it
         finally:
             sock.close()
-        log = self.config.log
-        if log.access_logger is not None:
+        if self._logs_access:
             scope = {
                 "type": "http",
                 "http_version": _VERSIONS[version],
@@ -129,8 +129,11 @@ class Door:
                 "client": tuple(client[:2]) if isinstance(client, tuple) else None,
                 "server": None,
             }
-            response_summary = {"status": 503, "headers": headers}
-            await log.access(scope, response_summary, time.time() - start)  # type: ignore[arg-type]
+            headers = self._headers
+            if request_id is not None:
+                headers = [*headers, (REQUEST_ID_HEADER, request_id)]
+            summary = {"status": 503, "headers": headers}
+            await self.config.log.access(scope, summary, time.time() - start)  # type: ignore[arg-type]
         return True
 
 

@@ -43,7 +43,7 @@ from ._door import Door
 from ._engine_task import engine_slot
 from ._errors import ConfigError, EngineDeadError, OptionError, readable_errors
 from ._glue import install_glue
-from ._hypercorn import Config, wrap_app
+from ._hypercorn import Config, StatsdLogger, wrap_app
 from ._logging import RequestIds, access_log_filter, logger_filter
 from ._metrics import server_metrics, using
 from ._observe import bind_metrics, serve_metrics
@@ -270,6 +270,8 @@ async def serve_http(
         sockets.close()
         if metrics_listener is not None:
             metrics_listener.socket.close()
+        if isinstance(config.log, StatsdLogger):
+            config.log.socket.close()  # (hypercorn's own, never closed by it)
 
     if control.forced_by is not None:
         log_foreign_holders(ports)
@@ -336,14 +338,18 @@ def _startup_limit(config: Config, startup_timeout: float | None) -> float:
 
 
 def _prepare_config(config: Config | None) -> Config:
-    """Our own copy of the caller's Config (the runner writes limits into it)."""
+    """Our own copy of the caller's Config (the runner writes limits into it), with
+    hypercorn's trio statsd logger if ``statsd_host`` is set. That must happen before
+    anything reads ``config.log``: the first read makes the logger, of the class set then."""
     if config is None:
         config = Config()
         config.bind = [DEFAULT_BIND]
-        return config
-    if not isinstance(config, Config):
+    elif not isinstance(config, Config):
         raise ConfigError(f"config must be a hypercorn.config.Config, got {type(config).__name__}")
-    return copy.copy(config)
+    else:
+        config = copy.copy(config)
+    config.set_statsd_logger_class(StatsdLogger)
+    return config
 
 
 def _log_routes(app: object, health_path: str | None = None) -> None:

@@ -49,7 +49,6 @@ from ._hypercorn import (
     LifespanFailureError,
     LifespanState,
     LifespanTimeoutError,
-    StatsdLogger,
     WorkerContext,
     repr_socket_addr,
 )
@@ -91,7 +90,6 @@ async def serve_sockets(
     Raises:
         AppStartupError: the app's lifespan startup failed or timed out.
     """
-    config.set_statsd_logger_class(StatsdLogger)
     lifespan_state: LifespanState = {}
     lifespan = _Lifespan(app, config, lifespan_state)
     max_requests = None
