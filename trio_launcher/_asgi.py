@@ -273,7 +273,7 @@ class RunnerMiddleware:
         (exempt), or a head the limits may refuse with 431 first (``head_size``, the
         whole head's bytes, is at least what ``_over_limit`` counts)."""
         limit = self.bounds.limit_concurrency
-        if limit is None or len(self.in_flight.requests) < limit:
+        if limit is None or not self.shedding():
             return None
         if method in ("GET", "HEAD") and path in (self.health_path, self.metrics_path):
             return None
@@ -288,7 +288,7 @@ class RunnerMiddleware:
             self.metrics.requests.finished(method, 503, None, 0.0)
         request_id = None
         if self.request_ids is not None:
-            request_id = self.request_ids.assign({"headers": (), "state": {}})[1]
+            request_id = self.request_ids.keep_or_make(b"", {})[1]
         return self._shed_body_for(limit), request_id
 
     def _answered_here(self, scope: Scope, method: str, path: str) -> bool:

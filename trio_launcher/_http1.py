@@ -316,11 +316,7 @@ class HTTP1:
         if self.cycle is None and self.pipeline and not self.lost:
             cycle = self._start_next(at_once=True)
             if cycle is not None:  # answered without the app: here, no runner
-                self.running += 1
-                try:
-                    await self._run(cycle)
-                finally:
-                    self.running -= 1
+                await self._run(cycle)
 
     def timed_out(self) -> bytes | None:
         """The connection's deadline passed: the 408 to send, if a head was arriving."""
@@ -463,11 +459,7 @@ class HTTP1:
                     extensions = next_cycle.scope["extensions"]
                     extensions[CANCEL_EXTENSION] = cancel
                     extensions[BODY_PENDING_EXTENSION] = next_cycle.more_body
-                    self.running += 1
-                    try:
-                        await self._run(next_cycle)
-                    finally:
-                        self.running -= 1
+                    await self._run(next_cycle)
                     next_cycle = await self._park(task, fresh)
             if scope.cancelled_caught:  # a request deadline (the 504 is sent): a new scope
                 next_cycle = await self._park(task, fresh)
@@ -486,6 +478,13 @@ class HTTP1:
         return False
 
     async def _run(self, cycle: Cycle) -> None:
+        self.running += 1
+        try:
+            await self._call(cycle)
+        finally:
+            self.running -= 1
+
+    async def _call(self, cycle: Cycle) -> None:
         if self.context.max_requests is not None:
             await self.context.mark_request()
         try:

@@ -224,7 +224,7 @@ def guard_h2(
     if never_indexed:
         _never_index(connection.encoder, never_indexed)
     _end_with_last_data(inner)
-    _reset_cut_streams(inner)
+    _end_streams(inner)
     _check_outbound_in_one_pass(connection)
     return True
 
@@ -355,7 +355,7 @@ def outbound_headers(headers: Any, *, trailers: bool, split_cookies: bool = Fals
 _UNENDED = frozenset((h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE))
 
 
-def _reset_cut_streams(protocol: H2Protocol) -> None:
+def _end_streams(protocol: H2Protocol) -> None:
     """A stream whose handler ended before its response did is reset (INTERNAL_ERROR);
     a response whose rest fits in one DATA frame is ended at once.
 

@@ -367,15 +367,14 @@ class LocalRequests(_Counting):
 
     def finished(self, method: str, status: int, route: object, seconds: float) -> None:
         """One request ended (the arguments: :func:`request_key`)."""
-        # (A route object, Starlette's, by its template: it is not hashable.)
-        given = route if route is None or isinstance(route, str) else route_template(route)
+        given = _given_route(route)
         counts = self._seen.get((method, status, given))
         if counts is None:
             key = request_key(method, status, given)
             counts = self.series.get(key)
             if counts is None:
                 counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
-            if key[0] is method:  # (an unknown method is not remembered: no bound)
+            if key[0] == method:  # (an unknown method is not remembered: no bound)
                 self._seen[method, status, given] = counts
         # (Most requests of a fast service end in the first bucket: one comparison.)
         counts[0 if seconds <= _FIRST else bisect_left(DURATION_BUCKETS, seconds)] += 1
@@ -396,6 +395,12 @@ class LocalRequests(_Counting):
         yield histogram
         yield GaugeMetricFamily(*ACTIVE, value=self.active_now())
         yield GaugeMetricFamily(*CONNECTIONS, value=self.connections)
+
+
+def _given_route(route: object) -> str | None:
+    """The route as a request gives it, hashable: a route object (Starlette's) by its
+    template."""
+    return route if route is None or isinstance(route, str) else route_template(route)
 
 
 class SharedRequests(_Counting):
@@ -424,12 +429,12 @@ class SharedRequests(_Counting):
         self._written = (0, 0)
 
     def finished(self, method: str, status: int, route: object, seconds: float) -> None:
-        given = route if route is None or isinstance(route, str) else route_template(route)
+        given = _given_route(route)
         child = self._children.get((method, status, given))
         if child is None:
             key = request_key(method, status, given)
             child = self.duration.labels(key[0], str(status) if status else "", key[2])
-            if key[0] is method:  # (an unknown method is not remembered: no bound)
+            if key[0] == method:  # (an unknown method is not remembered: no bound)
                 self._children[method, status, given] = child
         child.observe(seconds)
 

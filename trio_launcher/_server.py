@@ -133,11 +133,10 @@ async def serve_sockets(
                 )
             else:
                 handler = partial(serve_stock_connection, app, config, context, lifespan_state)
+                door = None  # (the stock transport is hypercorn's as it is)
             handler = recorder().connection_handler(handler)
             task_status.started(urls)
             async with trio.open_nursery() as accepting:
-                if transport != "lean":
-                    door = None
                 accepting.start_soon(serve_listening, listening, handler, connections, door)
                 stop = on_max_requests or drain.set
                 accepting.start_soon(_drain_on_max_requests, context, stop)
