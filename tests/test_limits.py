@@ -27,8 +27,9 @@ import trio
 import trio.testing
 from hypercorn.config import Config
 
-from trio_launcher import AppStartupError, ConfigError, serve_http
+from trio_launcher import AppStartupError, ConfigError, _transport, serve_http
 from trio_launcher._door import plain_head
+from trio_launcher._http1 import HTTP1
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import h2_read
@@ -283,6 +284,90 @@ async def test_a_shed_request_is_answered_at_the_door_without_a_task() -> None:
     shed_lines = [line for line in access.lines if '/x 1.1" 503 ' in line]
     assert len(shed_lines) == 12
     assert all(line.endswith('"door"') for line in shed_lines)
+
+
+class MadeProtocols:
+    """Counts the HTTP/1.1 protocols the lean transport makes (one per connection that
+    takes the ordinary way)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        made = self
+
+        class Counted(HTTP1):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                made.count += 1
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(_transport, "HTTP1", Counted)
+
+
+async def test_a_connection_in_before_its_request_is_still_answered_at_the_door(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst's clients connect first and write later (h2load does). A connection
+    accepted before the server began to shed, or before its request was in, took the
+    ordinary way to its 503: a protocol, a parser and a nursery each, a quarter of a
+    2000-client burst's refusals. Such a connection now reads its first bytes at the
+    door, before any protocol is made; the health path still takes the ordinary way."""
+    made = MadeProtocols(monkeypatch)
+    app = BoundsApp()
+    get = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
+    async with running_server(app, limit_concurrency=1, health_path="/health") as server:
+        with trio.fail_after(10):
+            early = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(5)]
+            await trio.testing.wait_all_tasks_blocked()  # accepted, waiting for bytes
+            async with trio.open_nursery() as nursery:
+                await take_the_slot(nursery, app, server.port)  # (one protocol)
+                late = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(5)]
+                await trio.testing.wait_all_tasks_blocked()
+                heads = []
+                for stream in [*early[1:], *late]:
+                    async with stream:
+                        await stream.send_all(get)
+                        answer = b"".join([chunk async for chunk in stream])  # to the close
+                    heads.append(answer.split(b"\r\n", 1)[0])
+                assert heads == [b"HTTP/1.1 503 Service Unavailable"] * 9
+                assert made.count == 1
+                async with early[0] as stream:  # in before the limit was reached
+                    await stream.send_all(get.replace(b"/x", b"/health"))
+                    head, body = await read_response(stream)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                assert json.loads(body)["in_flight"] == 1
+                assert made.count == 2
+                app.release.set()
+        assert server.handle.in_flight == 0
+        assert (await server.client.get("/")).status_code == 200
+
+
+async def test_a_connection_waiting_at_the_door_keeps_the_drain_short_and_its_request() -> None:
+    """With a concurrency limit every plain connection reads its first bytes at the door.
+    A drain must treat it as it treats a fresh connection: one that sends nothing is
+    closed after the short grace (not held to ``graceful_timeout``), and one whose
+    request comes in during the drain is answered."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 20
+    app = BoundsApp()
+    async with trio.open_nursery() as nursery:
+        async with running_server(app, config, limit_concurrency=5) as server:
+            silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+            speaking = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await trio.testing.wait_all_tasks_blocked()
+            server.handle.shutdown()
+            started = trio.current_time()
+            await trio.testing.wait_all_tasks_blocked()  # the drain has begun
+            await speaking.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            with trio.fail_after(10):
+                head, _ = await read_response(speaking)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                assert b"connection: close" in head.lower()
+                assert await silent.receive_some(10) == b""  # closed by the server
+        drained = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    await silent.aclose()
+    await speaking.aclose()
+    assert drained < 5, drained
 
 
 async def test_limit_counts_requests_not_connections() -> None:

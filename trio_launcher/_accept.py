@@ -22,9 +22,10 @@ While the server sheds load, a ``door`` (``_door``) may answer a new plain-TCP
 connection's request with its 503 at once, without a task: those cost a few
 system calls each, so a round takes up to ``TURN_AWAY_BURST`` of them besides
 its ``BURST`` connections, and a burst of refused clients leaves the backlog
-in tens of milliseconds instead of half a second. A connection the door lets
-in meanwhile (a health probe, a head not all there yet) ends the round, so
-that its task runs before the door answers the rest of the burst.
+in tens of milliseconds instead of half a second. A connection whose request
+the door lets in meanwhile (a health probe) ends the round, so that its task
+runs before the door answers the rest of the burst; one whose request is not
+in yet gets its task and waits at the door there (``_transport``).
 
 The connection's task gets the stream and closes it when it is done, as in
 trio. Capacity errors (EMFILE and friends: out of descriptors or memory) are
@@ -71,12 +72,14 @@ class TLSContext(Protocol):
 
 
 class Door(Protocol):
-    """Turns away, before it has a task, a new connection whose request would be shed
-    (``_door.Door``)."""
+    """Turns away a new connection whose request would be shed, before it has a task
+    or a protocol (``_door.Door``)."""
 
     def shedding(self) -> bool: ...
 
-    async def turn_away(self, sock: socket.socket, client: Any) -> bool: ...
+    def waiting(self, sock: socket.socket) -> bytes: ...
+
+    async def turn_away(self, fd: int, head: bytes, client: Any) -> bool: ...
 
 
 async def serve_listening(
@@ -132,10 +135,15 @@ async def _accept_loop(
                     break
                 let_in = False
                 if door is not None and door.shedding():
-                    if await door.turn_away(raw, client):
-                        turned_away += 1
-                        continue
-                    let_in = True  # (a health probe, say): its task runs before the rest
+                    raw.setblocking(False)
+                    head = door.waiting(raw)
+                    if head:
+                        if await door.turn_away(fd, head, client):
+                            raw.close()
+                            turned_away += 1
+                            continue
+                        let_in = True  # (a health probe, say): its task runs before the rest
+                    # (else its request is not in yet: it waits at the door in its task)
                 spawned += 1
                 stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
                 if tls is not None:

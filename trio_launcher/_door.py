@@ -8,14 +8,19 @@ a burst of 2000 refused clients kept the server busy for half a second, a
 health probe that connected during it waited behind all of it, and every
 refused connection held its objects until its turn came.
 
-So while the server sheds, the accept loop asks the door about each new
-plain-TCP connection. The door *peeks* at the bytes already waiting. If they
-hold a whole HTTP/1.x request head that the middleware would shed
-(``RunnerMiddleware.shed_at_door``: not the health or metrics path, not a head
-the limits would refuse with 431 first), the door reads them, writes the 503
-the middleware would (``Retry-After``, the JSON body, a new request id,
-``Connection: close``), counts and logs it like any other response, and closes
-the socket: a few system calls, and no task, stream or protocol is made.
+So the door looks at a new connection's first bytes, on the way in. While
+the server sheds, the accept loop *peeks* at the bytes already waiting in a
+new plain-TCP connection. A connection whose request is not in yet, or that
+came in before the server began to shed (a burst's clients connect first and
+write later), gets its task, but waits at the door: its connection reads the
+first bytes before it makes a protocol, a parser or a nursery, and asks the
+door again if the server sheds then. If the bytes hold a whole HTTP/1.x
+request head that the middleware would shed (``RunnerMiddleware.shed_at_door``:
+not the health or metrics path, not a head the limits would refuse with 431
+first), the door reads them, writes the 503 the middleware would
+(``Retry-After``, the JSON body, a new request id, ``Connection: close``),
+counts and logs it like any other response, and the socket closes: a few
+system calls, and no protocol is made (nor a task, at the accept loop).
 
 Everything else takes the ordinary way, where the middleware sheds it as
 before: TLS and HTTP/2 (the bytes are no HTTP/1.x head), a head not all there
@@ -26,6 +31,8 @@ compares the decoded path).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import time
 from typing import Any, Protocol
@@ -39,7 +46,6 @@ PEEK = 8192  # bytes of a head the door looks at; a longer head takes the ordina
 TAKE = 65536  # bytes read before the close (what the client sent with its request)
 
 _VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # (Linux, macOS; elsewhere: no door)
 
 
 class Shedder(Protocol):
@@ -70,16 +76,18 @@ class Door:
         self._head = b""
         self._headers: list[tuple[bytes, bytes]] = []
 
-    async def turn_away(self, sock: socket.socket, client: Any) -> bool:
-        """Answer ``sock``'s request with 503 and close it, if it is shed; False: serve
-        it (``sock`` is untouched)."""
-        if not _DONTWAIT:
-            return False
-        start = time.time()
+    def waiting(self, sock: socket.socket) -> bytes:
+        """The bytes already in the non-blocking ``sock``, left there (b"": none yet)."""
         try:
-            head = sock.recv(PEEK, socket.MSG_PEEK | _DONTWAIT)
+            return sock.recv(PEEK, socket.MSG_PEEK)
         except OSError:
-            return False  # nothing there yet, or gone: the ordinary way sees to it
+            return b""  # nothing there yet, or gone: the ordinary way sees to it
+
+    async def turn_away(self, fd: int, head: bytes, client: Any) -> bool:
+        """Answer the request whose first bytes are ``head`` (peeked, or read already) on
+        the non-blocking socket ``fd`` with 503, if it is shed: True, and the caller
+        closes the socket. False: serve it (nothing was read or written)."""
+        start = time.time()
         request = plain_head(head)
         if request is None:
             return False
@@ -108,13 +116,10 @@ class Door:
             default_headers(self.config),
             b"" if method == b"HEAD" else body,
         )
-        try:
-            sock.recv(TAKE, _DONTWAIT)  # read: the close then sends a FIN, not a reset
-            sock.send(response, _DONTWAIT)  # (a new connection's buffer holds it)
-        except OSError:
-            pass  # the client left: nothing to say to it
-        finally:
-            sock.close()
+        with contextlib.suppress(OSError):  # (nothing more: read by the connection)
+            os.read(fd, TAKE)  # read: the close then sends a FIN, not a reset
+        with contextlib.suppress(OSError):  # the client left: nothing to say to it
+            os.write(fd, response)  # (a new connection's buffer holds it)
         if self._logs_access:
             scope = {
                 "type": "http",

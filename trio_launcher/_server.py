@@ -130,6 +130,7 @@ async def serve_sockets(
                     http,
                     header_timeout,
                     answers_itself,
+                    door,
                 )
             else:
                 handler = partial(serve_stock_connection, app, config, context, lifespan_state)

@@ -67,6 +67,7 @@ from typing import Any
 import outcome
 import trio
 
+from ._accept import Door
 from ._bounds import BODY_PENDING_EXTENSION, CANCEL_EXTENSION
 from ._http1 import HTTP1, park
 from ._hypercorn import (
@@ -118,6 +119,9 @@ class Connection:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     answers_itself: Callable[[dict[str, Any]], bool] | None = None
     """The app's ``RunnerMiddleware.answers_itself``, if any (see ``_http1``)."""
+    door: Door | None = None
+    """Where a plain-TCP connection's first bytes are looked at while the server sheds
+    (``_door``), if anywhere."""
 
     def __post_init__(self) -> None:
         stream, config = self.stream, self.config
@@ -167,8 +171,13 @@ class Connection:
             server = parse_socket_addr(sock.family, sock.getsockname())
         except OSError:
             return  # the client is already gone
+        first = b""
+        if self.door is not None and self.fd >= 0:
+            first = await self._at_the_door(self.door, client)
+            if not first:
+                return  # answered at the door, or nothing came
         async with trio.open_nursery() as nursery:
-            handover: bytes | None = b""
+            handover: bytes | None = first
             if alpn != "h2" and self.http == "httptools":
                 http1 = HTTP1(
                     self.app,
@@ -182,17 +191,34 @@ class Connection:
                     state=self.state,
                     answers_itself=self.answers_itself,
                 )
-                handover = await self._serve_http1(http1)
+                handover = await self._serve_http1(http1, first)
                 if handover is None and not http1.running:
                     return  # nothing to cancel: the parked runners were let go
             if handover is not None:
                 await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
             nursery.cancel_scope.cancel()  # the app tasks of a closed connection
 
+    async def _at_the_door(self, door: Door, client: tuple[str, int] | None) -> bytes:
+        """The first bytes, read before any protocol is made; b"" when the door answered
+        them with 503 (the server sheds), or when none came before the first request's
+        deadline (keep-alive, as on the ordinary way; a drain shortens it)."""
+        self.set_idle(True)
+        data: bytes | bytearray = b""
+        with self.scope:
+            data = await self._receive()
+        if not data:
+            return b""
+        self.scope = trio.CancelScope()  # (a scope serves one ``with``)
+        data = bytes(data)
+        if door.shedding() and await door.turn_away(self.fd, data, client):
+            return b""
+        return data
+
     # --- HTTP/1.1 on httptools ----------------------------------------------------
 
-    async def _serve_http1(self, http1: HTTP1) -> bytes | None:
-        """Read into ``http1`` until the connection ends; the bytes to hand over, if any.
+    async def _serve_http1(self, http1: HTTP1, first: bytes = b"") -> bytes | None:
+        """Read into ``http1`` (``first``: bytes read already) until the connection ends;
+        the bytes to hand over, if any.
 
         The deadline is lazy here: moving a trio deadline re-sorts trio's
         deadline table, three times a request. ``_due`` holds the real
@@ -207,7 +233,8 @@ class Connection:
         while True:
             ended = None  # (stays None when the deadline cancels the read)
             with self.scope:
-                ended = await self._read_http1(http1)
+                ended = await self._read_http1(http1, first)
+            first = b""  # (fed before the first checkpoint: never lost to a cancel)
             if (
                 ended is None
                 and not (self.closing or self.closed)
@@ -229,21 +256,24 @@ class Connection:
         await http1.connection_lost(499 if lost else None)
         return None
 
-    async def _read_http1(self, http1: HTTP1) -> str | None:
-        """The read loop: "eof", "upgrade", or None when cancelled or closed."""
+    async def _read_http1(self, http1: HTTP1, data: bytes | bytearray = b"") -> str | None:
+        """The read loop (``data``: read already): "eof", "upgrade", or None when cancelled
+        or closed."""
         while not self.closed:
             if http1.upgrade is not None and http1.cycle is None:
                 return "upgrade"
             if http1.paused:
                 await http1.wait_resumable()
                 continue
-            if not self.idle and self._read_timeout != math.inf:
-                self._set_due(trio.current_time() + self._read_timeout)
-            data = await self._receive()
             if not data:
-                return "eof"
+                if not self.idle and self._read_timeout != math.inf:
+                    self._set_due(trio.current_time() + self._read_timeout)
+                data = await self._receive()
+                if not data:
+                    return "eof"
             self.fresh = False
             await http1.data_received(data)
+            data = b""
         return None
 
     async def _receive(self) -> bytes | bytearray:
@@ -699,6 +729,7 @@ async def serve_connection(
     http: str,
     header_timeout: float,
     answers_itself: Callable[[dict[str, Any]], bool] | None,
+    door: Door | None,
     stream: trio.abc.Stream,
 ) -> None:
     """Serve one accepted stream; anything it raises stays with it (see ``contained``)."""
@@ -713,6 +744,7 @@ async def serve_connection(
             http,
             header_timeout,
             answers_itself,
+            door,
         ).run()
     except* Exception as group:  # (inline: a context manager per connection costs 3 %)
         await _contain(stream, group)
