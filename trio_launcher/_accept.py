@@ -22,10 +22,11 @@ While the server sheds load, a ``door`` (``_door``) may answer a new plain-TCP
 connection's request with its 503 at once, without a task: those cost a few
 system calls each, so a round takes up to ``TURN_AWAY_BURST`` of them besides
 its ``BURST`` connections, and a burst of refused clients leaves the backlog
-in tens of milliseconds instead of half a second. A connection whose request
-the door lets in meanwhile (a health probe) ends the round, so that its task
-runs before the door answers the rest of the burst; one whose request is not
-in yet gets its task and waits at the door there (``_transport``).
+in tens of milliseconds instead of half a second. A connection the door lets
+in meanwhile (a health probe; a request not in yet, which then waits for its
+first bytes at the door in its task, ``_transport``) ends the round, so that
+its task runs before the door answers the rest of the burst, and the rest of
+the burst waits in the kernel's backlog rather than in tasks of ours.
 
 The connection's task gets the stream and closes it when it is done, as in
 trio. Capacity errors (EMFILE and friends: out of descriptors or memory) are
@@ -137,13 +138,14 @@ async def _accept_loop(
                 if door is not None and door.shedding():
                     raw.setblocking(False)
                     head = door.waiting(raw)
-                    if head:
-                        if await door.turn_away(fd, head, client):
-                            raw.close()
-                            turned_away += 1
-                            continue
-                        let_in = True  # (a health probe, say): its task runs before the rest
-                    # (else its request is not in yet: it waits at the door in its task)
+                    if head and await door.turn_away(fd, head, client):
+                        raw.close()
+                        turned_away += 1
+                        continue
+                    # A health probe, say, or a request not in yet (its task waits for it
+                    # at the door): its task runs before the rest of the burst, and the
+                    # rest waits in the kernel's backlog, not in tasks of ours.
+                    let_in = True
                 spawned += 1
                 stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
                 if tls is not None:
