@@ -1078,6 +1078,7 @@ async def test_statsd_counts_every_response_including_503s_at_the_door() -> None
         (b"GET http://t/a HTTP/1.1\r\nhost: t\r\n\r\n", False),  # absolute form
         (b"GET /%68ealth HTTP/1.1\r\nhost: t\r\n\r\n", False),  # decoded, it may be exempt
         (b"GET /a HTTP/1.1\r\nhost: t\r\nUpgrade: websocket\r\n\r\n", False),
+        (b"GET /a HTTP/1.1\r\nhost: t\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n", False),
         (b"GET /a HTTP/1.1\r\nhost: t\r\nX-Request-ID: mine\r\n\r\n", False),  # echo it
         (b"GET  /a HTTP/1.1\r\n\r\n", False),
         (b"G-T /a HTTP/1.1\r\n\r\n", False),

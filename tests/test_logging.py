@@ -341,6 +341,29 @@ async def test_cli_json_lines_for_runner_and_access(tmp_path: Path) -> None:
     assert {r["logger"] for r in runner} >= {"trio_launcher"}
 
 
+async def test_with_proxy_headers_the_access_line_names_the_forwarded_client(
+    tmp_path: Path,
+) -> None:
+    """Behind a trusted proxy the app saw the client of ``X-Forwarded-For``, but the
+    access line named the proxy: the rewrite went to a copy of the scope that the
+    protocol, which writes the line, never saw. uvicorn logs the forwarded client."""
+    access = tmp_path / "access.log"
+    args = served("tests.apps:app", log_format="json", access_log=access, proxy_headers=True)
+    async with launch(args, wait_serving=False) as proc:
+        line = await proc.wait_for_line(r'"message": "serving on ')
+        url = json.loads(line)["message"].split()[-1]
+        async with httpx.AsyncClient() as client:
+            forwarded = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"}
+            assert (await client.get(url, headers=forwarded)).status_code == 200
+            assert (await client.get(url)).status_code == 200
+        lines = await read_lines(access, 2)
+        proc.signal(2)
+        assert await proc.wait() == 0
+    first, second = (json.loads(x) for x in lines)
+    assert first["client"].startswith("203.0.113.7:")
+    assert second["client"].startswith("127.0.0.1:")
+
+
 async def test_cli_text_lines_share_one_timestamp_format(tmp_path: Path) -> None:
     access = tmp_path / "access.log"
     args = ["tests.apps:app", *LOOPBACK, "--access-log", str(access)]

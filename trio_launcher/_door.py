@@ -24,8 +24,9 @@ system calls, and no protocol is made (nor a task, at the accept loop).
 
 Everything else takes the ordinary way, where the middleware sheds it as
 before: TLS and HTTP/2 (the bytes are no HTTP/1.x head), a head not all there
-yet or longer than ``PEEK``, an ``Upgrade`` or an ``X-Request-Id`` of its own
-(to be kept and echoed), a target that is not a plain path (the middleware
+yet or longer than ``PEEK``, an ``Upgrade``, an ``X-Request-Id`` of its own
+(to be kept and echoed), a proxy's ``X-Forwarded-*`` (the access line names
+the forwarded client, ``_proxy``), a target that is not a plain path (the middleware
 compares the decoded path).
 """
 
@@ -157,8 +158,8 @@ def plain_head(data: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
     if not (method.isalpha() and path[:1] == b"/" and path.isascii()) or b"%" in path:
         return None
     lowered = fields.lower()
-    if b"upgrade:" in lowered or b"x-request-id:" in lowered:
-        return None
+    if b"upgrade:" in lowered or b"x-request-id:" in lowered or b"x-forwarded-" in lowered:
+        return None  # (a proxy's request: its access line names the forwarded client)
     return method, path, query, version, fields
 
 

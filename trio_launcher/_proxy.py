@@ -15,6 +15,8 @@ What changes, for trusted peers only:
   forge the hops our own proxies appended);
 * ``X-Forwarded-Proto``: the scope's ``scheme`` (``ws``/``wss`` for WebSockets);
 * ``X-Forwarded-Host``: the ``host`` header the app sees.
+
+The scope is changed in place, so the access line names the forwarded client too.
 """
 
 from __future__ import annotations
@@ -69,17 +71,18 @@ class ProxyHeadersMiddleware:
         if scope["type"] in ("http", "websocket"):
             client = scope.get("client")
             if self.is_trusted(client[0] if client else None):
-                scope = self._rewrite(scope)
+                self._rewrite(scope)
         await self.app(scope, receive, send)
 
-    def _rewrite(self, scope: Scope) -> Scope:
+    def _rewrite(self, scope: Scope) -> None:
         forwarded: dict[bytes, str] = {}
         for name, value in scope.get("headers") or ():
             if name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
                 forwarded[name] = value.decode("latin-1")
         if not forwarded:
-            return scope
-        scope = dict(scope)
+            return
+        # In place, as uvicorn does: the protocol that writes the access line (client,
+        # scheme) holds this very scope.
         proto = forwarded.get(b"x-forwarded-proto", "").rsplit(",", 1)[-1].strip().lower()
         if proto in _SCHEMES:
             secure = _SCHEMES[proto] == "https"
@@ -96,4 +99,3 @@ class ProxyHeadersMiddleware:
         if host:
             headers = [(n, v) for n, v in scope["headers"] if n != b"host"]
             scope["headers"] = [(b"host", host.encode("latin-1")), *headers]
-        return scope
