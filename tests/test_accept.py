@@ -1,4 +1,5 @@
-"""Connections that arrive together are accepted together (``_accept``).
+"""Connections that arrive together are accepted together (``_accept``), and a
+connection that ends is freed at once.
 
 trio's ``serve_listeners`` took one connection per scheduler round, so the
 last of a burst of connects waited one round for each before it: a fresh
@@ -8,11 +9,15 @@ the median. The rounds are counted with a trio instrument, not timed.
 
 from __future__ import annotations
 
+import gc
 import socket
+import weakref
+from typing import Any
 
 import pytest
 import trio
 
+from trio_launcher import _http1, _transport
 from trio_launcher.testing import running_server
 
 from .apps import App
@@ -65,3 +70,56 @@ async def test_a_burst_of_connects_is_accepted_at_once(transport: str) -> None:
         finally:
             for sock in socks:
                 sock.close()
+
+
+class Kept:
+    """Weak references to every object of ``cls`` made while it is patched in."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: Any, method: str) -> None:
+        self.refs: list[weakref.ref[Any]] = []
+        original = getattr(cls, method)
+        refs = self.refs
+
+        def record(obj: Any, *args: Any, **kwargs: Any) -> None:
+            original(obj, *args, **kwargs)
+            refs.append(weakref.ref(obj))
+
+        monkeypatch.setattr(cls, method, record)
+
+    def alive(self) -> list[Any]:
+        return [obj for obj in (ref() for ref in self.refs) if obj is not None]
+
+
+@pytest.mark.parametrize("options", [{}, {"limit_concurrency": 10}], ids=["plain", "limit"])
+async def test_a_connection_that_ends_needs_no_garbage_collection(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    """Every connection used to end as a reference cycle (its HTTP/1.1 protocol and the
+    parser that calls it back; the connection and the bound method it keeps to call on
+    loss), so its objects, about 35 with the task and the nursery, stayed until the
+    garbage collector's next full pass: under a burst of short connections, memory the
+    server could have reused at once."""
+    connections = Kept(monkeypatch, _transport.Connection, "__post_init__")
+    protocols = Kept(monkeypatch, _http1.HTTP1, "__init__")
+    async with running_server(App(), **options) as server:
+        gc.collect()
+        gc.disable()
+        try:
+            with trio.fail_after(10):
+                for _ in range(3):
+                    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                    async with stream:
+                        await stream.send_all(
+                            b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+                        )
+                        answer = b"".join([chunk async for chunk in stream])
+                    assert answer.startswith(b"HTTP/1.1 200 ")
+                    silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+                    await silent.aclose()  # (a client that leaves before a word)
+                await trio.testing.wait_all_tasks_blocked()
+            assert len(connections.refs) >= 6
+            assert len(protocols.refs) >= 3
+            assert connections.alive() == []
+            assert protocols.alive() == []
+        finally:
+            gc.enable()

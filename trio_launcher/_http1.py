@@ -342,6 +342,11 @@ class HTTP1:
                 summary = {"status": status, "headers": cycle.response_headers}
                 await _access(self.config, cycle.scope, summary if status else None, cycle.start)
 
+    def release(self) -> None:
+        """The connection has ended and its tasks with it: let the parser go (it holds
+        this protocol's methods: a cycle only the garbage collector would free)."""
+        del self.parser
+
     # --- httptools callbacks ---------------------------------------------------
 
     def on_message_begin(self) -> None:

@@ -142,7 +142,8 @@ class Connection:
         self._lazy = False  # see _serve_http1
         self._drained = False  # the last read took all the kernel had (see _receive)
         self._due = math.inf
-        self._on_lost: Callable[[], Awaitable[None]] = self._hypercorn_lost
+        self._on_lost: Callable[[], Awaitable[None]] | None = None  # (None: hypercorn's)
+        self._http1: HTTP1 | None = None
 
     async def run(self) -> None:
         self.registry.add(self)
@@ -176,10 +177,30 @@ class Connection:
             first = await self._at_the_door(self.door, client)
             if not first:
                 return  # answered at the door, or nothing came
+        try:
+            await self._serve_protocols(ssl, client, server, alpn, first)
+        finally:
+            # The protocol and its parser call each other, and the connection keeps a
+            # method of the protocol: cycles that only the garbage collector's full
+            # pass would free (under a burst: memory held for nothing).
+            self._on_lost = None
+            self.protocol = None
+            if self._http1 is not None:
+                self._http1.release()
+                self._http1 = None
+
+    async def _serve_protocols(
+        self,
+        ssl: bool,
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        alpn: str | None,
+        first: bytes,
+    ) -> None:
         async with trio.open_nursery() as nursery:
             handover: bytes | None = first
             if alpn != "h2" and self.http == "httptools":
-                http1 = HTTP1(
+                self._http1 = http1 = HTTP1(
                     self.app,
                     self.config,
                     self.context,
@@ -244,7 +265,7 @@ class Connection:
                 continue
             break
         if ended == "upgrade":
-            self._on_lost = self._hypercorn_lost
+            self._on_lost = None
             self._lazy = False
             return http1.upgrade
         if ended is None and not self.closing and not self.closed:
@@ -472,11 +493,10 @@ class Connection:
     async def _lost(self) -> None:
         with trio.CancelScope(shield=True):
             await self._close()
-            await self._on_lost()
-
-    async def _hypercorn_lost(self) -> None:
-        if self.protocol is not None:
-            await self.protocol.handle(Closed())
+            if self._on_lost is not None:
+                await self._on_lost()
+            elif self.protocol is not None:
+                await self.protocol.handle(Closed())
 
     async def _close(self) -> None:
         if self.closed:
