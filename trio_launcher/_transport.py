@@ -223,14 +223,20 @@ class Connection:
         """The first bytes, read before any protocol is made; b"" when the door answered
         them with 503 (the server sheds), or when none came before the first request's
         deadline (keep-alive, as on the ordinary way; a drain shortens it)."""
-        self.set_idle(True)
-        data: bytes | bytearray = b""
-        with self.scope:
-            data = await self._receive()
+        try:
+            data = os.read(self.fd, MAX_RECV)  # (usually in already: no wait, no scope)
+        except BlockingIOError:
+            self._drained = True
+            self.set_idle(True)
+            data = b""
+            with self.scope:
+                data = bytes(await self._receive())
+            self.scope = trio.CancelScope()  # (a scope serves one ``with``)
+        except OSError:  # reset by the peer
+            return b""
         if not data:
             return b""
-        self.scope = trio.CancelScope()  # (a scope serves one ``with``)
-        data = bytes(data)
+        self._drained = len(data) < MAX_RECV
         if door.shedding() and await door.turn_away(self.fd, data, client):
             return b""
         return data
