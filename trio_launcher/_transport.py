@@ -223,19 +223,28 @@ class Connection:
         """The first bytes, read before any protocol is made; b"" when the door answered
         them with 503 (the server sheds), or when none came before the first request's
         deadline (keep-alive, as on the ordinary way; a drain shortens it)."""
+        data = b""
         try:
             data = os.read(self.fd, MAX_RECV)  # (usually in already: no wait, no scope)
         except BlockingIOError:
-            self._drained = True
-            self.set_idle(True)
-            data = b""
-            with self.scope:
-                data = bytes(await self._receive())
-            self.scope = trio.CancelScope()  # (a scope serves one ``with``)
+            pass  # (waited for below: not in here, where the exception stays alive)
         except OSError:  # reset by the peer
             return b""
         if not data:
-            return b""
+            self.set_idle(True)
+            with self.scope:
+                while True:
+                    await trio.lowlevel.wait_readable(self.fd)
+                    try:
+                        data = os.read(self.fd, MAX_RECV)  # (b"": the client left)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        pass  # reset by the peer
+                    break
+            self.scope = trio.CancelScope()  # (a scope serves one ``with``)
+        if not data:
+            return b""  # gone, or nothing came in time
         self._drained = len(data) < MAX_RECV
         if door.shedding() and await door.turn_away(self.fd, data, client):
             return b""
