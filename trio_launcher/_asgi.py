@@ -56,7 +56,7 @@ from ._bounds import (
     is_http1,
 )
 from ._errors import EngineDeadError, EngineGenerateError, leaves
-from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds
+from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds, header_value
 from ._metrics import Metrics, recorder
 
 log = logging.getLogger("trio_launcher")
@@ -189,8 +189,11 @@ class RunnerMiddleware:
             incoming = extensions.get(REQUEST_ID_EXTENSION)
             if incoming is None:  # the protocol does not say: the headers do
                 header = ids.assign(scope)  # (sent with the app's headers)
-            else:  # the protocol writes the line itself
+            elif incoming:  # the protocol writes the line itself
                 extensions[HEADER_EXTENSION] = ids.keep_or_make(incoming, scope)
+            else:  # a new id, inline (``keep_or_make``: a Python call more)
+                text, extensions[HEADER_EXTENSION] = next(ids.new)
+                scope["state"]["request_id"] = text  # (such a protocol gives each its own)
         ex = Exchange(send, header)
         if self._answered_here(scope, method, path):
             await self._answer(scope, ex)
@@ -288,7 +291,7 @@ class RunnerMiddleware:
             self.metrics.requests.finished(method, 503, None, 0.0)
         request_id = None
         if self.request_ids is not None:
-            request_id = self.request_ids.keep_or_make(b"", {})[1]
+            request_id = header_value(self.request_ids.keep_or_make(b"", {}))
         return self._shed_body_for(limit), request_id
 
     def _answered_here(self, scope: Scope, method: str, path: str) -> bool:
