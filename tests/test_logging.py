@@ -18,7 +18,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.logging import AccessLogAtoms
 
-from trio_launcher._logging import JsonFormatter, TextFormatter, iso_time
+from trio_launcher._logging import ID_BATCH, JsonFormatter, RequestIds, TextFormatter, iso_time
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import Receive, Send, respond
@@ -182,6 +182,16 @@ async def test_http2_ids_are_never_indexed_by_hpack() -> None:
     indexed = [name for name, _ in connection.decoder.header_table.dynamic_entries]
     assert b"x-request-id" not in indexed
     assert b"date" in indexed  # the table itself works
+
+
+def test_new_ids_count_up_across_batches() -> None:
+    """New ids are made a batch at a time (``ID_BATCH``), each with its header line:
+    they still count 1, 2, 3... after the prefix, and each line holds its own id."""
+    ids = RequestIds()
+    made = [next(ids.new) for _ in range(3 * ID_BATCH + 5)]
+    assert [text for text, _ in made] == [f"{ids.prefix}{n}" for n in range(1, 3 * ID_BATCH + 6)]
+    assert all(GENERATED.match(text) for text, _ in made)
+    assert all(line == b"x-request-id: %s\r\n" % text.encode() for text, line in made)
 
 
 async def test_request_ids_off() -> None:

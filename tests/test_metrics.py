@@ -265,6 +265,52 @@ async def test_a_request_cancelled_in_the_drain_counts_as_cut() -> None:
     assert value(samples, "http_server_active_requests") == 0
 
 
+async def test_the_middleware_measures_as_finished_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's middleware records a request's duration inline (no call to
+    ``LocalRequests.finished``): the series it fills are the ones ``finished`` fills,
+    for a route that is None, a string or an (unhashable) route object, an unknown
+    method, and durations in the first, a middle and the +Inf bucket."""
+
+    class Route:  # Starlette's route objects compare by value: unhashable
+        path = "/a/{b}"
+        __hash__ = None  # type: ignore[assignment]
+
+    cases = [
+        ("GET", None, 200, 0.001),
+        ("GET", "/x/<y>", 404, 0.3),
+        ("BREW", None, 200, 0.02),
+        ("POST", Route(), 201, 20.0),
+        ("GET", None, 200, 0.004),
+        ("GET", "/x/<y>", 404, 0.0),
+    ]
+    route: object = None
+    status = 0
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["route"] = route
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    metrics = Metrics()
+    middleware = RunnerMiddleware(app, lambda exc: None, metrics=metrics)  # type: ignore[arg-type]
+    expected = LocalRequests()
+    monkeypatch.setattr("time.monotonic", lambda: 0.0)  # every request arrives at 0
+    for method, route, status, seconds in cases:
+        monkeypatch.setattr("trio_launcher._asgi._now", lambda s=seconds: s)
+        scope = {"type": "http", "method": method, "path": "/", "headers": [], "state": {}}
+        await middleware(scope, receive, send)
+        expected.finished(method, status, route, seconds)
+    assert isinstance(metrics.requests, LocalRequests)
+    assert metrics.requests.series == expected.series
+    assert len(metrics.requests.series) == 4
+
+
 def test_recorder_off_is_a_no_op() -> None:
     rec = recorder()
     assert type(rec) is Recorder

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
@@ -56,8 +57,8 @@ from ._bounds import (
     is_http1,
 )
 from ._errors import EngineDeadError, EngineGenerateError, leaves
-from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds
-from ._metrics import Metrics, recorder
+from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds, header_value
+from ._metrics import DURATION_BUCKETS, FIRST_BUCKET, LocalRequests, Metrics, recorder
 
 log = logging.getLogger("trio_launcher")
 
@@ -70,6 +71,7 @@ Headers = list[tuple[bytes, bytes]]
 
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (EngineDeadError, EngineGenerateError)
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_now = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -164,13 +166,20 @@ class RunnerMiddleware:
     deadlines: Deadlines = field(init=False)
     """The request deadline's reaper: the runner runs ``deadlines.run`` beside the server."""
     _shed_body: bytes | None = field(default=None, init=False)
+    _local: LocalRequests | None = field(default=None, init=False, repr=False)
+    _seen: dict[tuple[str, int, str | None], list[float]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.deadlines = Deadlines(self.bounds.request_timeout or math.inf)
         if self.metrics is None:
             self.metrics_path = None
         else:
-            self.metrics.requests.active_now = self.in_flight.requests.__len__
+            requests = self.metrics.requests
+            requests.active_now = self.in_flight.requests.__len__
+            if isinstance(requests, LocalRequests):
+                self._local, self._seen = requests, requests.seen
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,8 +198,11 @@ class RunnerMiddleware:
             incoming = extensions.get(REQUEST_ID_EXTENSION)
             if incoming is None:  # the protocol does not say: the headers do
                 header = ids.assign(scope)  # (sent with the app's headers)
-            else:  # the protocol writes the line itself
+            elif incoming:  # the protocol writes the line itself
                 extensions[HEADER_EXTENSION] = ids.keep_or_make(incoming, scope)
+            else:  # a new id, inline (``keep_or_make``: a Python call more)
+                text, extensions[HEADER_EXTENSION] = next(ids.new)
+                scope["state"]["request_id"] = text  # (such a protocol gives each its own)
         ex = Exchange(send, header)
         if self._answered_here(scope, method, path):
             await self._answer(scope, ex)
@@ -243,9 +255,23 @@ class RunnerMiddleware:
             raise
         finally:
             arrived = in_flight.remove(key)
-            if self.metrics is not None:
+            seen = self._seen
+            if seen is not None:  # ``LocalRequests.finished``, inline: two Python calls fewer
+                status = ex.status
+                route = scope.get("route")
+                counts = None
+                if route is None or type(route) is str:
+                    counts = seen.get((method, status, route))
+                if counts is None:  # new, an unknown method, a route object
+                    assert self._local is not None
+                    counts = self._local.counts(method, status, route)
+                seconds = _now() - arrived
+                bucket = 0 if seconds <= FIRST_BUCKET else bisect_left(DURATION_BUCKETS, seconds)
+                counts[bucket] += 1
+                counts[-1] += seconds
+            elif self.metrics is not None:  # (``--workers``: prometheus_client's files)
                 self.metrics.requests.finished(
-                    method, ex.status, scope.get("route"), time.monotonic() - arrived
+                    method, ex.status, scope.get("route"), _now() - arrived
                 )
 
     def answers_itself(self, scope: Scope) -> bool:
@@ -288,7 +314,7 @@ class RunnerMiddleware:
             self.metrics.requests.finished(method, 503, None, 0.0)
         request_id = None
         if self.request_ids is not None:
-            request_id = self.request_ids.keep_or_make(b"", {})[1]
+            request_id = header_value(self.request_ids.keep_or_make(b"", {}))
         return self._shed_body_for(limit), request_id
 
     def _answered_here(self, scope: Scope, method: str, path: str) -> bool:

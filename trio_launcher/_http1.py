@@ -84,7 +84,7 @@ import trio
 
 from ._bounds import BODY_PENDING_EXTENSION, CANCEL_EXTENSION
 from ._hypercorn import AppWrapper, Config, WorkerContext, logs_access, set_task_context
-from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION
+from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, REQUEST_ID_HEADER, header_value
 
 HIGH_WATER = 2**16  # request body bytes held for the app before the socket is left unread
 IDLE_RUNNERS = 2  # handler tasks a connection keeps waiting for its next request
@@ -733,9 +733,11 @@ class Cycle:
         elif self.scope["http_version"] == "1.0":
             extra += b"connection: keep-alive\r\n"
         ours = self.scope["extensions"].get(HEADER_EXTENSION)
-        if ours is not None:  # the request id (``HEADER_EXTENSION``): valid already
-            extra += ours[0] + b": " + ours[1] + b"\r\n"
-            self.response_headers = [*self.response_headers, ours]  # for the access log
+        if ours is not None:  # the request id's line (``HEADER_EXTENSION``): valid already
+            extra += ours
+            if protocol.logs_access:  # (else nothing reads them)
+                header = (REQUEST_ID_HEADER, header_value(ours))
+                self.response_headers = [*self.response_headers, header]
         return head + extra + protocol.defaults.get() + b"\r\n"
 
     async def refuse(self, status: int) -> None:

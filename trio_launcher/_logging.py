@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import json
 import logging
+import operator
 import secrets
 import sys
 import time
@@ -56,52 +57,89 @@ LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 REQUEST_ID_HEADER = b"x-request-id"
 HEADER_EXTENSION = "trio_launcher.response_header"
 """A scope extension the runner sets for a protocol that offers ``REQUEST_ID_EXTENSION``:
-the request id's ``(name, value)``, for the protocol to write into the response head
-itself, with the app's headers. The runner's id is already valid, and one header less
-in the app's list to check costs a hello-world request about 2 % less."""
+the request id's whole header line (``b"x-request-id: ...\\r\\n"``), for the protocol
+to write into the response head itself, with the app's headers. The runner's id is
+already valid, and one header less in the app's list to check costs a hello-world
+request about 2 % less (:func:`header_value` gives back the value)."""
 REQUEST_ID_EXTENSION = "trio_launcher.request_id"
 """A scope extension a protocol puts in each request's extensions when it writes the
 line of ``HEADER_EXTENSION`` itself (``_http1`` does): the request's own
 ``X-Request-Id`` value (the first one), ``b""`` if it has none. Its header loop sees
-the name anyway, so the runner need not scan the headers again."""
+the name anyway, so the runner need not scan the headers again. Such a protocol gives
+every request a ``scope["state"]`` dict of its own."""
+ID_BATCH = 100  # new ids formatted together (the two digits of ``_ENDINGS``)
+_ENDINGS = tuple(f"{n:02d}" for n in range(ID_BATCH))
+_LINE_ENDINGS = tuple(b"%02d\r\n" % n for n in range(ID_BATCH))
 _VISIBLE = bytes(range(0x21, 0x7F))  # what a request id is made of
 _ACCESS_ID_ATOM = "{x-request-id}o"
+_VALUE_AT = len(REQUEST_ID_HEADER) + 2  # b"x-request-id: "
 
 
 class RequestIds:
-    """Keeps a valid incoming ``X-Request-Id`` or makes a new one."""
+    """Keeps a valid incoming ``X-Request-Id`` or makes a new one.
+
+    ``next(ids.new)`` makes one: ``(id, its header line)``. The counter is never
+    formatted per id: a batch of ``ID_BATCH`` ids shares its leading digits, and
+    each id and line is one concatenation with a two-digit ending made once, all
+    in C (``itertools.chain`` asks :meth:`_batch` for the next batch, lazily).
+    A new id then costs a request about 1.5k instructions, where an f-string
+    and ``encode`` in a method cost 2.3k and the header line 1k more.
+    """
 
     def __init__(self) -> None:
-        self.prefix = secrets.token_hex(6) + "-"
-        self._counter = itertools.count(1)
+        self.prefix = secrets.token_hex(6) + "-"  # the process's own
+        self._line = b"%s: %s" % (REQUEST_ID_HEADER, self.prefix.encode())
+        self.new: Iterator[tuple[str, bytes]] = itertools.chain.from_iterable(
+            map(self._batch, itertools.count())
+        )
+
+    def _batch(self, k: int) -> Iterator[tuple[str, bytes]]:
+        """Ids ``100 k`` to ``100 k + 99`` (1 to 99 for k = 0), with their lines."""
+        prefix, line = self.prefix, self._line
+        if k == 0:
+            numbers = [str(n) for n in range(1, ID_BATCH)]
+            return zip(
+                [prefix + n for n in numbers],
+                [b"%s%s\r\n" % (line, n.encode()) for n in numbers],
+                strict=True,
+            )
+        return zip(
+            map(operator.add, itertools.repeat(f"{prefix}{k}"), _ENDINGS),
+            map(operator.add, itertools.repeat(b"%s%d" % (line, k)), _LINE_ENDINGS),
+            strict=True,
+        )
 
     def assign(self, scope: Any) -> tuple[bytes, bytes]:
         """Set ``scope["state"]["request_id"]`` from the request's headers; the header
-        to echo."""
+        to echo, ``(name, value)``."""
         for name, incoming in scope["headers"]:
             if name == REQUEST_ID_HEADER:
-                return self.keep_or_make(incoming, scope)
-        return self.keep_or_make(b"", scope)
+                return (REQUEST_ID_HEADER, header_value(self.keep_or_make(incoming, scope)))
+        return (REQUEST_ID_HEADER, header_value(self.keep_or_make(b"", scope)))
 
-    def keep_or_make(self, incoming: bytes, scope: Any) -> tuple[bytes, bytes]:
+    def keep_or_make(self, incoming: bytes, scope: Any) -> bytes:
         """Keep the request's own id ``incoming`` (``b""``: none) if valid, or make one;
-        set ``scope["state"]["request_id"]``; the header to echo.
+        set ``scope["state"]["request_id"]``; the header line to echo.
 
         The state dict is the server's per-request copy (ASGI: the server copies
         the lifespan state for each request), so it is written in place."""
         if incoming and len(incoming) <= 128 and not incoming.translate(None, _VISIBLE):
-            value = incoming
-            text = value.decode()
+            text = incoming.decode()
+            line = b"%s: %s\r\n" % (REQUEST_ID_HEADER, incoming)
         else:
-            text = f"{self.prefix}{next(self._counter)}"
-            value = text.encode()
+            text, line = next(self.new)
         state = scope.get("state")
         if state is None:
             scope["state"] = {"request_id": text}
         else:
             state["request_id"] = text  # the server's copy for this request (ASGI lifespan state)
         # (HTTP/2: never indexed by HPACK, see ``_transport.NEVER_INDEXED``.)
-        return (REQUEST_ID_HEADER, value)
+        return line
+
+
+def header_value(line: bytes) -> bytes:
+    """The value of a request id's header line (``HEADER_EXTENSION``)."""
+    return line[_VALUE_AT:-2]
 
 
 def iso_time(created: float) -> str:
