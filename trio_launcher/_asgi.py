@@ -285,9 +285,19 @@ class RunnerMiddleware:
         return self._answered_here(scope, method, path)
 
     def shedding(self) -> bool:
-        """True while every new HTTP request is shed: the concurrency limit is reached."""
+        """True while every new HTTP request is shed: the concurrency limit is reached,
+        counting the requests the door let in that are on their way to the app."""
         limit = self.bounds.limit_concurrency
-        return limit is not None and len(self.in_flight.requests) >= limit
+        in_flight = self.in_flight
+        return limit is not None and len(in_flight.requests) + in_flight.coming >= limit
+
+    def let_in(self) -> None:
+        """The door let a request in: it counts against the limit until it arrives."""
+        self.in_flight.coming += 1
+
+    def arrived(self) -> None:
+        """A request the door let in reached the app (or will not: its connection ended)."""
+        self.in_flight.coming -= 1
 
     def shed_at_door(
         self, method: str, path: str, header_count: int, head_size: int

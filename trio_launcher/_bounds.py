@@ -94,6 +94,7 @@ class InFlight:
         self.requests: dict[int, tuple[float, str, str]] = {}
         self._next = 0
         self.shed = 0  # requests refused by the concurrency limit
+        self.coming = 0  # requests the door let in that have not reached the app yet
 
     def __len__(self) -> int:
         return len(self.requests)

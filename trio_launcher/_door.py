@@ -54,6 +54,10 @@ class Shedder(Protocol):
 
     def shedding(self) -> bool: ...
 
+    def let_in(self) -> None: ...
+
+    def arrived(self) -> None: ...
+
     def shed_at_door(
         self, method: str, path: str, header_count: int, head_size: int
     ) -> tuple[bytes, bytes | None] | None: ...
@@ -71,6 +75,8 @@ class Door:
     def __init__(self, config: Config, shedder: Shedder) -> None:
         self.config = config
         self.shedding = shedder.shedding
+        self.let_in = shedder.let_in
+        self.arrived = shedder.arrived
         self._shed = shedder.shed_at_door
         self._logs_access = logs_access(config)  # (the statsd logger counts every response)
         self._body = b""

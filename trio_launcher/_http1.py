@@ -232,8 +232,10 @@ class HTTP1:
         server: tuple[str, int] | None,
         state: dict[str, Any],
         answers_itself: Callable[[dict[str, Any]], bool] | None = None,
+        arrived: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
+        self.arrived = arrived  # called once, as the first request reaches the app
         self.answers_itself = answers_itself
         self.config = config
         self.context = context
@@ -346,6 +348,7 @@ class HTTP1:
         """The connection has ended and its tasks with it: let the parser go (it holds
         this protocol's methods: a cycle only the garbage collector would free)."""
         del self.parser
+        self.arrived = None
 
     # --- httptools callbacks ---------------------------------------------------
 
@@ -490,6 +493,9 @@ class HTTP1:
             self.running -= 1
 
     async def _call(self, cycle: Cycle) -> None:
+        if self.arrived is not None:  # (the door counts it against the limit till now)
+            arrived, self.arrived = self.arrived, None
+            arrived()
         if self.context.max_requests is not None:
             await self.context.mark_request()
         try:

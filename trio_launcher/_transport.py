@@ -144,6 +144,7 @@ class Connection:
         self._due = math.inf
         self._on_lost: Callable[[], Awaitable[None]] | None = None  # (None: hypercorn's)
         self._http1: HTTP1 | None = None
+        self._coming = False  # the door let the first request in; it has not arrived yet
 
     async def run(self) -> None:
         self.registry.add(self)
@@ -183,6 +184,7 @@ class Connection:
             # The protocol and its parser call each other, and the connection keeps a
             # method of the protocol: cycles that only the garbage collector's full
             # pass would free (under a burst: memory held for nothing).
+            self._arrive()
             self._on_lost = None
             self.protocol = None
             if self._http1 is not None:
@@ -211,11 +213,13 @@ class Connection:
                     server=server,
                     state=self.state,
                     answers_itself=self.answers_itself,
+                    arrived=self._arrive if self._coming else None,
                 )
                 handover = await self._serve_http1(http1, first)
                 if handover is None and not http1.running:
                     return  # nothing to cancel: the parked runners were let go
             if handover is not None:
+                self._arrive()  # (hypercorn's protocols: no word when it does)
                 await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
             nursery.cancel_scope.cancel()  # the app tasks of a closed connection
 
@@ -248,7 +252,18 @@ class Connection:
         self._drained = len(data) < MAX_RECV
         if door.shedding() and await door.turn_away(self.fd, data, client):
             return b""
+        # Let in: it counts against the limit until the app has it (``_arrive``),
+        # a scheduler round from now; what comes in meanwhile must not take its place.
+        door.let_in()
+        self._coming = True
         return data
+
+    def _arrive(self) -> None:
+        """The request the door let in reached the app, or will not."""
+        if self._coming:
+            self._coming = False
+            assert self.door is not None
+            self.door.arrived()
 
     # --- HTTP/1.1 on httptools ----------------------------------------------------
 
