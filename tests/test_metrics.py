@@ -159,7 +159,7 @@ def test_unknown_methods_are_one_series_and_never_remembered_one_by_one() -> Non
     }
     assert requests.series["GET", 200, "/x/<y>"][DURATION_BUCKETS.index(0.5)] == 1
     assert requests.series["POST", 0, "/a/{b}"][-1] == 20.0
-    assert len(requests._seen) == 3  # not BREW, not WHEN
+    assert len(requests.seen) == 3  # not BREW, not WHEN
 
 
 async def test_separate_listener_and_engine_up() -> None:

@@ -84,7 +84,7 @@ class Door(Protocol):
 
     def waiting(self, sock: socket.socket) -> bytes: ...
 
-    async def turn_away(self, fd: int, head: bytes, client: Any) -> bool: ...
+    async def turn_away(self, fd: int, head: bytes, client: Any, *, more: bool) -> bool: ...
 
 
 async def serve_listening(
@@ -142,7 +142,7 @@ async def _accept_loop(
                 if door is not None and door.shedding():
                     raw.setblocking(False)
                     head = door.waiting(raw)
-                    if head and await door.turn_away(fd, head, client):
+                    if head and await door.turn_away(fd, head, client, more=True):
                         raw.close()
                         turned_away += 1
                         continue

@@ -90,10 +90,11 @@ class Door:
         except OSError:
             return b""  # nothing there yet, or gone: the ordinary way sees to it
 
-    async def turn_away(self, fd: int, head: bytes, client: Any) -> bool:
+    async def turn_away(self, fd: int, head: bytes, client: Any, *, more: bool) -> bool:
         """Answer the request whose first bytes are ``head`` (peeked, or read already) on
         the non-blocking socket ``fd`` with 503, if it is shed: True, and the caller
-        closes the socket. False: serve it (nothing was read or written)."""
+        closes the socket. False: serve it (nothing was read or written). ``more``: bytes
+        may be waiting in the socket (``head`` was peeked, or a read filled its buffer)."""
         start = time.time()
         request = plain_head(head)
         if request is None:
@@ -123,8 +124,9 @@ class Door:
             default_headers(self.config),
             b"" if method == b"HEAD" else body,
         )
-        with contextlib.suppress(OSError):  # (nothing more: read by the connection)
-            os.read(fd, TAKE)  # read: the close then sends a FIN, not a reset
+        if more:
+            with contextlib.suppress(OSError):
+                os.read(fd, TAKE)  # read: the close then sends a FIN, not a reset
         with contextlib.suppress(OSError):  # the client left: nothing to say to it
             os.write(fd, response)  # (a new connection's buffer holds it)
         if self._logs_access:

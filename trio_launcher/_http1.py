@@ -348,7 +348,6 @@ class HTTP1:
         """The connection has ended and its tasks with it: let the parser go (it holds
         this protocol's methods: a cycle only the garbage collector would free)."""
         del self.parser
-        self.arrived = None
 
     # --- httptools callbacks ---------------------------------------------------
 

@@ -363,20 +363,16 @@ class LocalRequests(_Counting):
     def __init__(self) -> None:
         super().__init__()
         self.series: dict[_Key, list[float]] = {}  # bucket counts..., +Inf count, sum
-        self._seen: dict[_Seen, list[float]] = {}  # the same lists by what a request gives
-
-    @property
-    def seen(self) -> dict[_Seen, list[float]]:
-        """The series by what a request gives, ``(method, status, route)``, for a route
-        that is None or a string (else ask :meth:`counts`). The runner's middleware
-        does :meth:`finished` inline with it (two Python calls fewer a request)."""
-        return self._seen
+        # The same lists by what a request gives, ``(method, status, route)``, for a route
+        # that is None or a string (else ask :meth:`counts`). The runner's middleware
+        # does :meth:`finished` inline with it (two Python calls fewer a request).
+        self.seen: dict[_Seen, list[float]] = {}
 
     def finished(self, method: str, status: int, route: object, seconds: float) -> None:
         """One request ended (the arguments: :func:`request_key`)."""
         counts = None
         if route is None or type(route) is str:
-            counts = self._seen.get((method, status, route))
+            counts = self.seen.get((method, status, route))
         if counts is None:
             counts = self.counts(method, status, route)
         # (Most requests of a fast service end in the first bucket: one comparison.)
@@ -387,14 +383,14 @@ class LocalRequests(_Counting):
         """The series of a request (made the first time): bucket counts..., the +Inf
         count, the sum."""
         given = _given_route(route)
-        counts = self._seen.get((method, status, given))
+        counts = self.seen.get((method, status, given))
         if counts is None:
             key = request_key(method, status, given)
             counts = self.series.get(key)
             if counts is None:
                 counts = self.series[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
             if key[0] == method:  # (an unknown method is not remembered: no bound)
-                self._seen[method, status, given] = counts
+                self.seen[method, status, given] = counts
         return counts
 
     def collect(self) -> Iterator[Any]:

@@ -181,10 +181,10 @@ class Connection:
         try:
             await self._serve_protocols(ssl, client, server, alpn, first)
         finally:
+            self._arrive()  # (a request let in that never reached the app: its place)
             # The protocol and its parser call each other, and the connection keeps a
             # method of the protocol: cycles that only the garbage collector's full
             # pass would free (under a burst: memory held for nothing).
-            self._arrive()
             self._on_lost = None
             self.protocol = None
             if self._http1 is not None:
@@ -227,30 +227,26 @@ class Connection:
         """The first bytes, read before any protocol is made; b"" when the door answered
         them with 503 (the server sheds), or when none came before the first request's
         deadline (keep-alive, as on the ordinary way; a drain shortens it)."""
-        data = b""
+        data: bytes | bytearray | None
         try:
             data = os.read(self.fd, MAX_RECV)  # (usually in already: no wait, no scope)
+            self._drained = len(data) < MAX_RECV
         except BlockingIOError:
-            pass  # (waited for below: not in here, where the exception stays alive)
+            data = None  # (waited for below: not in here, where the exception stays alive)
         except OSError:  # reset by the peer
             return b""
-        if not data:
+        if data is None:
             self.set_idle(True)
+            self._drained = True  # (``_receive`` waits first)
+            data = b""
             with self.scope:
-                while True:
-                    await trio.lowlevel.wait_readable(self.fd)
-                    try:
-                        data = os.read(self.fd, MAX_RECV)  # (b"": the client left)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        pass  # reset by the peer
-                    break
+                data = await self._receive()
             self.scope = trio.CancelScope()  # (a scope serves one ``with``)
         if not data:
             return b""  # gone, or nothing came in time
-        self._drained = len(data) < MAX_RECV
-        if door.shedding() and await door.turn_away(self.fd, data, client):
+        data = bytes(data)
+        more = not self._drained  # (the read filled its buffer)
+        if door.shedding() and await door.turn_away(self.fd, data, client, more=more):
             return b""
         # Let in: it counts against the limit until the app has it (``_arrive``),
         # a scheduler round from now; what comes in meanwhile must not take its place.
