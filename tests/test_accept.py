@@ -117,7 +117,9 @@ async def test_a_connection_that_ends_needs_no_garbage_collection(
                     silent = await trio.open_tcp_stream("127.0.0.1", server.port)
                     await silent.aclose()  # (a client that leaves before a word)
                 await trio.testing.wait_all_tasks_blocked()
-            assert len(connections.refs) >= 6
+            # (with a limit, a client that leaves before a word never gets a connection:
+            # it waited in the door's room)
+            assert len(connections.refs) >= (3 if options else 6)
             assert len(protocols.refs) >= 3
             assert connections.alive() == []
             assert protocols.alive() == []

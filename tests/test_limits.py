@@ -340,6 +340,64 @@ async def test_a_connection_in_before_its_request_is_still_answered_at_the_door(
         assert (await server.client.get("/")).status_code == 200
 
 
+async def test_connections_waiting_for_their_first_bytes_hold_no_task() -> None:
+    """Under a limit, a connection whose request was not in yet waited for it at the
+    door in a task of its own. A burst's clients connect first and write later, so
+    hundreds of such tasks woke in one scheduler batch and each answered its 503 there:
+    the handlers of the requests let in from that crowd started a batch of 90-200 ms
+    later (BENCHMARKS.md). They now wait in one waiting room, without a task each;
+    when their bytes come, the door answers them, and only what it lets in gets a
+    task."""
+    app = BoundsApp()
+    connections = SpawnedConnections()
+    get = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
+    async with running_server(app, limit_concurrency=1) as server:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await take_the_slot(nursery, app, server.port)
+                trio.lowlevel.add_instrument(connections)
+                try:
+                    waiting = [
+                        await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(20)
+                    ]
+                    await trio.testing.wait_all_tasks_blocked()  # accepted, waiting for bytes
+                    assert connections.count == 0
+                    for stream in waiting:
+                        async with stream:
+                            await stream.send_all(get)
+                            answer = b"".join([chunk async for chunk in stream])  # to the close
+                        assert answer.startswith(b"HTTP/1.1 503 ")
+                    assert connections.count == 0
+                finally:
+                    trio.lowlevel.remove_instrument(connections)
+                app.release.set()
+        assert server.handle.in_flight == 0
+        assert (await server.client.get("/")).status_code == 200
+
+
+async def test_a_connection_waiting_for_its_request_keeps_its_deadline_and_is_served() -> None:
+    """A connection that waits at the door for its first bytes has the first request's
+    deadline (keep-alive, as on the ordinary way): one that sends nothing is closed
+    then, one whose request comes before it is served."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.keep_alive_timeout = 1
+    async with running_server(BoundsApp(), config, limit_concurrency=5) as server:
+        with trio.fail_after(10):
+            started = trio.current_time()
+            silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+            late = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await trio.sleep(0.3)  # (the request comes late: what is under test)
+            await late.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            head, body = await read_response(late)
+            assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello"
+            assert await silent.receive_some(10) == b""  # closed by the server
+            closed_after = trio.current_time() - started
+        await silent.aclose()
+        await late.aclose()
+    assert 0.9 < closed_after < 5, closed_after
+
+
 async def test_requests_let_in_together_count_against_the_limit_before_they_arrive(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config
 from prometheus_client.parser import text_string_to_metric_families
 from quart_trio import QuartTrio
@@ -99,6 +100,25 @@ async def test_active_requests_counts_a_request_in_flight() -> None:
             assert value(await scrape(other), "http_server_active_requests") == 1
             assert value(await scrape(other), "http_server_open_connections") == 2
         n.cancel_scope.cancel()
+
+
+async def test_open_connections_counts_those_waiting_at_the_door() -> None:
+    """With a concurrency limit, a connection whose request is not in yet waits at the
+    door without a task; it is still an open connection, and counts until it leaves."""
+    async with running_server(App(), metrics_path="/metrics", limit_concurrency=10) as server:
+        with trio.fail_after(10):
+            assert value(await scrape(server.client), "http_server_open_connections") == 1
+            silent = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(3)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert value(await scrape(server.client), "http_server_open_connections") == 4
+            for stream in silent[:2]:
+                await stream.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert value(await scrape(server.client), "http_server_open_connections") == 2
+            await silent[2].send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")  # let in
+            assert (await silent[2].receive_some(100)).startswith(b"HTTP/1.1 200 ")
+            assert value(await scrape(server.client), "http_server_open_connections") == 2
+            await silent[2].aclose()
 
 
 async def test_route_template_from_quart_not_the_raw_path() -> None:

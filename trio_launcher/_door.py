@@ -9,22 +9,22 @@ health probe that connected during it waited behind all of it, and every
 refused connection held its objects until its turn came.
 
 So the door looks at a new connection's first bytes, on the way in. While
-the server sheds, the accept loop *peeks* at the bytes already waiting in a
-new plain-TCP connection. A connection whose request is not in yet, or that
-came in before the server began to shed (a burst's clients connect first and
-write later), gets its task, but waits at the door: its connection reads the
-first bytes before it makes a protocol, a parser or a nursery, and asks the
-door again if the server sheds then. If the bytes hold a whole HTTP/1.x
-request head that the middleware would shed (``RunnerMiddleware.shed_at_door``:
-not the health or metrics path, not a head the limits would refuse with 431
-first), the door reads them, writes the 503 the middleware would
-(``Retry-After``, the JSON body, a new request id, ``Connection: close``),
-counts and logs it like any other response, and the socket closes: a few
-system calls, and no protocol is made (nor a task, at the accept loop).
+a concurrency limit is set, the accept loop reads the first bytes of every new
+plain-TCP connection; one whose bytes are not in yet (a burst's clients
+connect first and write later) waits for them in the waiting room
+(``_accept.WaitingRoom``), without a task. If the server sheds when the bytes
+are in, and they hold a whole HTTP/1.x request head that the middleware would
+shed (``RunnerMiddleware.shed_at_door``: not the health or metrics path, not a
+head the limits would refuse with 431 first), the door writes the 503 the
+middleware would (``Retry-After``, the JSON body, a new request id,
+``Connection: close``), counts and logs it like any other response, and the
+socket closes: a few system calls, and no task, protocol or parser. What it
+lets in gets its connection task with the bytes read, and counts against the
+limit until it reaches the app (``let_in``, ``arrived``).
 
 Everything else takes the ordinary way, where the middleware sheds it as
 before: TLS and HTTP/2 (the bytes are no HTTP/1.x head), a head not all there
-yet or longer than ``PEEK``, an ``Upgrade``, an ``X-Request-Id`` of its own
+yet (not all in the first read), an ``Upgrade``, an ``X-Request-Id`` of its own
 (to be kept and echoed), a proxy's ``X-Forwarded-*`` (the access line names
 the forwarded client, ``_proxy``), a target that is not a plain path (the middleware
 compares the decoded path).
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from typing import Any, Protocol
 
@@ -43,7 +42,6 @@ from ._http1 import default_headers, status_line
 from ._hypercorn import Config, logs_access
 from ._logging import REQUEST_ID_HEADER
 
-PEEK = 8192  # bytes of a head the door looks at; a longer head takes the ordinary way
 TAKE = 65536  # bytes read before the close (what the client sent with its request)
 
 _VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
@@ -83,18 +81,11 @@ class Door:
         self._head = b""
         self._headers: list[tuple[bytes, bytes]] = []
 
-    def waiting(self, sock: socket.socket) -> bytes:
-        """The bytes already in the non-blocking ``sock``, left there (b"": none yet)."""
-        try:
-            return sock.recv(PEEK, socket.MSG_PEEK)
-        except OSError:
-            return b""  # nothing there yet, or gone: the ordinary way sees to it
-
     async def turn_away(self, fd: int, head: bytes, client: Any, *, more: bool) -> bool:
-        """Answer the request whose first bytes are ``head`` (peeked, or read already) on
+        """Answer the request whose first bytes are ``head`` (read already) on
         the non-blocking socket ``fd`` with 503, if it is shed: True, and the caller
         closes the socket. False: serve it (nothing was read or written). ``more``: bytes
-        may be waiting in the socket (``head`` was peeked, or a read filled its buffer)."""
+        may be waiting in the socket (the read of ``head`` filled its buffer)."""
         start = time.time()
         request = plain_head(head)
         if request is None:

@@ -107,10 +107,14 @@ class Recorder:
         """A worker process is gone: drop its live gauges."""
 
     def connection_handler(
-        self, handler: Callable[[trio.abc.Stream], Awaitable[None]]
-    ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
+        self, handler: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
+    ) -> Callable[[trio.abc.Stream, bytes], Awaitable[None]]:
         """``handler``, counting its open connections (unchanged when off)."""
         return handler
+
+    def connections_waiting(self, change: int) -> None:
+        """Open connections without a task (waiting at the door for their first
+        bytes) came (+1) or went (-1)."""
 
 
 NOOP = Recorder()
@@ -272,18 +276,21 @@ class Metrics(Recorder):
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
     def connection_handler(
-        self, handler: Callable[[trio.abc.Stream], Awaitable[None]]
-    ) -> Callable[[trio.abc.Stream], Awaitable[None]]:
+        self, handler: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
+    ) -> Callable[[trio.abc.Stream, bytes], Awaitable[None]]:
         requests = self.requests
 
-        async def counted(stream: trio.abc.Stream) -> None:
+        async def counted(stream: trio.abc.Stream, first: bytes) -> None:
             requests.connection_opened()
             try:
-                await handler(stream)
+                await handler(stream, first)
             finally:
                 requests.connection_closed()
 
         return counted
+
+    def connections_waiting(self, change: int) -> None:
+        self.requests.connections += change
 
     # --- the scrape -----------------------------------------------------------
 

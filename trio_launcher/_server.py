@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 from collections.abc import Awaitable, Callable
 from functools import partial
 from random import randint
@@ -40,7 +41,7 @@ from typing import Any
 
 import trio
 
-from ._accept import Door, TLSContext, serve_listening
+from ._accept import Door, TLSContext, WaitingRoom, serve_listening
 from ._errors import AppStartupError
 from ._hypercorn import (
     AppWrapper,
@@ -56,7 +57,13 @@ from ._metrics import recorder
 from ._options import Transport
 from ._ports import BoundSockets
 from ._stock import serve_stock_connection
-from ._transport import DEFAULT_HEADER_TIMEOUT, Connection, drain_all, serve_connection
+from ._transport import (
+    DEFAULT_HEADER_TIMEOUT,
+    FRESH_GRACE,
+    Connection,
+    drain_all,
+    serve_connection,
+)
 
 log = logging.getLogger("trio_launcher")
 
@@ -118,7 +125,7 @@ async def serve_sockets(
                     urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
 
             registry: set[Connection] = set()
-            handler: Callable[[trio.abc.Stream], Awaitable[None]]
+            handler: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
             if transport == "lean":
                 handler = partial(
                     serve_connection,
@@ -136,9 +143,14 @@ async def serve_sockets(
                 handler = partial(serve_stock_connection, app, config, context, lifespan_state)
                 door = None  # (the stock transport is hypercorn's as it is)
             handler = recorder().connection_handler(handler)
+            room = None
+            if door is not None and hasattr(select, "epoll"):  # (Linux: the room's epoll)
+                wait, grace = float(config.keep_alive_timeout), FRESH_GRACE
+                room = WaitingRoom(door, handler, connections, wait, grace)
+                connections.start_soon(room.run)
             task_status.started(urls)
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(serve_listening, listening, handler, connections, door)
+                accepting.start_soon(serve_listening, listening, handler, connections, room)
                 stop = on_max_requests or drain.set
                 accepting.start_soon(_drain_on_max_requests, context, stop)
                 if app_start is not None:
@@ -155,6 +167,8 @@ async def serve_sockets(
             )
             await context.terminated.set()  # closes idle keep-alive connections
             drain_all(registry)  # (the lean transport's, at once)
+            if room is not None:
+                room.drain()
             deadline = float(config.graceful_timeout)
             lifespan_nursery.start_soon(
                 _cut_at_deadline, cutter, connections.cancel_scope, deadline, on_drain_deadline

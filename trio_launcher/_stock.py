@@ -75,8 +75,11 @@ async def serve_stock_connection(
     context: WorkerContext,
     lifespan_state: LifespanState,
     stream: trio.abc.Stream,
+    first: bytes = b"",
 ) -> None:
-    """Serve one accepted stream with hypercorn's connection; its errors stay in it."""
+    """Serve one accepted stream with hypercorn's connection; its errors stay in it.
+    (``first`` is always b"": the door, which reads first bytes, is the lean
+    transport's.)"""
     async with contained(stream):
         await _DrainSafeTCPServer(
             app,

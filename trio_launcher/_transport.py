@@ -67,7 +67,7 @@ from typing import Any
 import outcome
 import trio
 
-from ._accept import Door
+from ._accept import READ, Door
 from ._bounds import BODY_PENDING_EXTENSION, CANCEL_EXTENSION
 from ._http1 import HTTP1, park
 from ._hypercorn import (
@@ -91,7 +91,7 @@ from ._logging import REQUEST_ID_HEADER
 
 log = logging.getLogger("trio_launcher")
 
-MAX_RECV = 2**16
+MAX_RECV = READ  # bytes a read takes (the door's first read too)
 DEFAULT_HEADER_TIMEOUT = 10.0
 FRESH_GRACE = 0.5  # s: how long a fresh connection may take to send its request in a drain
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -120,8 +120,10 @@ class Connection:
     answers_itself: Callable[[dict[str, Any]], bool] | None = None
     """The app's ``RunnerMiddleware.answers_itself``, if any (see ``_http1``)."""
     door: Door | None = None
-    """Where a plain-TCP connection's first bytes are looked at while the server sheds
-    (``_door``), if anywhere."""
+    """The door that let ``first`` in (``_door``), if any: told when it arrives."""
+    first: bytes = b""
+    """The first bytes, read by the door (``_accept.WaitingRoom``), which let the first
+    request in and counts it against the limit until it reaches the app (``_arrive``)."""
 
     def __post_init__(self) -> None:
         stream, config = self.stream, self.config
@@ -144,7 +146,9 @@ class Connection:
         self._due = math.inf
         self._on_lost: Callable[[], Awaitable[None]] | None = None  # (None: hypercorn's)
         self._http1: HTTP1 | None = None
-        self._coming = False  # the door let the first request in; it has not arrived yet
+        self._coming = bool(self.first)  # the door let the first request in; not arrived yet
+        if self.first:
+            self._drained = len(self.first) < MAX_RECV  # (the door's read took all there was)
 
     async def run(self) -> None:
         self.registry.add(self)
@@ -173,13 +177,8 @@ class Connection:
             server = parse_socket_addr(sock.family, sock.getsockname())
         except OSError:
             return  # the client is already gone
-        first = b""
-        if self.door is not None and self.fd >= 0:
-            first = await self._at_the_door(self.door, client)
-            if not first:
-                return  # answered at the door, or nothing came
         try:
-            await self._serve_protocols(ssl, client, server, alpn, first)
+            await self._serve_protocols(ssl, client, server, alpn, self.first)
         finally:
             self._arrive()  # (a request let in that never reached the app: its place)
             # The protocol and its parser call each other, and the connection keeps a
@@ -222,37 +221,6 @@ class Connection:
                 self._arrive()  # (hypercorn's protocols: no word when it does)
                 await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
             nursery.cancel_scope.cancel()  # the app tasks of a closed connection
-
-    async def _at_the_door(self, door: Door, client: tuple[str, int] | None) -> bytes:
-        """The first bytes, read before any protocol is made; b"" when the door answered
-        them with 503 (the server sheds), or when none came before the first request's
-        deadline (keep-alive, as on the ordinary way; a drain shortens it)."""
-        data: bytes | bytearray | None
-        try:
-            data = os.read(self.fd, MAX_RECV)  # (usually in already: no wait, no scope)
-            self._drained = len(data) < MAX_RECV
-        except BlockingIOError:
-            data = None  # (waited for below: not in here, where the exception stays alive)
-        except OSError:  # reset by the peer
-            return b""
-        if data is None:
-            self.set_idle(True)
-            self._drained = True  # (``_receive`` waits first)
-            data = b""
-            with self.scope:
-                data = await self._receive()
-            self.scope = trio.CancelScope()  # (a scope serves one ``with``)
-        if not data:
-            return b""  # gone, or nothing came in time
-        data = bytes(data)
-        more = not self._drained  # (the read filled its buffer)
-        if door.shedding() and await door.turn_away(self.fd, data, client, more=more):
-            return b""
-        # Let in: it counts against the limit until the app has it (``_arrive``),
-        # a scheduler round from now; what comes in meanwhile must not take its place.
-        door.let_in()
-        self._coming = True
-        return data
 
     def _arrive(self) -> None:
         """The request the door let in reached the app, or will not."""
@@ -777,8 +745,10 @@ async def serve_connection(
     answers_itself: Callable[[dict[str, Any]], bool] | None,
     door: Door | None,
     stream: trio.abc.Stream,
+    first: bytes,
 ) -> None:
-    """Serve one accepted stream; anything it raises stays with it (see ``contained``)."""
+    """Serve one accepted stream (``first``: its first bytes, let in by the door, or
+    b""); anything it raises stays with it (see ``contained``)."""
     try:
         await Connection(
             app,
@@ -791,6 +761,7 @@ async def serve_connection(
             header_timeout,
             answers_itself,
             door,
+            first,
         ).run()
     except* Exception as group:  # (inline: a context manager per connection costs 3 %)
         await _contain(stream, group)
