@@ -1198,3 +1198,24 @@ async def test_statsd_counts_every_response_including_503s_at_the_door() -> None
 )
 def test_the_door_answers_only_a_plain_whole_http1_head(data: bytes, answered: bool) -> None:
     assert (plain_head(data) is not None) is answered
+
+
+@pytest.mark.parametrize("waiting", [0, 1], ids=["empty", "one-waits"])
+async def test_the_waiting_room_keeps_a_drain_no_longer_than_its_grace(
+    autojump_clock: trio.testing.MockClock, waiting: int
+) -> None:
+    """The waiting room ends with the drain: at once when nobody waits in it, after the
+    fresh connection's half-second grace when someone does (virtual time)."""
+    async with running_server(BoundsApp(), limit_concurrency=5) as server:
+        silent = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(waiting)]
+        await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        server.handle.shutdown()
+    drained = trio.current_time() - started
+    for stream in silent:
+        assert await stream.receive_some(10) == b""  # closed by the server
+        await stream.aclose()
+    if waiting:
+        assert 0.5 <= drained < 0.6, drained
+    else:
+        assert drained < 0.1, drained
