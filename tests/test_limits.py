@@ -14,6 +14,7 @@ import math
 import re
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,14 @@ class SpawnedConnections(trio.abc.Instrument):
         if task.name == "trio_launcher._accept._run":
             self.count += 1
 
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[SpawnedConnections]:
+        trio.lowlevel.add_instrument(self)
+        try:
+            yield self
+        finally:
+            trio.lowlevel.remove_instrument(self)
+
 
 def connected(port: int, request: bytes) -> trio.SocketStream:
     """A connection whose request is in the server's socket before the server can
@@ -231,8 +240,7 @@ async def test_a_shed_request_is_answered_at_the_door_without_a_task() -> None:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 await take_the_slot(nursery, app, server.port)
-                trio.lowlevel.add_instrument(connections)
-                try:
+                with connections.counting():
                     get = b"GET /x?q=1 HTTP/1.1\r\nhost: t\r\nuser-agent: door\r\n\r\n"
                     shed = [connected(server.port, get) for _ in range(10)]
                     shed.append(connected(server.port, get.replace(b"GET", b"HEAD")))
@@ -274,8 +282,6 @@ async def test_a_shed_request_is_answered_at_the_door_without_a_task() -> None:
                         head, _ = await read_response(stream)
                     assert head.startswith(b"HTTP/1.1 431 ")
                     assert connections.count == 4
-                finally:
-                    trio.lowlevel.remove_instrument(connections)
                 app.release.set()
         assert server.handle.in_flight == 0
         metrics = (await server.client.get("/metrics")).text
@@ -355,8 +361,7 @@ async def test_connections_waiting_for_their_first_bytes_hold_no_task() -> None:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 await take_the_slot(nursery, app, server.port)
-                trio.lowlevel.add_instrument(connections)
-                try:
+                with connections.counting():
                     waiting = [
                         await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(20)
                     ]
@@ -368,8 +373,6 @@ async def test_connections_waiting_for_their_first_bytes_hold_no_task() -> None:
                             answer = b"".join([chunk async for chunk in stream])  # to the close
                         assert answer.startswith(b"HTTP/1.1 503 ")
                     assert connections.count == 0
-                finally:
-                    trio.lowlevel.remove_instrument(connections)
                 app.release.set()
         assert server.handle.in_flight == 0
         assert (await server.client.get("/")).status_code == 200
