@@ -31,6 +31,7 @@ from hypercorn.config import Config
 from trio_launcher import AppStartupError, ConfigError, _transport, serve_http
 from trio_launcher._door import plain_head
 from trio_launcher._http1 import HTTP1
+from trio_launcher._hypercorn import parse_socket_addr
 from trio_launcher.testing import TLSFiles, running_server
 
 from .apps import h2_read
@@ -1222,3 +1223,30 @@ async def test_the_waiting_room_keeps_a_drain_no_longer_than_its_grace(
         assert 0.5 <= drained < 0.6, drained
     else:
         assert drained < 0.1, drained
+
+
+async def test_a_client_gone_before_its_connection_starts_frees_its_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The door lets a request in and counts it until it reaches the app; its task
+    starts a scheduler round later. A client that is gone by then (its address cannot
+    be read: a reset in between, made certain here) must give its place back, or a
+    limit of 1 sheds every request after it."""
+    real = parse_socket_addr
+    calls = 0
+
+    def gone_once(family: int, address: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("Transport endpoint is not connected")
+        return real(family, address)
+
+    monkeypatch.setattr(_transport, "parse_socket_addr", gone_once)
+    async with running_server(BoundsApp(), limit_concurrency=1) as server:
+        with trio.fail_after(10):
+            async with connected(server.port, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n") as stream:
+                assert await stream.receive_some(10) == b""  # (its connection gave up)
+            assert calls == 1
+            for _ in range(3):
+                assert await one_request(server.port, "/") == b"HTTP/1.1 200 OK"

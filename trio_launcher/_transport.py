@@ -155,6 +155,7 @@ class Connection:
         try:
             await self._serve()
         finally:
+            self._arrive()  # (a request let in that never reached the app: its place)
             self.registry.discard(self)
             await self._close()
 
@@ -180,7 +181,6 @@ class Connection:
         try:
             await self._serve_protocols(ssl, client, server, alpn, self.first)
         finally:
-            self._arrive()  # (a request let in that never reached the app: its place)
             # The protocol and its parser call each other, and the connection keeps a
             # method of the protocol: cycles that only the garbage collector's full
             # pass would free (under a burst: memory held for nothing).
