@@ -153,12 +153,11 @@ def workers(rounds: int, seconds: float) -> dict[str, Any]:
     """``--workers 2`` against one process, hello world over HTTP/1.1 (nothing pinned:
     the workers need both cores, and so does wrk)."""
 
-    from benchmarks.harness import free_port, spawn, wait_port
+    from benchmarks.harness import bound_port, spawn, stop
 
     results: dict[str, list[float]] = {"1 process": [], "2 workers": []}
     for i in range(rounds):
         for name in sorted(results, reverse=i % 2 == 1):
-            port = free_port()
             count = "2" if name == "2 workers" else "1"
             argv = [
                 sys.executable,
@@ -168,19 +167,18 @@ def workers(rounds: int, seconds: float) -> dict[str, Any]:
                 "--workers",
                 count,
                 "--bind",
-                f"127.0.0.1:{port}",
+                "127.0.0.1:0",
                 "--log-level",
                 "warning",
             ]
             proc = spawn(argv)
             try:
-                wait_port(port, proc=proc)
+                port = bound_port(proc)  # (the parent binds; its workers serve that socket)
                 url = f"http://127.0.0.1:{port}/"
                 wrk_unpinned(url, 1.0)
                 results[name].append(wrk_unpinned(url, seconds))
             finally:
-                proc.terminate()
-                proc.wait(15)
+                stop(proc)
     return {name: vars(Summary.of(values)) for name, values in results.items()}
 
 

@@ -33,7 +33,6 @@ from benchmarks.harness import (
     ROOT,
     LoadResult,
     Summary,
-    free_port,
     h2load,
     listening,
     paired_ratio,
@@ -70,8 +69,7 @@ def certificate() -> Iterator[tuple[str, str]]:
 
 def measure(tree: Path, kind: str, tls: tuple[str, str], seconds: float) -> dict[str, float]:
     """One server of ``tree``, loaded once to warm up and once to measure."""
-    port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.server", "runner", str(port)]
+    argv = [sys.executable, "-m", "benchmarks.server", "runner", "0"]
     if kind == "tls":
         argv += list(tls)
     proc = subprocess.Popen(
@@ -82,7 +80,7 @@ def measure(tree: Path, kind: str, tls: tuple[str, str], seconds: float) -> dict
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    with listening(proc, port):
+    with listening(proc) as port:
         process = psutil.Process(proc.pid)
         scheme = "https" if kind == "tls" else "http"
         url = f"{scheme}://127.0.0.1:{port}/"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.harness import free_port, server, spawn
+from benchmarks.harness import bound_port, server, spawn, stop
 from trio_launcher.testing import TLSFiles
 
 
@@ -25,11 +25,11 @@ def _get(port: int) -> bool:
 
 def cold_start(variant: str) -> float:
     """Seconds from process spawn to the first 200."""
-    port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.server", variant, str(port)]
+    argv = [sys.executable, "-m", "benchmarks.server", variant, "0"]
     start = time.perf_counter()
     proc = spawn(argv)
     try:
+        port = bound_port(proc, 30)  # (polled every 2 ms, as the GET below)
         deadline = start + 30
         while not _get(port):
             if time.perf_counter() > deadline or proc.poll() is not None:
@@ -37,8 +37,7 @@ def cold_start(variant: str) -> float:
             time.sleep(0.002)
         return time.perf_counter() - start
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 def idle_rss(variant: str) -> float:

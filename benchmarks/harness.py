@@ -25,18 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 
 
 def pin(core: int, argv: Sequence[str]) -> list[str]:
     return ["taskset", "-c", str(core), *argv] if PINNED else list(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def env() -> dict[str, str]:
@@ -58,17 +54,24 @@ def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_port(
-    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
+def bound_port(proc: subprocess.Popen[Any], timeout: float = 20.0) -> int:
+    """The TCP port the server ``proc`` listens on, once it does.
+
+    Every server here binds 127.0.0.1 port 0 and the port is read back from the
+    kernel (psutil: ``proc``'s listening socket; ``taskset`` and valgrind keep the
+    PID), so no port is picked for a server to bind later, where another process
+    could take it first."""
+    process = psutil.Process(proc.pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
+        if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.005)
-    raise TimeoutError(f"nothing listens on {port} after {timeout} s")
+        with contextlib.suppress(psutil.Error):
+            for conn in process.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1":
+                    return int(conn.laddr.port)
+        time.sleep(0.002)
+    raise TimeoutError(f"server {proc.pid} listens on no TCP port after {timeout} s")
 
 
 @contextlib.contextmanager
@@ -76,28 +79,30 @@ def server(
     variant: str, tls: tuple[str, str] | None = None
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """Run ``benchmarks.server VARIANT`` pinned to core 0; yield (port, process)."""
-    port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.server", variant, str(port), *(tls or ())]
-    with listening(spawn(pin(0, argv)), port) as proc:
+    argv = [sys.executable, "-m", "benchmarks.server", variant, "0", *(tls or ())]
+    proc = spawn(pin(0, argv))
+    with listening(proc) as port:
         yield port, proc
 
 
 @contextlib.contextmanager
-def listening(
-    proc: subprocess.Popen[bytes], port: int, timeout: float = 20.0
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Wait until the server ``proc`` listens on ``port``; end it (by its PID) after."""
+def listening(proc: subprocess.Popen[Any], timeout: float = 20.0) -> Iterator[int]:
+    """Wait until the server ``proc`` listens; yield its port; end it (by its PID) after."""
     try:
-        wait_port(port, timeout, proc=proc)
-        yield proc
+        yield bound_port(proc, timeout)
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # only the process we started
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """End a server we started, by its PID: SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()  # only the process we started
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass

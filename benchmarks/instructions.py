@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import env, free_port, listening, pin
+from benchmarks.harness import env, listening, pin
 
 CONNECTIONS = 4
 WARM_UP = 400
@@ -50,7 +50,6 @@ def per_request(variant: str, new_connections: bool = False, path: str = "/") ->
     request, ``connection: close``), the work a burst of new clients makes. ``path``:
     the path of every GET."""
     request = REQUEST.replace(b"GET / ", f"GET {path} ".encode(), 1)
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="callgrind-") as directory:
         out = Path(directory) / "cg.out"
         argv = [
@@ -61,7 +60,7 @@ def per_request(variant: str, new_connections: bool = False, path: str = "/") ->
             "-m",
             "benchmarks.server",
             variant,
-            str(port),
+            "0",
         ]
         proc = subprocess.Popen(
             pin(0, argv),
@@ -71,7 +70,7 @@ def per_request(variant: str, new_connections: bool = False, path: str = "/") ->
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        with listening(proc, port, timeout=120.0):
+        with listening(proc, timeout=120.0) as port:
             if new_connections:
                 one_by_one(port, WARM_UP // 4, request)
                 control("--zero", proc.pid)

@@ -14,7 +14,7 @@ import sys
 import time
 from functools import partial
 
-from benchmarks.harness import free_port, spawn, wait_port
+from benchmarks.harness import bound_port, spawn, stop
 
 VARIANTS = ("hypercorn", "runner", "runner-h11")
 
@@ -54,12 +54,11 @@ def _request(port: int) -> socket.socket:
 def kib_per_connection(variant: str, count: int) -> float:
     import psutil
 
-    port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.keepalive_rss", "--serve", variant, str(port)]
+    argv = [sys.executable, "-m", "benchmarks.keepalive_rss", "--serve", variant, "0"]
     proc = spawn(argv)
     conns: list[socket.socket] = []
     try:
-        wait_port(port, proc=proc)
+        port = bound_port(proc)
         server = psutil.Process(proc.pid)
         conns = [_request(port) for _ in range(50)]  # warm up
         time.sleep(0.5)
@@ -71,8 +70,7 @@ def kib_per_connection(variant: str, count: int) -> float:
     finally:
         for conn in conns:
             conn.close()
-        proc.terminate()  # only the process we started
-        proc.wait(10)
+        stop(proc)
 
 
 def main(argv: list[str]) -> None:

@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config
 
 from benchmarks.apps import app
-from benchmarks.harness import free_port, spawn, wait_port
+from benchmarks.harness import bound_port, spawn
 from trio_launcher import EngineDeadError, serve_http
 from trio_launcher.testing import FakeEngine, FakePollingEngine, TLSFiles, presented_cert
 
@@ -77,21 +77,19 @@ def engine_death(runs: dict[str, int]) -> dict[str, list[float]]:
 
 
 def _launch(extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
     argv = [
         sys.executable,
         "-m",
         "trio_launcher",
         "benchmarks.apps:app",
         "--bind",
-        f"127.0.0.1:{port}",
+        "127.0.0.1:0",
         "--log-level",
         "warning",
         *extra,
     ]
     proc = spawn(argv)
-    wait_port(port, proc=proc)
-    return proc, port
+    return proc, bound_port(proc)
 
 
 def sigterm_to_exit(runs: int) -> dict[str, list[float]]:

@@ -47,7 +47,6 @@ from benchmarks.apps import lifespan
 from benchmarks.harness import (
     ROOT,
     env,
-    free_port,
     listening,
     paired_ratio,
     percentile,
@@ -138,7 +137,6 @@ def _import_package_from(path: Path) -> None:
 @contextmanager
 def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int]]:
     """Start a server pinned to core 0; yield (port, pid); end it by PID."""
-    port = free_port()
     if variant == "uvicorn":
         argv = [
             sys.executable,
@@ -146,7 +144,7 @@ def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int
             "uvicorn",
             "benchmarks.overload:asyncio_app",
             "--port",
-            str(port),
+            "0",
             "--limit-concurrency",
             str(LIMIT),
             "--backlog",
@@ -156,7 +154,7 @@ def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int
             "--no-access-log",
         ]
     else:
-        argv = [sys.executable, "-m", "benchmarks.overload", "serve", variant, str(port)]
+        argv = [sys.executable, "-m", "benchmarks.overload", "serve", variant, "0"]
     environment = env()
     if snapshot:
         environment["BENCH_TRIO_LAUNCHER"] = snapshot
@@ -168,7 +166,7 @@ def server(variant: str, snapshot: str | None = None) -> Iterator[tuple[int, int
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    with listening(proc, port):
+    with listening(proc) as port:
         yield port, proc.pid
 
 
