@@ -57,7 +57,7 @@ from ._bounds import (
     is_http1,
 )
 from ._errors import EngineDeadError, EngineGenerateError, leaves
-from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds, header_value
+from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds
 from ._metrics import DURATION_BUCKETS, FIRST_BUCKET, LocalRequests, Metrics, recorder
 
 log = logging.getLogger("trio_launcher")
@@ -303,7 +303,8 @@ class RunnerMiddleware:
         self, method: str, path: str, header_count: int, head_size: int
     ) -> tuple[bytes, bytes | None] | None:
         """A request met before any protocol exists (``_door``): if it is shed now, count
-        it as shed and return its 503's JSON body and a new request id (or None).
+        it as shed and return its 503's JSON body and a new request id's header line
+        (``HEADER_EXTENSION``'s form; None: ids are off).
 
         None: serve it the ordinary way: not shedding, the health or metrics path
         (exempt), or a head the limits may refuse with 431 first (``head_size``, the
@@ -322,10 +323,10 @@ class RunnerMiddleware:
         recorder().request_shed()
         if self.metrics is not None:
             self.metrics.requests.finished(method, 503, None, 0.0)
-        request_id = None
+        id_line = None
         if self.request_ids is not None:
-            request_id = header_value(self.request_ids.keep_or_make(b"", {}))
-        return self._shed_body_for(limit), request_id
+            id_line = next(self.request_ids.new)[1]
+        return self._shed_body_for(limit), id_line
 
     def _answered_here(self, scope: Scope, method: str, path: str) -> bool:
         """Shed, the health path, or over the head limits: ``_answer`` answers it."""

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from ._bounds import RETRY_AFTER
 from ._http1 import default_headers, status_line
 from ._hypercorn import Config, logs_access
-from ._logging import REQUEST_ID_HEADER
+from ._logging import REQUEST_ID_HEADER, header_value
 
 TAKE = 65536  # bytes read before the close (what the client sent with its request)
 
@@ -96,7 +96,7 @@ class Door:
         answer = self._shed(method.decode(), path.decode(), count, size)
         if answer is None:
             return False
-        body, request_id = answer
+        body, id_line = answer
         if body is not self._body:  # (the same body every time: its head is made once)
             self._body = body
             self._headers = [
@@ -106,12 +106,9 @@ class Door:
                 (b"content-length", b"%d" % len(body)),
             ]
             self._head = status_line(503) + b"".join(b"%s: %s\r\n" % h for h in self._headers)
-        line = b""
-        if request_id is not None:
-            line = b"%s: %s\r\n" % (REQUEST_ID_HEADER, request_id)
         response = b"%s%s%s\r\n%s" % (
             self._head,
-            line,
+            id_line or b"",
             default_headers(self.config),
             b"" if method == b"HEAD" else body,
         )
@@ -135,8 +132,8 @@ class Door:
                 "server": None,
             }
             headers = self._headers
-            if request_id is not None:
-                headers = [*headers, (REQUEST_ID_HEADER, request_id)]
+            if id_line is not None:
+                headers = [*headers, (REQUEST_ID_HEADER, header_value(id_line))]
             summary = {"status": 503, "headers": headers}
             await self.config.log.access(scope, summary, time.time() - start)  # type: ignore[arg-type]
         return True
