@@ -231,29 +231,24 @@ class WaitingRoom:
     async def at_the_door(self, raw: socket.socket, client: Any) -> bool:
         """A new non-blocking connection: read its first bytes. True: let in (its task
         is spawned). False: answered at the door, gone (closed), or waiting here."""
-        fd = raw.fileno()
-        try:
-            data = os.read(fd, READ)
-        except BlockingIOError:
+        data = _first_bytes(raw)
+        if data is None:
             self._enter(raw, client)
             return False
-        except OSError:  # reset by the peer
-            data = b""
         if not data:
             raw.close()  # it left without a word
             return False
-        door = self.door
-        if door.shedding() and await door.turn_away(fd, data, client, more=len(data) == READ):
-            raw.close()
-            return False
+        if self.door.shedding():
+            return await self._answer(raw, client, data)
         self._let_in(raw, data)
         return True
 
     def _enter(self, raw: socket.socket, client: Any) -> None:
+        """(The listeners close before a drain begins: nobody enters during one.)"""
         fd = raw.fileno()
         self._epoll.register(fd, select.EPOLLIN)
         self._waiting[fd] = (raw, client)
-        deadline = trio.current_time() + (self._grace if self._draining else self._wait)
+        deadline = trio.current_time() + self._wait
         self._deadlines.append((deadline, fd, raw))
         if self._counted is not None:
             self._counted(1)
@@ -265,6 +260,15 @@ class WaitingRoom:
         self.door.let_in()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
         self._connections.start_soon(_run, self._handler, stream, data)
+
+    async def _answer(self, raw: socket.socket, client: Any, data: bytes) -> bool:
+        """While shedding: the door's 503 (False; closed), or let in (True: the health
+        path, say, which takes the ordinary way)."""
+        if await self.door.turn_away(raw.fileno(), data, client, more=len(data) == READ):
+            raw.close()
+            return False
+        self._let_in(raw, data)
+        return True
 
     def drain(self) -> None:
         """A drain began: who waits has the fresh connection's grace, and no more."""
@@ -297,8 +301,6 @@ class WaitingRoom:
         deadlines = self._deadlines
         while deadlines and not self._holds(deadlines[0][1], deadlines[0][2]):
             deadlines.popleft()  # (let in, answered or gone already)
-        if self._draining and not self._waiting:
-            return -math.inf  # (the room is empty: the loop ends)
         return deadlines[0][0] if deadlines else math.inf
 
     def _leave(self, fd: int) -> None:
@@ -325,12 +327,9 @@ class WaitingRoom:
         shed: list[tuple[socket.socket, Any, bytes]] = []
         for fd, _ in events:
             raw, client = waiting[fd]
-            try:
-                data = os.read(fd, READ)
-            except BlockingIOError:
+            data = _first_bytes(raw)
+            if data is None:
                 continue  # (woken for nothing: it waits on)
-            except OSError:
-                data = b""  # reset by the peer
             self._leave(fd)
             if not data:
                 raw.close()  # it left without a word
@@ -339,11 +338,7 @@ class WaitingRoom:
             else:
                 self._let_in(raw, data)
         for raw, client, data in shed:  # (after the tasks of those let in are spawned)
-            fd = raw.fileno()
-            if await door.turn_away(fd, data, client, more=len(data) == READ):
-                raw.close()
-            else:
-                self._let_in(raw, data)  # the health path, say: the ordinary way
+            await self._answer(raw, client, data)
 
     def _expire(self) -> None:
         """Close who waited past the deadline (nothing came: nothing to answer)."""
@@ -354,6 +349,17 @@ class WaitingRoom:
             if self._holds(fd, raw):
                 self._leave(fd)
                 raw.close()
+
+
+def _first_bytes(raw: socket.socket) -> bytes | None:
+    """What the non-blocking ``raw`` has received; None: nothing yet; b"": it left
+    (closed, or reset by the peer)."""
+    try:
+        return os.read(raw.fileno(), READ)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 async def _run(handler: Handler, stream: trio.abc.Stream, first: bytes) -> None:

@@ -142,13 +142,12 @@ class Connection:
         self._keep_alive = float(config.keep_alive_timeout)
         self._read_timeout = float(config.read_timeout) if config.read_timeout else math.inf
         self._lazy = False  # see _serve_http1
-        self._drained = False  # the last read took all the kernel had (see _receive)
+        # The last read took all the kernel had (see _receive): the door's, if it read.
+        self._drained = 0 < len(self.first) < MAX_RECV
         self._due = math.inf
         self._on_lost: Callable[[], Awaitable[None]] | None = None  # (None: hypercorn's)
         self._http1: HTTP1 | None = None
         self._coming = bool(self.first)  # the door let the first request in; not arrived yet
-        if self.first:
-            self._drained = len(self.first) < MAX_RECV  # (the door's read took all there was)
 
     async def run(self) -> None:
         self.registry.add(self)
