@@ -391,7 +391,7 @@ async def test_a_connection_waiting_for_its_request_keeps_its_deadline_and_is_se
             started = trio.current_time()
             silent = await trio.open_tcp_stream("127.0.0.1", server.port)
             late = await trio.open_tcp_stream("127.0.0.1", server.port)
-            await trio.sleep(0.3)  # (the request comes late: what is under test)
+            await trio.testing.wait_all_tasks_blocked()  # both waiting at the door
             await late.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
             head, body = await read_response(late)
             assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello"
