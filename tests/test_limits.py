@@ -1250,3 +1250,46 @@ async def test_a_client_gone_before_its_connection_starts_frees_its_place(
             assert calls == 1
             for _ in range(3):
                 assert await one_request(server.port, "/") == b"HTTP/1.1 200 OK"
+
+
+class BrokenAccessLog(logging.Filter):
+    """An access logger that raises (a filter's error reaches the caller of ``info``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        raise RuntimeError("the access log broke")
+
+
+@pytest.mark.parametrize("waits", [False, True], ids=["at-accept", "in-the-room"])
+async def test_an_access_log_that_fails_at_the_door_ends_no_server(
+    waits: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The door answers a shed request outside any connection task, so an error from
+    the access log there went up the accept loop (or the waiting room) and ended the
+    whole server. On the ordinary way the same error stays with its connection. It is
+    now logged, that connection closes, and the server goes on."""
+    access = AccessLines()
+    access.logger.addFilter(BrokenAccessLog())
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = access.logger
+    app = BoundsApp()
+    get = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
+    async with running_server(app, config, limit_concurrency=1) as server:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await take_the_slot(nursery, app, server.port)
+                for _ in range(3):
+                    if waits:  # connected first, its request written once it waits
+                        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                        await trio.testing.wait_all_tasks_blocked()
+                        await stream.send_all(get)
+                    else:
+                        stream = connected(server.port, get)
+                    async with stream:
+                        answer = b"".join([chunk async for chunk in stream])
+                    assert answer.startswith(b"HTTP/1.1 503 ")
+                app.release.set()
+            assert (await server.client.get("/")).status_code == 200
+    failures = [r for r in caplog.records if "access log" in r.getMessage()]
+    assert len(failures) == 3
+    assert all(r.exc_info is not None for r in failures)

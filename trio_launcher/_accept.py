@@ -263,8 +263,15 @@ class WaitingRoom:
 
     async def _answer(self, raw: socket.socket, client: Any, data: bytes) -> bool:
         """While shedding: the door's 503 (False; closed), or let in (True: the health
-        path, say, which takes the ordinary way)."""
-        if await self.door.turn_away(raw.fileno(), data, client, more=len(data) == READ):
+        path, say, which takes the ordinary way). An error in the door's answer (the
+        access log's, say) is that connection's alone, as on the ordinary way: logged,
+        and the connection closes; the accept loop and the room go on."""
+        try:
+            answered = await self.door.turn_away(raw.fileno(), data, client, more=len(data) == READ)
+        except Exception:
+            log.exception("the door's answer failed (the access log?); connection closed")
+            answered = True
+        if answered:
             raw.close()
             return False
         self._let_in(raw, data)
