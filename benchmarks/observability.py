@@ -13,10 +13,15 @@ Three measures, because throughput alone is noise on a busy machine:
 * user-space instructions per request of the whole server, counted by
   callgrind (``benchmarks/instructions.py``; skipped without valgrind): the
   one measure that does not move with the machine's load.
+
+``python -m benchmarks.observability`` takes the cost apart: each half alone
+against plain, and the making of the id alone (``runner-ids`` against
+``runner-ids-fixed``, where every request gets one ready-made id).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -133,6 +138,52 @@ def layer_cost(requests: int = 20000, repeats: int = 5) -> dict[str, float]:
     return {name: times[name] - times["off"] for name in times if name != "off"}
 
 
+# The cost taken apart (``python -m benchmarks.observability``): each pair measured the
+# same way as ``side_by_side``; the target applies to "observed vs plain" only.
+PARTS: dict[str, list[str]] = {
+    "control, plain vs plain": ["runner-plain", "runner-plain"],
+    "observed vs plain": ["runner-plain", "runner-observed"],
+    "request ids vs plain": ["runner-plain", "runner-ids"],
+    "metrics vs plain": ["runner-plain", "runner-metrics"],
+    "making the id: request ids vs one ready-made id": ["runner-ids-fixed", "runner-ids"],
+}
+
+
+def decompose(rounds: int, seconds: float) -> dict[str, Any]:
+    return {name: pair(variants, rounds, seconds) for name, variants in PARTS.items()}
+
+
+def render_parts(results: dict[str, Any]) -> list[str]:
+    first = next(iter(results.values()))
+    out = table_head(
+        f"hello HTTP/1.1, wrk -c64, {first['rounds']} rounds of {first['seconds']:g} s, "
+        "both servers at once",
+        "A",
+        "B",
+        "req/s B / A (per-round range)",
+        "server CPU per request B / A (range)",
+    )
+    for name, r in results.items():
+        a, b = r["variants"]
+        out.append(
+            f"| {name} | {a} {_fmt(r['rps'][0])} | {b} {_fmt(r['rps'][1])} | "
+            f"{r['rps_ratio']:.3f} ({min(r['rps_ratios']):.2f}-{max(r['rps_ratios']):.2f}) | "
+            f"{r['cpu_ratio']:.3f} ({min(r['cpu_ratios']):.2f}-{max(r['cpu_ratios']):.2f}) |"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.observability",
+        description="what request ids and metrics cost, taken apart (~10 minutes)",
+    )
+    parser.add_argument("--rounds", type=int, default=10, help="pairs per comparison")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of a round")
+    args = parser.parse_args(argv)
+    print("\n".join(render_parts(decompose(args.rounds, args.seconds))))
+
+
 def render(results: dict[str, Any]) -> list[str]:
     first = results["observed vs plain"]
     out = table_head(
@@ -185,3 +236,7 @@ def render(results: dict[str, Any]) -> list[str]:
 
 def _fmt(summary: dict[str, float]) -> str:
     return f"{summary['median']:.4g} ({summary['low']:.4g}-{summary['high']:.4g})"
+
+
+if __name__ == "__main__":
+    main()

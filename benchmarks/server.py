@@ -13,6 +13,8 @@ Variants:
   runner-plain  runner without request ids and metrics (the observability baseline)
   runner-observed  runner with request ids and metrics (--metrics-path /metrics)
   runner-ids, runner-metrics  one of the two
+  runner-ids-fixed  runner-ids, but every request gets the same ready-made id (benchmark
+                only: what making an id costs, by difference with runner-ids)
   runner-bounds-off, runner-all-bounds  the bounds off (no body timeout), all on
   runner-health  the runner with --health-path /health
 """
@@ -39,6 +41,7 @@ RUNNERS: dict[str, dict[str, Any]] = {
     "runner-plain": {"request_ids": False},
     "runner-observed": {"metrics_path": "/metrics"},
     "runner-ids": {},
+    "runner-ids-fixed": {},
     "runner-metrics": {"request_ids": False, "metrics_path": "/metrics"},
     "runner-bounds-off": {"body_timeout": None},
     "runner-all-bounds": {"limit_concurrency": 1000, "request_timeout": 30.0, "body_timeout": 60.0},
@@ -49,6 +52,21 @@ RUNNERS: dict[str, dict[str, Any]] = {
 class IdleEngine:
     errored = False
     is_running = True
+
+
+def fix_request_ids() -> None:
+    """Make the runner give every request one ready-made id (``runner-ids-fixed``): the
+    same path through the middleware and the protocol, without making an id."""
+    import itertools
+
+    from trio_launcher import _logging, _runner
+
+    class FixedIds(_logging.RequestIds):
+        def __init__(self) -> None:
+            super().__init__()
+            self.new = itertools.repeat(next(self.new))
+
+    _runner.RequestIds = FixedIds  # type: ignore[attr-defined]
 
 
 def main(argv: list[str]) -> None:
@@ -70,6 +88,8 @@ def main(argv: list[str]) -> None:
         options = dict(RUNNERS[variant])
         if variant == "runner-idle":
             options["enable_ssl_refresh"] = config.ssl_enabled
+        if variant == "runner-ids-fixed":
+            fix_request_ids()
         trio.run(partial(serve_http, app, config, engine=IdleEngine(), **options))
     elif variant in ("uvicorn", "uvicorn-fast"):
         import uvicorn
