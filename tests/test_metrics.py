@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +29,7 @@ from trio_launcher._metrics import (
 from trio_launcher.testing import FakeEngine, TLSFiles, running_server
 
 from .apps import App
-from .proc import launch, wait_workers
+from .proc import launch, wait_gone, wait_workers
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -472,3 +473,36 @@ async def test_health_probe_latency_is_measured() -> None:
         value(samples, "trio_launcher_engine_health_probe_duration_seconds_bucket", le="1.0") >= 2
     )
     assert value(samples, "trio_launcher_engine_up") == 1
+
+
+def metrics_dirs(parent: Path) -> list[Path]:
+    """The workers' metrics directories in ``parent``."""
+    return sorted(parent.glob("trio-launcher-metrics-*"))
+
+
+async def test_a_killed_supervisors_metrics_directory_is_removed_by_the_next_one(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL gives a ``--workers`` supervisor no chance to remove its workers'
+    metrics directory (prometheus_client's files): each such kill left one in the
+    temporary directory for good. The next supervisor removes those of supervisors
+    that are gone, and keeps those of the living."""
+    env = {"TMPDIR": str(tmp_path)}
+    args = [*WORKERS, "--metrics-path", "/metrics"]
+    async with launch(args, env=env, wait_serving=False) as first:
+        await first.wait_for_line("all 2 workers are serving")
+        workers = await wait_workers(first.process.pid, 2)
+        [left] = metrics_dirs(tmp_path)
+        for pid in (first.process.pid, *workers):  # (the supervisor we started, its workers)
+            os.kill(pid, signal.SIGKILL)
+        await first.process.wait()
+        await wait_gone(workers, timeout=10)
+    assert left.is_dir()  # nobody could remove it
+    async with launch(args, env=env, wait_serving=False) as second:
+        await second.wait_for_line("all 2 workers are serving")
+        [own] = metrics_dirs(tmp_path)
+        assert own != left
+        assert own.name.startswith(f"trio-launcher-metrics-{second.process.pid}-")
+        async with launch(args, env=env, wait_serving=False) as third:
+            await third.wait_for_line("all 2 workers are serving")
+            assert own.is_dir()  # a living supervisor's directory stays

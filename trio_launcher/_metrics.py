@@ -56,6 +56,7 @@ import trio
 log = logging.getLogger("trio_launcher")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+DIR_PREFIX = "trio-launcher-metrics-"  # + the supervisor's PID (see remove_orphans)
 WORKER_ENV = "TRIO_LAUNCHER_METRICS"
 # OpenTelemetry's advice for http.server.request.duration.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -484,8 +485,13 @@ def _import_multiprocess_aware() -> None:
 @contextlib.contextmanager
 def supervisor_metrics() -> Iterator[Metrics]:
     """In the parent of ``--workers``: a private multiprocess directory for the
-    workers (inherited through the environment), removed at the end."""
-    directory = tempfile.mkdtemp(prefix="trio-launcher-metrics-")
+    workers (inherited through the environment), removed at the end.
+
+    Its name holds the supervisor's PID. A supervisor killed with SIGKILL cannot
+    remove its directory, so each new one first removes those of supervisors that
+    are gone (:func:`remove_orphans`)."""
+    remove_orphans(tempfile.gettempdir())
+    directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = directory
     os.environ[WORKER_ENV] = "1"
@@ -500,3 +506,25 @@ def supervisor_metrics() -> Iterator[Metrics]:
         else:
             os.environ[MULTIPROC_ENV] = previous
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_orphans(parent: str) -> None:
+    """Remove the workers' directories in ``parent`` whose supervisor is gone: named
+    ``DIR_PREFIX<PID>-...``, owned by this user, and no process has that PID. (A PID
+    taken again by another process keeps its directory: the safe side.)"""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        pid_text = entry.name[len(DIR_PREFIX) :].split("-", 1)[0]
+        if not entry.name.startswith(DIR_PREFIX) or not pid_text.isdigit():
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue  # (alive, another user's, or gone from under us)
