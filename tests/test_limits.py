@@ -1290,6 +1290,6 @@ async def test_an_access_log_that_fails_at_the_door_ends_no_server(
                     assert answer.startswith(b"HTTP/1.1 503 ")
                 app.release.set()
             assert (await server.client.get("/")).status_code == 200
-    failures = [r for r in caplog.records if "access log" in r.getMessage()]
+    failures = [r for r in caplog.records if "door's answer failed" in r.getMessage()]
     assert len(failures) == 3
     assert all(r.exc_info is not None for r in failures)

@@ -495,7 +495,8 @@ async def test_a_killed_supervisors_metrics_directory_is_removed_by_the_next_one
         [left] = metrics_dirs(tmp_path)
         for pid in (first.process.pid, *workers):  # (the supervisor we started, its workers)
             os.kill(pid, signal.SIGKILL)
-        await first.process.wait()
+        with trio.fail_after(10):
+            await first.process.wait()
         await wait_gone(workers, timeout=10)
     assert left.is_dir()  # nobody could remove it
     async with launch(args, env=env, wait_serving=False) as second:

@@ -269,7 +269,7 @@ class WaitingRoom:
         try:
             answered = await self.door.turn_away(raw.fileno(), data, client, more=len(data) == READ)
         except Exception:
-            log.exception("the door's answer failed (the access log?); connection closed")
+            log.exception("the door's answer failed; connection closed")
             answered = True
         if answered:
             raw.close()

@@ -517,8 +517,10 @@ def remove_orphans(parent: str) -> None:
     except OSError:
         return
     for entry in entries:
+        if not entry.name.startswith(DIR_PREFIX):
+            continue
         pid_text = entry.name[len(DIR_PREFIX) :].split("-", 1)[0]
-        if not entry.name.startswith(DIR_PREFIX) or not pid_text.isdigit():
+        if not pid_text.isdigit():
             continue
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
