@@ -1182,6 +1182,33 @@ async def test_statsd_counts_every_response_including_503s_at_the_door() -> None
                     lines += await receiver.recv(65536)
 
 
+@pytest.mark.parametrize("http", ["auto", "h11"])
+async def test_statsd_counts_a_response_whose_client_leaves_at_once(http: str) -> None:
+    """A client that closes as soon as its response has arrived cancelled the handler
+    while hypercorn's statsd logger was still sending that response's counts (three
+    datagrams, each a checkpoint): the counts were lost. They are sent shielded now."""
+    receiver = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await receiver.bind(("127.0.0.1", 0))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.statsd_host = f"127.0.0.1:{receiver.getsockname()[1]}"
+    clients = 30
+    with receiver:
+        async with running_server(BoundsApp(), config, http=http) as server:
+            with trio.fail_after(20):
+                for _ in range(clients):
+                    async with connected(server.port, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n") as s:
+                        answer = b""
+                        while not answer.endswith(b"hello"):
+                            answer += await s.receive_some(65536)
+            counted = 0
+            with trio.move_on_after(5):  # (every count is in flight by now: a margin)
+                while counted < clients:
+                    datagram = await receiver.recv(65536)
+                    counted += datagram.startswith(b"hypercorn.request.status.200:1|")
+    assert counted == clients
+
+
 @pytest.mark.parametrize(
     ("data", "answered"),
     [

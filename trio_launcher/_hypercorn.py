@@ -41,7 +41,7 @@ from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.statsd import StatsdLogger as _StockStatsdLogger
 from hypercorn.trio.task_group import _handle
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -54,6 +54,7 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+STATSD_SEND_LIMIT = 1.0  # seconds one statsd datagram may take, shielded (StatsdLogger)
 _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 ENCODER_CACHE = 64  # header fields the HPACK encoder's cache holds, at most (_never_index)
 _HPACK_LOG = logging.getLogger("hpack.hpack")  # hpack's encoder logs here (see _never_index)
@@ -622,6 +623,19 @@ def _h2_checks_outbound_per_block() -> bool:
     )
 
 
+class StatsdLogger(_StockStatsdLogger):
+    """hypercorn's trio statsd logger, each datagram sent shielded.
+
+    A response's counts are three datagrams, each a checkpoint. A client that
+    closed as soon as its response arrived cancelled the handler between them, and
+    the counts were lost. A UDP send does not wait in practice; the deadline bounds
+    it anyway."""
+
+    async def _socket_send(self, message: bytes) -> None:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + STATSD_SEND_LIMIT):
+            await super()._socket_send(message)
+
+
 def logs_access(config: Config) -> bool:
     """False when an access line would do nothing: hypercorn's own ``Logger`` without
     an access logger (a subclass, such as the statsd one, counts every response)."""
@@ -644,6 +658,10 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         lambda: _params(ProtocolWrapper.__init__) == _PROTOCOL_WRAPPER_PARAMS,
     ),
     ("hypercorn.protocol.ProtocolWrapper.protocol", _assigns(ProtocolWrapper.__init__, "protocol")),
+    (
+        "hypercorn.trio.statsd.StatsdLogger._socket_send (StatsdLogger)",
+        _has(_StockStatsdLogger, "_socket_send"),
+    ),
     (
         "hypercorn.logging.Logger.access_logger (logs_access)",
         _assigns(Logger.__init__, "access_logger"),
