@@ -17,7 +17,7 @@ import h2.events
 import trio
 
 from trio_launcher import EngineDeadError, EngineGenerateError
-from trio_launcher.testing import FakeEngine, FakePollingEngine
+from trio_launcher.testing import FakeEngine, FakePollingEngine, TLSFiles
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -160,7 +160,7 @@ async def vanishing_h2_client(port: int, streams: int) -> None:
 
 
 async def h2_read(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     conn: h2.connection.H2Connection,
     statuses: dict[int, str],
     flush: Callable[[], Awaitable[None]],
@@ -179,3 +179,16 @@ async def h2_read(
         elif ended is not None and isinstance(event, h2.events.StreamReset):
             ended[event.stream_id] = "reset"
     await flush()
+
+
+async def open_client(server_port: int, tls: TLSFiles | None, alpn: str) -> trio.abc.Stream:
+    """A client connection to 127.0.0.1: plain, or TLS offering only ``alpn`` (checked)."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", server_port)
+    if tls is None:
+        return tcp
+    context = tls.client_context(http2=alpn == "h2")
+    context.set_alpn_protocols([alpn])
+    stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1", https_compatible=True)
+    await stream.do_handshake()
+    assert stream.selected_alpn_protocol() == alpn
+    return stream

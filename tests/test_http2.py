@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import h2.config
@@ -12,9 +13,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_launcher.testing import running_server
+from trio_launcher.testing import TLSFiles, running_server
 
-from .apps import h2_read
+from .apps import h2_read, open_client
 
 BIG = 200_000  # more than the initial flow-control window (65,535): the end waits for it
 
@@ -71,13 +72,20 @@ async def failing(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on() -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["h2c", "tls"])
+@pytest.mark.parametrize("transport", ["lean", "hypercorn"])
+async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on(
+    transport: str, secure: bool, tmp_path: Path
+) -> None:
     """A stream's end (hypercorn's closing ``send(None)``) is held back while its handler
     runs and sent once it returns: a handler that raises before its response gets a 500,
     one that raises mid-response has its stream cut, and the same connection (and its
-    runner) serves the next stream."""
-    async with running_server(failing) as server:
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    runner) serves the next stream. On the stock transport (hypercorn's own connection)
+    the cut stream was left open: the client waited for ever."""
+    tls = TLSFiles(tmp_path / "tls") if secure else None
+    config = tls.config() if tls is not None else None
+    async with running_server(failing, config, tls=tls, transport=transport) as server:
+        stream = await open_client(server.port, tls, "h2")
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         statuses: dict[int, str] = {}
@@ -89,11 +97,12 @@ async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on()
         async with stream:
             with trio.fail_after(10):
                 for stream_id, path in (
-                    (1, "/raise"),
-                    (3, "/half"),
-                    (5, "/"),
-                    (7, "/raise"),
-                    (9, "/"),
+                    (1, "/half"),  # (in the connection's first bytes, with the preface)
+                    (3, "/raise"),
+                    (5, "/half"),
+                    (7, "/"),
+                    (9, "/raise"),
+                    (11, "/"),
                 ):
                     head = [
                         (":method", "GET"),
@@ -105,8 +114,8 @@ async def test_a_failing_handler_ends_only_its_stream_and_its_runner_serves_on()
                     await flush()
                     while stream_id not in ended:
                         await h2_read(stream, conn, statuses, flush, ended)
-    assert statuses == {1: "500", 3: "200", 5: "200", 7: "500", 9: "200"}
-    assert ended == {1: "ended", 3: "reset", 5: "ended", 7: "ended", 9: "ended"}
+    assert statuses == {1: "200", 3: "500", 5: "200", 7: "200", 9: "500", 11: "200"}
+    assert ended == {1: "reset", 3: "ended", 5: "reset", 7: "ended", 9: "ended", 11: "ended"}
 
 
 def test_the_encoder_cache_writes_what_hpack_writes() -> None:

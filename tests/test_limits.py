@@ -34,7 +34,7 @@ from trio_launcher._http1 import HTTP1
 from trio_launcher._hypercorn import parse_socket_addr
 from trio_launcher.testing import TLSFiles, running_server
 
-from .apps import h2_read
+from .apps import h2_read, open_client
 from .bounds_apps import BoundsApp
 from .proc import launch, run_cli
 
@@ -1006,18 +1006,6 @@ class AccessLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
-
-
-async def open_client(server_port: int, tls: TLSFiles | None, alpn: str) -> trio.abc.Stream:
-    tcp = await trio.open_tcp_stream("127.0.0.1", server_port)
-    if tls is None:
-        return tcp
-    context = tls.client_context(http2=alpn == "h2")
-    context.set_alpn_protocols([alpn])
-    stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1", https_compatible=True)
-    await stream.do_handshake()
-    assert stream.selected_alpn_protocol() == alpn
-    return stream
 
 
 async def leave_mid_request(

@@ -151,6 +151,14 @@ class StockTCPServer(TCPServer):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.reading = trio.CancelScope()
+        self._h2_ends_streams = False
+
+    async def protocol_send(self, event: Event) -> None:
+        # An HTTP/2 protocol's first send (its settings, in ``initiate``) comes
+        # before its first stream, whether ALPN, prior knowledge or h2c made it.
+        if not self._h2_ends_streams:
+            self._h2_ends_streams = reset_cut_streams(self.protocol)
+        await super().protocol_send(event)
 
     async def _idle_timeout(self) -> None:
         await self.idle_timeout()
@@ -407,15 +415,47 @@ def _end_streams(protocol: H2Protocol) -> None:
             if ended_here(event.stream_id):
                 await protocol._flush()
                 return
-        elif kind is StreamClosed:
-            stream = connection.streams.get(event.stream_id)
-            if stream is not None and stream.state_machine.state in _UNENDED:
-                with contextlib.suppress(h2.exceptions.H2Error):
-                    connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        elif kind is StreamClosed and _reset_unended(connection, event.stream_id):
+            await protocol._flush()
+        await stream_send(event)
+
+    protocol.stream_send = send  # type: ignore[method-assign]
+
+
+def _reset_unended(connection: Any, stream_id: int) -> bool:
+    """Reset the stream (INTERNAL_ERROR) if its response has not ended: its handler
+    ended first. True if a reset is queued (to flush)."""
+    stream = connection.streams.get(stream_id)
+    if stream is None or stream.state_machine.state not in _UNENDED:
+        return False
+    with contextlib.suppress(h2.exceptions.H2Error):
+        connection.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    return True
+
+
+def reset_cut_streams(wrapper: ProtocolWrapper) -> bool:
+    """The stock transport's share of :func:`_end_streams`: a stream whose handler
+    ended before its response did is reset (INTERNAL_ERROR), where hypercorn sent
+    nothing and the client waited for ever. False if the connection is not (yet)
+    HTTP/2; call it before the protocol's first stream (its first ``send``)."""
+    protocol = wrapper.protocol
+    if not isinstance(protocol, H2Protocol):
+        return False
+    stream_send = protocol.stream_send
+    buffers = protocol.stream_buffers
+
+    async def send(event: Any) -> None:
+        if type(event) is StreamClosed:
+            # An ended response whose last bytes wait for the sending task has a
+            # complete buffer (EndBody); the task ends its stream.
+            buffer = buffers.get(event.stream_id)
+            ended = buffer is not None and buffer._complete
+            if not ended and _reset_unended(protocol.connection, event.stream_id):
                 await protocol._flush()
         await stream_send(event)
 
     protocol.stream_send = send  # type: ignore[method-assign]
+    return True
 
 
 def _end_with_last_data(protocol: H2Protocol) -> None:
