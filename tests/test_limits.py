@@ -1056,15 +1056,10 @@ async def _leave(app: BoundsApp, stream: trio.abc.Stream, protocol: str, how: st
         ("h2", True, "close", "lean"),
         ("h2", False, "rst_stream", "lean"),
         ("h2", True, "rst_stream", "lean"),
-        # A known gap, in the connection layer: hypercorn's own TaskGroup waits
-        # for the handler after the connection closed.
-        pytest.param(
-            "http/1.1",
-            False,
-            "close",
-            "hypercorn",
-            marks=pytest.mark.xfail(strict=True, reason="stock hypercorn connection"),
-        ),
+        # hypercorn's own TaskGroup waited for the handler after the connection
+        # closed (a strict xfail until the stock connection cancelled it).
+        ("http/1.1", False, "close", "hypercorn"),
+        ("h2", True, "close", "hypercorn"),
     ],
 )
 async def test_client_that_leaves_cancels_its_handler_promptly(
@@ -1090,6 +1085,55 @@ async def test_client_that_leaves_cancels_its_handler_promptly(
     line = next(li for li in access.lines if "/forever" in li)
     assert '"GET /forever' in line
     assert " 499 " in line
+
+
+@pytest.mark.parametrize("transport", ["lean", "hypercorn"])
+async def test_a_client_that_leaves_after_its_response_leaves_background_work_alone(
+    transport: str,
+) -> None:
+    """ASGI lets a handler run on after its response ended (Starlette's background
+    tasks). A client that closed its connection then cancelled that work with the
+    connection's other tasks (the lean transport): an email a FastAPI background task
+    was to send was lost whenever the client closed first. Now only the handler of a
+    response the close cut short (the pipelined ``/hang``) is cancelled."""
+    release = trio.Event()
+    ended: dict[str, str] = {}
+    ending = {"/": trio.Event(), "/hang": trio.Event()}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        try:
+            if path == "/hang":
+                await trio.sleep_forever()  # cut: its client left
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            await release.wait()  # the background work
+            ended[path] = "returned"
+        except trio.Cancelled:
+            ended[path] = "Cancelled"
+            raise
+        finally:
+            ending[path].set()
+
+    async with running_server(app, transport=transport) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while b"ok" not in answer:
+                answer += await stream.receive_some(65536)
+            await stream.send_all(b"GET /hang HTTP/1.1\r\nhost: t\r\n\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.aclose_forcefully(stream)
+        with trio.fail_after(5):
+            await ending["/hang"].wait()
+        assert "/" not in ended
+        release.set()
+        with trio.fail_after(5):
+            await ending["/"].wait()
+    assert ended == {"/hang": "Cancelled", "/": "returned"}
 
 
 async def test_a_handler_can_shield_a_side_effect_from_a_leaving_client() -> None:
@@ -1120,8 +1164,8 @@ async def test_a_handler_can_shield_a_side_effect_from_a_leaving_client() -> Non
 
 
 async def test_stock_transport_logs_499_for_a_client_that_left() -> None:
-    """On hypercorn's own connection the handler is not cancelled (the xfail above),
-    but one that reads ``receive()`` sees the disconnect, and the log says 499."""
+    """On hypercorn's own connection a handler that reads ``receive()`` sees the
+    disconnect (before it is cancelled), and the log says 499."""
     config = Config()
     config.bind = ["127.0.0.1:0"]
     access = AccessLines()

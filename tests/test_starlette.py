@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
+import trio.testing
+from fastapi import BackgroundTasks, FastAPI
 
 from trio_launcher import EngineDeadError
-from trio_launcher.testing import FakePollingEngine, running_server
+from trio_launcher.testing import FakePollingEngine, TLSFiles, running_server
 
 from . import fastapi_apps
 from .net import get
@@ -116,3 +119,56 @@ def test_recognised_without_importing_starlette() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def background_app(release: trio.Event, sent: trio.Event) -> FastAPI:
+    """A FastAPI app whose one route answers, then sends its "email" in the background
+    once ``release`` is set (and sets ``sent``)."""
+    api = FastAPI()
+
+    async def send_email() -> None:
+        await release.wait()
+        sent.set()
+
+    @api.get("/")
+    async def hello(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(send_email)
+        return {"hello": "world"}
+
+    return api
+
+
+@pytest.mark.parametrize(
+    ("transport", "http", "http2"),
+    [
+        ("lean", "auto", False),
+        ("lean", "h11", False),
+        ("lean", "auto", True),
+        ("hypercorn", "auto", False),
+    ],
+    ids=["httptools", "h11", "h2", "stock"],
+)
+async def test_a_background_task_outlives_a_client_that_closed(
+    transport: str, http: str, http2: bool, tmp_path: Path
+) -> None:
+    """FastAPI's background tasks run after the response, in the request's ASGI call.
+    A client that closed its connection once it had the response (curl, a one-shot
+    client, ``Connection: close``) cancelled them with the connection's tasks: the
+    email was never sent."""
+    release, sent = trio.Event(), trio.Event()
+    tls = TLSFiles(tmp_path / "tls") if http2 else None
+    config = tls.config() if tls is not None else None
+    api = background_app(release, sent)
+    async with running_server(
+        api, config, tls=tls, http2=http2, transport=transport, http=http
+    ) as server:
+        with trio.fail_after(10):
+            response = await server.client.get(
+                "/", headers={} if http2 else {"connection": "close"}
+            )
+            assert response.json() == {"hello": "world"}
+            assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+            await server.client.aclose()  # (HTTP/2: the client closes the connection)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+            await sent.wait()  # (cancelled with its connection, it never comes)

@@ -60,7 +60,8 @@ uvicorn's fast path); the rest is small and lives here:
 A client that goes away is noticed by the transport (EOF or a failed write):
 the app's ``receive`` answers ``http.disconnect``, the access log records
 status 499 for a response that had not finished, and the transport cancels
-the connection's tasks, which cancels the handler.
+that response's handler (``cancel_cut``). The handlers of responses that
+ended run on: ASGI allows background work after the response.
 
 What this module does not do it hands back: an ``Upgrade`` request (WebSocket,
 h2c, CONNECT) and the HTTP/2 preface go to hypercorn's own protocols with the
@@ -341,8 +342,21 @@ class HTTP1:
             cycle.disconnected = True
             cycle.wake()
             if not cycle.complete:
+                self._cut = cycle
                 summary = {"status": status, "headers": cycle.response_headers}
                 await _access(self.config, cycle.scope, summary if status else None, cycle.start)
+
+    _cut: Cycle | None = None
+
+    def cancel_cut(self) -> None:
+        """The connection has ended: cancel the handler of the response it cut short
+        (one that has not started yet is cancelled as it starts: ``_runner``). The
+        handlers of responses that ended run on: background work."""
+        cycle = self._cut
+        if cycle is not None:
+            cancel = cycle.scope["extensions"].get(CANCEL_EXTENSION)
+            if cancel is not None:
+                cancel()
 
     def release(self) -> None:
         """The connection has ended and its tasks with it: let the parser go (it holds
@@ -466,6 +480,8 @@ class HTTP1:
                     extensions = next_cycle.scope["extensions"]
                     extensions[CANCEL_EXTENSION] = cancel
                     extensions[BODY_PENDING_EXTENSION] = next_cycle.more_body
+                    if next_cycle.disconnected and not next_cycle.complete:
+                        cancel()  # its connection ended before it started
                     await self._run(next_cycle)
                     next_cycle = await self._park(task, fresh)
             if scope.cancelled_caught:  # a request deadline (the 504 is sent): a new scope

@@ -42,7 +42,7 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger as _StockStatsdLogger
-from hypercorn.trio.task_group import _handle
+from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
@@ -164,6 +164,7 @@ class StockTCPServer(TCPServer):
         await self.idle_timeout()
 
     async def _read_data(self) -> None:
+        _cancel_on_disconnect(self._task_group)  # (before the first request)
         with self.reading:
             await super()._read_data()
 
@@ -176,6 +177,44 @@ class StockTCPServer(TCPServer):
     @property
     def wrapper(self) -> ProtocolWrapper:
         return self.protocol
+
+
+def _cancel_on_disconnect(task_group: TaskGroup) -> None:
+    """hypercorn's task group, with each HTTP request's handler in a cancel scope of
+    its own that ``http.disconnect`` cancels, unless the response has ended.
+
+    hypercorn tells a handler that its client left (a closed connection, an
+    HTTP/2 ``RST_STREAM``) only by queueing ``http.disconnect``, which a handler
+    busy with the engine never reads: it ran on for nothing. A handler whose
+    response has ended runs on (ASGI allows background work after it)."""
+    spawn_app = task_group.spawn_app
+
+    async def spawn(app: AppWrapper, config: Config, scope: Any, send: Any) -> Any:
+        if scope["type"] != "http":
+            return await spawn_app(app, config, scope, send)
+        cut = trio.CancelScope()
+        complete = False
+
+        async def scoped(scope: Any, receive: Any, send: Any, *rest: Any) -> None:
+            async def sent(message: Any) -> None:
+                nonlocal complete
+                if message is not None and message["type"] == "http.response.body":
+                    complete = complete or not message.get("more_body", False)
+                await send(message)
+
+            with cut:
+                await app(scope, receive, sent, *rest)
+
+        put = await spawn_app(scoped, config, scope, send)  # type: ignore[arg-type]
+
+        async def told(message: Any) -> None:
+            if message["type"] == "http.disconnect" and not complete:
+                cut.cancel()
+            await put(message)
+
+        return told
+
+    task_group.spawn_app = spawn  # type: ignore[method-assign]
 
 
 class H2Flood(Exception):
@@ -762,6 +801,14 @@ CONTRACT: list[tuple[str, Callable[[], bool]]] = [
         _has(TCPServer, "_initiate_server_close"),
     ),
     ("hypercorn.trio.tcp_server.TCPServer.protocol", _assigns(TCPServer.run, "protocol")),
+    (
+        "hypercorn.trio.tcp_server.TCPServer._task_group, TaskGroup.spawn_app(app, config,"
+        " scope, send) (_cancel_on_disconnect)",
+        lambda: (
+            _assigns(TCPServer.run, "_task_group")()
+            and _params(TaskGroup.spawn_app) == ["self", "app", "config", "scope", "send"]
+        ),
+    ),
     (
         "hypercorn.trio.tcp_server.TCPServer._read_data/protocol_send",
         _has(TCPServer, "_read_data", "protocol_send"),

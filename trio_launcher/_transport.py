@@ -214,12 +214,16 @@ class Connection:
                     arrived=self._arrive if self._coming else None,
                 )
                 handover = await self._serve_http1(http1, first)
-                if handover is None and not http1.running:
-                    return  # nothing to cancel: the parked runners were let go
-            if handover is not None:
-                self._arrive()  # (hypercorn's protocols: no word when it does)
-                await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
-            nursery.cancel_scope.cancel()  # the app tasks of a closed connection
+                if handover is None:
+                    http1.cancel_cut()  # the handler of a response the close cut short
+                    return
+            assert handover is not None
+            self._arrive()  # (hypercorn's protocols: no word when it does)
+            await self._serve_hypercorn(nursery, ssl, client, server, alpn, handover)
+        # The connection has ended. The handlers of responses that had ended run on
+        # (ASGI allows background work after the response: Starlette's background
+        # tasks); the nursery waits for them, as hypercorn's does. The drain's
+        # deadline and a forced stop reach them from outside.
 
     def _arrive(self) -> None:
         """The request the door let in reached the app, or will not."""
@@ -371,6 +375,7 @@ class Connection:
         self.scope = trio.CancelScope()  # (a scope serves one ``with``: after a hand-over)
         self.set_idle(True)
         await self._read_loop(data)
+        task_group.end()
 
     async def _read_loop(self, data: bytes | bytearray = b"") -> None:
         """Feed hypercorn's protocol (``data`` first: bytes handed over) until the end."""
@@ -613,13 +618,35 @@ class LeanTaskGroup:
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._idle: list[trio.lowlevel.Task] = []
+        self._tasks: list[trio.CancelScope] = []  # of the tasks that end with the connection
+
+    def end(self) -> None:
+        """The connection has ended: so do its own tasks (HTTP/2's sending task, a
+        WebSocket's handler). A stream's handler was told by ``http.disconnect``
+        (``_Handler.put`` cancels it, unless its response had ended: it runs on)."""
+        for scope in self._tasks:
+            scope.cancel()
+        for task in self._idle:  # parked runners end now, without a cancel
+            trio.lowlevel.reschedule(task, outcome.Value(None))
+        self._idle.clear()
+        self._ended = True
+
+    _ended = False
+
+    async def _until_end(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        scope = trio.CancelScope()
+        self._tasks.append(scope)
+        if self._ended:
+            scope.cancel()
+        with scope:
+            await func(*args)
 
     async def spawn_app(
         self, app: AppWrapper, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
     ) -> Callable[[Any], Awaitable[None]]:
         inbox = _Inbox(config.max_app_queue_size)
         if scope.get("type") != "http":
-            self._nursery.start_soon(run_app, app, config, scope, inbox.get, send)
+            self._nursery.start_soon(self._until_end, run_app, app, config, scope, inbox.get, send)
             return inbox.put
         handler = _Handler(app, config, scope, inbox, send)
         if self._idle:
@@ -629,7 +656,7 @@ class LeanTaskGroup:
         return handler.put
 
     def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        self._nursery.start_soon(func, *args)
+        self._nursery.start_soon(self._until_end, func, *args)
 
     async def _runner(self, handler: _Handler | None) -> None:
         task = trio.lowlevel.current_task()
@@ -663,7 +690,7 @@ class LeanTaskGroup:
 
     async def _park(self, task: trio.lowlevel.Task, fresh: contextvars.Context) -> _Handler | None:
         """Wait for the next stream; None: this runner is not needed any more."""
-        if len(self._idle) >= IDLE_RUNNERS:
+        if len(self._idle) >= IDLE_RUNNERS or self._ended:
             return None
         handler: _Handler = await park(self._idle, task, fresh)
         return handler
