@@ -10,12 +10,16 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 import trio.testing
-from fastapi import BackgroundTasks, FastAPI
+import wsproto
+import wsproto.events
+from fastapi import BackgroundTasks, FastAPI, WebSocket, WebSocketDisconnect
+from hypercorn.config import Config
 
 from trio_launcher import EngineDeadError
 from trio_launcher.testing import FakePollingEngine, TLSFiles, running_server
@@ -172,3 +176,47 @@ async def test_a_background_task_outlives_a_client_that_closed(
             await trio.testing.wait_all_tasks_blocked()
             release.set()
             await sent.wait()  # (cancelled with its connection, it never comes)
+
+
+@pytest.mark.parametrize("transport", ["lean", "hypercorn"])
+async def test_a_fastapi_websocket_is_told_1012_when_the_server_drains(transport: str) -> None:
+    """A FastAPI WebSocket loop ends with ``WebSocketDisconnect(1012)`` when the drain
+    starts, and the client gets a close frame with 1012: the drain does not wait
+    ``graceful_timeout`` for the session."""
+    codes: list[int] = []
+    api = FastAPI()
+
+    @api.websocket("/ws")
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.send_text("echo:" + await websocket.receive_text())
+        except WebSocketDisconnect as disconnect:
+            codes.append(disconnect.code)
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 60  # (far beyond the bound below)
+    with trio.fail_after(15):
+        async with running_server(api, config, transport=transport) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+                await stream.send_all(ws.send(wsproto.events.Request(host="x", target="/ws")))
+                events: list[Any] = []
+
+                async def until(kind: type[Any]) -> Any:
+                    while not any(isinstance(e, kind) for e in events):
+                        ws.receive_data(await stream.receive_some(65536))
+                        events.extend(ws.events())
+                    return next(e for e in events if isinstance(e, kind))
+
+                await until(wsproto.events.AcceptConnection)
+                await stream.send_all(ws.send(wsproto.events.TextMessage("hi")))
+                assert (await until(wsproto.events.TextMessage)).data == "echo:hi"
+                server.handle.shutdown()
+                close = await until(wsproto.events.CloseConnection)
+                await stream.send_all(ws.send(close.response()))
+    assert close.code == 1012
+    assert codes == [1012]

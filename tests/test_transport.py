@@ -3,6 +3,7 @@ and on the lean transport with each HTTP/1.1 protocol (httptools, the default, a
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -72,7 +73,11 @@ async def test_tls_alpn_h2(transport: str, tls_files: TLSFiles) -> None:
             assert (response.http_version, response.text) == ("HTTP/2", "hello")
 
 
-async def test_websocket_echo(transport: str) -> None:
+async def test_websocket_echo(transport: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An echo, then the app's close and the client's answer: a clean end. The lean
+    transport read on after hypercorn had closed the socket, and every session the app
+    closed logged "connection error contained: OSError: [Errno 9] Bad file descriptor"."""
+
     async def echo(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
             return
@@ -81,6 +86,7 @@ async def test_websocket_echo(transport: str) -> None:
         message = await receive()
         await send({"type": "websocket.send", "text": "echo:" + message["text"]})
         await send({"type": "websocket.close"})
+        assert (await receive())["type"] == "websocket.disconnect"  # the client's answer
 
     async with running_server(echo, **variant(transport)) as server:
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -95,9 +101,18 @@ async def test_websocket_echo(transport: str) -> None:
             while not any(isinstance(e, wsproto.events.TextMessage) for e in received):
                 ws.receive_data(await stream.receive_some(65536))
                 received += list(ws.events())
+            while not any(isinstance(e, wsproto.events.CloseConnection) for e in received):
+                ws.receive_data(await stream.receive_some(65536))
+                received += list(ws.events())
+            close = next(e for e in received if isinstance(e, wsproto.events.CloseConnection))
+            await stream.send_all(ws.send(close.response()))
+            while await stream.receive_some(65536):
+                pass  # until the server closes the connection
         texts = [e.data for e in received if isinstance(e, wsproto.events.TextMessage)]
         assert texts == ["echo:hi"]
+        assert close.code == 1000
         await stream.aclose()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_large_request_body(transport: str) -> None:
@@ -140,3 +155,46 @@ async def test_h2_abrupt_disconnects_are_contained(transport: str) -> None:
                 for _ in range(30):
                     nursery.start_soon(vanishing_h2_client, server.port, 5)
             assert (await server.client.get("/")).text == "hello"
+
+
+async def test_the_drain_closes_websocket_sessions_with_1012(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An open session held the drain for the whole ``graceful_timeout`` and was then
+    cut (1011, or no close frame at all), and the app was never told. Now the drain
+    closes it at once with 1012 (Service Restart, as uvicorn does): the client can
+    reconnect elsewhere, the app's ``receive`` says so, and the server stops."""
+    told: list[Any] = []
+
+    async def idle(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        told.append(await receive())
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 60  # (far beyond the bound below)
+    caplog.set_level(logging.INFO, logger="trio_launcher")
+    with trio.fail_after(15):
+        async with running_server(idle, config, **variant(transport)) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+                await stream.send_all(ws.send(wsproto.events.Request(host="x", target="/")))
+                events: list[Any] = []
+                while not any(isinstance(e, wsproto.events.AcceptConnection) for e in events):
+                    ws.receive_data(await stream.receive_some(65536))
+                    events += list(ws.events())
+                server.handle.shutdown()
+                while not any(isinstance(e, wsproto.events.CloseConnection) for e in events):
+                    ws.receive_data(await stream.receive_some(65536))
+                    events += list(ws.events())
+                close = next(e for e in events if isinstance(e, wsproto.events.CloseConnection))
+                await stream.send_all(ws.send(close.response()))  # (RFC 6455: the answer)
+    assert (close.code, close.reason) == (1012, "server restarting")
+    assert told == [{"type": "websocket.disconnect", "code": 1012}]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "closing 1 WebSocket session(s) with 1012 (Service Restart)" in messages
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

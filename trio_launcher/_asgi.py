@@ -59,6 +59,7 @@ from ._bounds import (
 from ._errors import EngineDeadError, EngineGenerateError, leaves
 from ._logging import HEADER_EXTENSION, REQUEST_ID_EXTENSION, RequestIds
 from ._metrics import DURATION_BUCKETS, FIRST_BUCKET, LocalRequests, Metrics, recorder
+from ._websockets import WebSockets
 
 log = logging.getLogger("trio_launcher")
 
@@ -163,6 +164,8 @@ class RunnerMiddleware:
     metrics_path: str | None = None
     request_ids: RequestIds | None = None
     draining: Callable[[], bool] = lambda: False
+    websockets: WebSockets = field(default_factory=WebSockets)
+    """The open WebSocket sessions: the runner runs ``websockets.run`` (1012 at the drain)."""
     deadlines: Deadlines = field(init=False)
     """The request deadline's reaper: the runner runs ``deadlines.run`` beside the server."""
     _shed_body: bytes | None = field(default=None, init=False)
@@ -374,6 +377,8 @@ class RunnerMiddleware:
                 log.warning("431 for websocket %s: %s", scope.get("path"), refusal)
                 await send({"type": "websocket.close", "code": 1009})
                 return
+            await self.websockets.serve(self.app, scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     async def _shed(self, scope: Scope, send: Send, limit: int) -> None:

@@ -227,6 +227,7 @@ async def serve_http(
                     nursery.start_soon(metrics.run)
                 if opts.request_timeout is not None:
                     nursery.start_soon(middleware.deadlines.run)  # the request deadline's reaper
+                nursery.start_soon(middleware.websockets.run, control.drain)  # 1012 at the drain
                 if metrics is not None and metrics_listener is not None:
                     control.metrics_url = await nursery.start(
                         serve_metrics, metrics, metrics_listener

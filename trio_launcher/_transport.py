@@ -392,6 +392,8 @@ class Connection:
                     except H2Flood as flood:
                         await self._calm_down(flood.goaway)
                         break
+                    if self.closed:  # (the protocol closed the connection: nothing to read)
+                        break
                 if not self.idle and self._read_timeout != math.inf:
                     self.scope.deadline = trio.current_time() + self._read_timeout
                 data = await self._receive()  # (b"" when the peer is gone too)
