@@ -266,7 +266,6 @@ class HTTP1:
         self._raw_names = config.h11_pass_raw_headers
         self._first = True
         self._idle: list[trio.lowlevel.Task] = []  # runners waiting for the next request
-        self.running = 0  # runners in the app now
 
     # --- the transport's side ------------------------------------------------
 
@@ -319,7 +318,7 @@ class HTTP1:
         if self.cycle is None and self.pipeline and not self.lost:
             cycle = self._start_next(at_once=True)
             if cycle is not None:  # answered without the app: here, no runner
-                await self._run(cycle)
+                await self._call(cycle)
 
     def timed_out(self) -> bytes | None:
         """The connection's deadline passed: the 408 to send, if a head was arriving."""
@@ -482,7 +481,7 @@ class HTTP1:
                     extensions[BODY_PENDING_EXTENSION] = next_cycle.more_body
                     if next_cycle.disconnected and not next_cycle.complete:
                         cancel()  # its connection ended before it started
-                    await self._run(next_cycle)
+                    await self._call(next_cycle)
                     next_cycle = await self._park(task, fresh)
             if scope.cancelled_caught:  # a request deadline (the 504 is sent): a new scope
                 next_cycle = await self._park(task, fresh)
@@ -499,13 +498,6 @@ class HTTP1:
             if name.lower() == b"host":
                 return value.decode("latin-1") in self.config.server_names
         return False
-
-    async def _run(self, cycle: Cycle) -> None:
-        self.running += 1
-        try:
-            await self._call(cycle)
-        finally:
-            self.running -= 1
 
     async def _call(self, cycle: Cycle) -> None:
         if self.arrived is not None:  # (the door counts it against the limit till now)
