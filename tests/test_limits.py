@@ -1060,6 +1060,7 @@ async def _leave(app: BoundsApp, stream: trio.abc.Stream, protocol: str, how: st
         # closed (a strict xfail until the stock connection cancelled it).
         ("http/1.1", False, "close", "hypercorn"),
         ("h2", True, "close", "hypercorn"),
+        ("h2", True, "rst_stream", "hypercorn"),
     ],
 )
 async def test_client_that_leaves_cancels_its_handler_promptly(
