@@ -621,6 +621,7 @@ class LeanTaskGroup:
         self._nursery = nursery
         self._idle: list[trio.lowlevel.Task] = []
         self._tasks: list[trio.CancelScope] = []  # of the tasks that end with the connection
+        self._ended = False
 
     def end(self) -> None:
         """The connection has ended: so do its own tasks (HTTP/2's sending task, a
@@ -632,8 +633,6 @@ class LeanTaskGroup:
             trio.lowlevel.reschedule(task, outcome.Value(None))
         self._idle.clear()
         self._ended = True
-
-    _ended = False
 
     async def _until_end(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         scope = trio.CancelScope()
